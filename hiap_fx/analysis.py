@@ -1,0 +1,36 @@
+"""The analysis pipeline shared by ``prepare`` and ``inspect``: capture -> normalise -> discover."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from .config import PruneConfig
+from .errors import NoAttentionError
+from .ir import CapturedGraph
+from .passes.capture import capture
+from .passes.discover import discover
+from .passes.normalise import normalise
+from .passes.propagate import propagate
+from .plan import Plan
+
+
+def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,
+            require_attention: bool = True) -> tuple[CapturedGraph, Plan]:
+    """Capture, normalise and discover; raise NoAttentionError when nothing prunable is found."""
+    config = config or PruneConfig()
+    cg = capture(model, example_inputs, frontend=config.frontend,
+                 concrete_args=config.concrete_args, check=config.check_capture)
+    propagate(cg)
+    normalise(cg)
+    propagate(cg)
+    plan = discover(cg, model_name=type(model).__name__)
+    if require_attention and not plan.attention:
+        why = "; ".join(f"{u.node}: {u.reason}" for u in plan.unclaimed[:5])
+        raise NoAttentionError(
+            f"no attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
+            f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
+            ". hiap_fx prunes attention heads; for a model without attention use a channel "
+            "pruner, or register a handler for your attention (see README, 'Extending')")
+    return cg, plan

@@ -1,0 +1,23 @@
+"""Errors raised on purpose by hiap_fx. Every message says what, where and what to do."""
+
+from __future__ import annotations
+
+
+class HiapError(Exception):
+    """Base class of every error hiap_fx raises on purpose."""
+
+
+class CaptureError(HiapError):
+    """The model could not be turned into a graph (tracing or export failed)."""
+
+
+class NoAttentionError(HiapError):
+    """The graph holds no attention that hiap_fx could find."""
+
+
+class DiscoveryError(HiapError):
+    """A structure was found but is inconsistent (e.g. a projection feeds two sites)."""
+
+
+class InputError(HiapError):
+    """Example inputs or arguments do not fit the model."""

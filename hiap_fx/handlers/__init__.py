@@ -1,0 +1,1 @@
+"""Built-in handlers: module rewrites and trace hooks for model families."""

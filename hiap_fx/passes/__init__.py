@@ -1,0 +1,1 @@
+"""Compiler passes: capture, normalise, propagate, discover (gate, cost, slice, verify follow)."""

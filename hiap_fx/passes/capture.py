@@ -1,0 +1,225 @@
+"""Capture: turn any model into an ordinary fx.GraphModule, by torch.fx or by torch.export.
+
+The user's model is never touched: capture works on deep copies. Modules the tracer cannot see
+into are first replaced through the registered module rewrites (see ``hiap_fx.registry``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError, InputError
+from ..ir import CapturedGraph
+from ..registry import MODULE_REWRITES, TRACE_HOOKS, ensure_builtin_handlers
+
+_ASSERT_TARGETS = {"_assert", "_assert_is_none", "_assert_scalar", "_assert_tensor_metadata",
+                   "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async"}
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Normalise ``example_inputs`` (a tensor or a tuple/list of tensors) to a tuple."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(t).__name__}, not a tensor; pass "
+                             "a tensor or a tuple of positional tensors")
+    if not inputs:
+        raise InputError("example_inputs is empty; pass at least one tensor")
+    return inputs
+
+
+def apply_module_rewrites(model: nn.Module) -> list[str]:
+    """Replace, in place on ``model`` (a private copy), every module a registered rewrite matches."""
+    done: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            for rw in MODULE_REWRITES:
+                if rw.matches(child):
+                    setattr(parent, name, rw.build(child))
+                    done.append(f"{path}: {rw.name}")
+                    child = getattr(parent, name)
+                    break
+            visit(child, path + ".")
+
+    visit(model, "")
+    return done
+
+
+def _switches_on_training(module: nn.Module) -> bool:
+    """A parameter-free module whose forward branches on ``self.training`` (e.g. DropPath)."""
+    if any(True for _ in module.parameters()) or type(module).__module__.startswith("torch."):
+        return False
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    hides_compute = any(tok in src for tok in ("softmax", "matmul", "@", "scaled_dot_product", "linear"))
+    return "self.training" in src and not hides_compute
+
+
+class HiapTracer(fx.Tracer):
+    """fx tracer: torch.nn leaves plus training-switch modules as leaves; library autowraps."""
+
+    def __init__(self, autowrap_functions: Sequence[Any] = ()) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _switches_on_training(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def default_concrete_args(model: nn.Module, n_inputs: int,
+                          user: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Forward parameters not covered by the example inputs are fixed to their defaults."""
+    concrete: dict[str, Any] = {}
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for p in params[n_inputs:]:
+        if p.default is not p.empty:
+            concrete[p.name] = p.default
+    concrete.update(user or {})
+    return concrete
+
+
+def trace_fx(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+             concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+    """torch.fx symbolic trace of ``model`` (already a private copy, in eval mode)."""
+    autowrap: list[Any] = []
+    for hook in TRACE_HOOKS:
+        if hook.applies(model):
+            autowrap.extend(hook.autowrap_functions())
+    tracer = HiapTracer(autowrap)
+    concrete = default_concrete_args(model, len(inputs), concrete_args)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    name = f"{type(model).__name__}Graph"
+    return fx.GraphModule(tracer.root, graph, class_name=name)
+
+
+def _structure_node(graph: fx.Graph, obj: Any) -> Any:
+    """Re-create an output structure (tuples, dicts, namedtuples, dataclasses) as graph args."""
+    if isinstance(obj, fx.Node):
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return graph.call_function(type(obj), tuple(_structure_node(graph, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_structure_node(graph, v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = obj.items() if hasattr(obj, "items") else (
+            (f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return graph.call_function(type(obj), (), {k: _structure_node(graph, v) for k, v in items})
+    if isinstance(obj, dict):
+        return {k: _structure_node(graph, v) for k, v in obj.items()}
+    return obj
+
+
+def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """torch.export front end, converted back into a plain, picklable fx.GraphModule."""
+    ex = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in inputs)
+    dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in ex)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, ex, dynamic_shapes=dyn, strict=False)
+    egm = ep.module()
+    graph = copy.deepcopy(egm.graph)
+    out_spec = ep.call_spec.out_spec
+    graph._codegen = fx.graph.CodeGen()
+    graph._tracer_cls = None
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    with graph.inserting_before(output):
+        structured = _structure_node(graph, pytree.tree_unflatten(flat, out_spec))
+    output.args = (structured,)
+    gm = fx.GraphModule(egm, graph, class_name=f"{type(model).__name__}Graph")
+    return gm
+
+
+def remove_assertions(gm: fx.GraphModule) -> int:
+    """Drop runtime guard/assert nodes (they break re-tracing after save/load), then DCE."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+            if isinstance(node.target, torch._ops.OpOverload):
+                name = node.target._schema.name.split("::")[-1]
+            if name in _ASSERT_TARGETS and not node.users:
+                gm.graph.erase_node(node)
+                removed += 1
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    gm.recompile()
+    return removed
+
+
+def outputs_match(a: Any, b: Any, rtol: float = 1e-5) -> tuple[bool, float]:
+    """Whether two output structures hold the same tensors (max abs diff relative to scale)."""
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    ta = [x for x in la if isinstance(x, torch.Tensor)]
+    tb = [x for x in lb if isinstance(x, torch.Tensor)]
+    if len(ta) != len(tb) or not ta:
+        return False, float("inf")
+    worst = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return False, float("inf")
+        x, y = x.detach().double(), y.detach().double()
+        scale = max(float(x.abs().max()) if x.numel() else 0.0, 1e-12)
+        worst = max(worst, float((x - y).abs().max()) / scale if x.numel() else 0.0)
+    return worst <= rtol, worst
+
+
+def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
+            concrete_args: Optional[dict[str, Any]] = None, check: bool = True) -> CapturedGraph:
+    """Capture ``model`` as a GraphModule (fx first, torch.export when fx cannot)."""
+    ensure_builtin_handlers()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"prepare() needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    work = copy.deepcopy(model).eval()
+    rewrites = apply_module_rewrites(work)
+    with torch.no_grad():
+        try:
+            reference = work(*inputs)
+        except Exception as exc:  # the model itself rejects the inputs
+            raise InputError(f"the model fails on example_inputs of shapes "
+                             f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: {exc}. "
+                             "Pass inputs the model accepts") from exc
+    failures: list[str] = []
+    for kind in (["fx", "export"] if frontend == "auto" else [frontend]):
+        try:
+            subject = copy.deepcopy(work).eval()  # tracing may write into module caches
+            gm = trace_fx(subject, inputs, concrete_args) if kind == "fx" else export_graph(subject, inputs)
+            remove_assertions(gm)
+            gm.eval()
+            if check:
+                with torch.no_grad():
+                    ok, err = outputs_match(reference, gm(*inputs))
+                if not ok:
+                    failures.append(f"{kind}: captured graph differs from the model (rel. error {err:.2e})")
+                    continue
+            cg = CapturedGraph(gm=gm, example_inputs=inputs, frontend=kind)
+            cg.notes.extend(f"rewritten before capture: {r}" for r in rewrites)
+            cg.notes.extend(f"front end {f.split(':')[0]} failed, fell back: {f}" for f in failures)
+            return cg
+        except CaptureError:
+            raise
+        except Exception as exc:
+            failures.append(f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    raise CaptureError(
+        f"could not capture {type(model).__name__}: " + "; ".join(failures) + ". Remedies: pass "
+        "concrete_args in PruneConfig for forward arguments that steer control flow, choose "
+        "PruneConfig(frontend='export'), or register a module rewrite for the untraceable module "
+        "(hiap_fx.registry.register_module_rewrite)")

@@ -1,0 +1,184 @@
+"""Normalise: one spelling per op, so discovery matches one form.
+
+After this pass:
+* every linear layer is ``F.linear(x, <get_attr weight>, <get_attr bias or None>)``;
+* every convolution is ``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``;
+* every layer norm is ``F.layer_norm(x, shape, weight, bias, eps)``;
+* every softmax is ``F.softmax(x, dim=d)``; every matmul/bmm is ``torch.matmul(a, b)``;
+* every attention kernel is ``F.scaled_dot_product_attention(..., scale=s)`` with ``s`` explicit;
+* every view/reshape/unflatten is ``Tensor.reshape(x, *sizes)``;
+* every dropout is an ``nn.Dropout`` module call (follows ``train()`` / ``eval()``);
+* identity modules are gone.
+Other ops keep their spelling; ``hiap_fx.ops.op_name`` gives their canonical name.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ir import CapturedGraph
+from ..ops import op_name
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _get_attr(graph: fx.Graph, path: str) -> fx.Node:
+    return graph.get_attr(path)
+
+
+def _param_node(graph: fx.Graph, module_path: str, mod: nn.Module, attr: str) -> Optional[fx.Node]:
+    if getattr(mod, attr, None) is None:
+        return None
+    return _get_attr(graph, f"{module_path}.{attr}" if module_path else attr)
+
+
+def _replace(node: fx.Node, new: Any) -> None:
+    if isinstance(new, fx.Node) and new not in node.all_input_nodes:
+        new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _module_node(node: fx.Node, mod: nn.Module) -> Optional[fx.Node]:
+    g = node.graph
+    path = str(node.target)
+    x = node.args[0] if node.args else None
+    with g.inserting_before(node):
+        if isinstance(mod, nn.Linear):
+            return g.call_function(F.linear, (x, _param_node(g, path, mod, "weight"),
+                                              _param_node(g, path, mod, "bias")))
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+            nd = len(mod.kernel_size)
+            return g.call_function(_CONV_FN[nd], (
+                x, _param_node(g, path, mod, "weight"), _param_node(g, path, mod, "bias"),
+                tuple(mod.stride), mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
+                tuple(mod.dilation), mod.groups))
+        if isinstance(mod, nn.LayerNorm):
+            return g.call_function(F.layer_norm, (
+                x, tuple(mod.normalized_shape), _param_node(g, path, mod, "weight"),
+                _param_node(g, path, mod, "bias"), mod.eps))
+        if isinstance(mod, nn.Softmax):
+            return g.call_function(F.softmax, (x,), {"dim": mod.dim})
+        if isinstance(mod, nn.Identity):
+            return x
+    return None
+
+
+def _aten_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
+    """Rewrite torch.export's aten spellings of the normalised ops."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    name = node.target._schema.name.split("::")[-1]
+    g, a = node.graph, node.args
+    with g.inserting_before(node):
+        if name == "linear":
+            return g.call_function(F.linear, (a[0], a[1], a[2] if len(a) > 2 else None))
+        if name in ("conv1d", "conv2d", "conv3d"):
+            nd = int(name[-2])
+            stride, padding, dilation, groups = (list(a[3:]) + [None] * 4)[:4]
+            return g.call_function(_CONV_FN[nd], (
+                a[0], a[1], a[2] if len(a) > 2 else None, tuple(stride or (1,) * nd),
+                padding if isinstance(padding, str) else tuple(padding or (0,) * nd),
+                tuple(dilation or (1,) * nd), groups or 1))
+        if name == "layer_norm":
+            return g.call_function(F.layer_norm, (a[0], tuple(a[1]), a[2] if len(a) > 2 else None,
+                                                  a[3] if len(a) > 3 else None,
+                                                  a[4] if len(a) > 4 else 1e-5))
+        if name in ("softmax", "_softmax", "_safe_softmax"):
+            return g.call_function(F.softmax, (a[0],), {"dim": a[1]})
+        if name in ("matmul", "bmm", "mm"):
+            return g.call_function(torch.matmul, (a[0], a[1]))
+        if name in ("view", "reshape", "_unsafe_view"):
+            return g.call_method("reshape", (a[0], *a[1]))
+        if name == "dropout":
+            return _dropout_module(cg, node, a[0], float(a[1]))
+    return None
+
+
+def _dropout_module(cg: CapturedGraph, node: fx.Node, x: Any, p: float) -> fx.Node:
+    idx = sum(1 for n, _ in cg.gm.named_children() if n.startswith("hiap_dropout"))
+    name = f"hiap_dropout{idx}"
+    cg.gm.add_submodule(name, nn.Dropout(p))
+    return node.graph.call_module(name, (x,))
+
+
+def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
+    g = node.graph
+    name = op_name(node)
+    args, kwargs = node.args, node.kwargs
+    with g.inserting_before(node):
+        if node.op == "call_function" and node.target in (operator.matmul, torch.bmm, torch.mm) or (
+                node.op == "call_method" and name in ("matmul", "bmm", "mm")):
+            return g.call_function(torch.matmul, (args[0], args[1]))
+        if name == "softmax" and not (node.op == "call_function" and node.target is F.softmax):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            extra = {"dtype": kwargs["dtype"]} if kwargs.get("dtype") is not None else {}
+            return g.call_function(F.softmax, (args[0],), {"dim": dim, **extra})
+        if node.op == "call_method" and name == "view" and not (
+                len(args) == 2 and isinstance(args[1], torch.dtype)):
+            return g.call_method("reshape", tuple(args))
+        if name == "unflatten":
+            return _unflatten(node)
+        if name == "dropout" and node.op == "call_function":
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            return _dropout_module(cg, node, args[0], float(p))
+        if name == "scaled_dot_product_attention" and node.op == "call_function" and (
+                kwargs.get("scale") is None and (len(args) < 7 or args[6] is None)):
+            return _pinned_sdpa(node)
+    return None
+
+
+def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
+    """sdpa with ``scale`` explicit: 1/sqrt(head dim at capture), so later slicing keeps it."""
+    q = node.args[0]
+    shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
+    if not shape:
+        return None
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    kwargs = dict(zip(names[3:], node.args[3:]))
+    kwargs.update(node.kwargs)
+    kwargs["scale"] = float(shape[-1]) ** -0.5
+    return node.graph.call_function(F.scaled_dot_product_attention, tuple(node.args[:3]), kwargs)
+
+
+def _unflatten(node: fx.Node) -> Optional[fx.Node]:
+    x = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
+    shape = x.meta.get("hiap_shape") if isinstance(x, fx.Node) else None
+    if shape is None or dim is None or sizes is None:
+        return None
+    rank = len(shape)
+    dim = dim % rank
+    g = node.graph
+    before = [g.call_method("size", (x, i)) for i in range(dim)]
+    after = [g.call_method("size", (x, i)) for i in range(dim + 1, rank)]
+    return g.call_method("reshape", (x, *before, *sizes, *after))
+
+
+def normalise(cg: CapturedGraph) -> CapturedGraph:
+    """Rewrite ``cg.gm`` in place into the normal form described in the module docstring."""
+    gm = cg.gm
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        new: Optional[Any] = None
+        if node.op == "call_module":
+            mod = modules.get(str(node.target))
+            if mod is not None:
+                new = _module_node(node, mod)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            new = _aten_node(node, cg)
+        if new is None and node.op in ("call_function", "call_method"):
+            new = _functional_node(node, cg)
+        if new is not None:
+            _replace(node, new)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return cg

@@ -1,0 +1,53 @@
+"""Propagate: run the example inputs through the graph and record what every node produced.
+
+Shapes go into ``node.meta['hiap_shape']``; values that do not depend on the model input
+(constants, buffers, index tables, sizes) and small input-dependent values go into
+``CapturedGraph.values`` for the passes that need concrete arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..ir import CapturedGraph
+
+#: input-dependent tensors larger than this (elements) are recorded by shape only
+_KEEP_LIMIT = 1 << 22
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, cg: CapturedGraph) -> None:
+        super().__init__(gm)
+        self.cg = cg
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        dependent = n.op == "placeholder" or any(
+            a.name in self.cg.input_dependent for a in n.all_input_nodes)
+        if dependent:
+            self.cg.input_dependent.add(n.name)
+        n.meta["hiap_shape"] = _shape_of(out)
+        n.meta["hiap_dtype"] = out.dtype if isinstance(out, torch.Tensor) else None
+        if not isinstance(out, torch.Tensor) or not dependent or out.numel() <= _KEEP_LIMIT:
+            self.cg.values[n.name] = out
+        return out
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [tuple(v.shape) for v in value]
+    return None
+
+
+def propagate(cg: CapturedGraph) -> CapturedGraph:
+    """Record shapes, dtypes and (small or constant) values of every node on the example inputs."""
+    cg.values.clear()
+    cg.input_dependent.clear()
+    with torch.no_grad():
+        _Recorder(cg.gm, cg).run(*cg.example_inputs)
+    return cg

@@ -1,0 +1,103 @@
+"""The plan: what discovery found, as a printable, serialisable pydantic object."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Projection(_Base):
+    """A linear layer whose output rows (or input columns) are assigned to units."""
+
+    node: str = Field(description="graph node of the F.linear")
+    weight: str = Field(description="qualified name of the weight parameter")
+    bias: Optional[str] = Field(None, description="qualified name of the bias, if any")
+    index: list[list[int]] = Field(
+        description="for q/k/v: [head][dim] -> weight row; for an output projection: "
+        "[head][dim] -> weight column; for FFN inputs: [[row of neuron k for k in hidden]]")
+    dims_mixed: bool = Field(False, description="dims are mixed on the way (norm / rotary), so "
+                             "only whole heads may be cut on this operand")
+
+
+class SideTensor(_Base):
+    """A parameter with one axis per head (or per neuron) that slicing must cut too."""
+
+    param: str
+    axis: int
+    kind: Literal["head_bias", "head_mixing_in", "head_mixing_out", "channel"]
+    index: list[int] = Field(description="unit (head or neuron) of each position along axis")
+
+
+class Residual(_Base):
+    """The add that joins a site's branch into the residual stream."""
+
+    add_node: str
+    branch_arg: int = Field(description="position of the branch operand in the add")
+
+
+class AttentionSite(_Base):
+    """One attention: heads of q/k/v projections, a kernel, an output projection."""
+
+    name: str
+    kind: Literal["sdpa", "manual"]
+    core_nodes: list[str]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = Field(description="q/k width per head")
+    v_dim: int = Field(description="v width per head")
+    tokens: int = Field(description="query tokens at the example input")
+    q: Projection
+    k: Projection
+    v: Projection
+    out: Projection
+    side: list[SideTensor] = []
+    residual: Optional[Residual] = None
+    macs: int = 0
+
+
+class FFNSite(_Base):
+    """One feed-forward block: input projection(s) -> activation -> output projection."""
+
+    name: str
+    hidden: int
+    gated: bool = Field(description="two input projections multiplied (SwiGLU-like)")
+    inputs: list[Projection]
+    out: Projection
+    activation: str
+    hidden_norm: bool = Field(False, description="a norm over the hidden units: single neurons "
+                              "cannot be removed exactly (block removal still can)")
+    side: list[SideTensor] = []
+    residual: Optional[Residual] = None
+    macs: int = 0
+
+
+class Unclaimed(_Base):
+    """Something attention- or FFN-like that hiap_fx does not prune, and why."""
+
+    node: str
+    what: str
+    reason: str
+
+
+class Plan(_Base):
+    """Everything discovery found in one model."""
+
+    model: str
+    frontend: Literal["fx", "export"]
+    example_shapes: list[list[int]]
+    total_macs: int
+    attention: list[AttentionSite] = []
+    ffn: list[FFNSite] = []
+    unclaimed: list[Unclaimed] = []
+    notes: list[str] = []
+
+    def summary(self) -> str:
+        """A human-readable table of the sites with their share of MACs."""
+        from .report import format_plan  # local import keeps plan.py dependency-free
+
+        return format_plan(self)
