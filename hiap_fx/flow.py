@@ -155,7 +155,8 @@ class IndexFlow:
         if name in ("getattr", "size", "dim", "numel", "sym_size"):
             return None  # sizes: not data
         if in_family(name, "cast") or name in ("dropout", "identity", "contiguous", "clone", "detach"):
-            return index[on_path[0]] if len(on_path) == 1 else stop_here()
+            x = node.args[0] if node.args else None
+            return index[x] if isinstance(x, fx.Node) and x in index else stop_here()
         if in_family(name, "movement"):
             try:
                 return self._execute(node, index, movement=True)

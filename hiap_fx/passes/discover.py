@@ -31,6 +31,10 @@ class _Reject(Exception):
     """A candidate structure that is not a prunable site (reason in the message)."""
 
 
+class _NotCandidate(_Reject):
+    """Not even shaped like the structure looked for (not reported)."""
+
+
 @dataclass
 class _Core:
     kind: str
@@ -88,6 +92,10 @@ class _Graph:
             return True
         if node.op == "call_module" and name == "module":
             return not any(True for _ in self.modules[str(node.target)].parameters())
+        if name in ("conv1d", "conv2d", "conv3d"):
+            return self.flow._is_channel_conv(node, name)
+        if in_family(name, "channel_norm"):
+            return True
         return node.op == "call_function" and name not in ("linear",) and not in_family(
             name, "matmul_like") and not in_family(name, "softmax")
 
@@ -157,7 +165,10 @@ def _manual_core(g: _Graph, softmax: fx.Node) -> _Core:
         if not g.passes_back(cur):
             raise _Reject(f"softmax input comes from {name} ({cur.name}), not from q @ k^T")
         data = g.data_inputs(cur)
-        same = [a for a in data if _rank(a) == _rank(cur)]
+        if in_family(name, "movement") and cur.args and isinstance(cur.args[0], fx.Node):
+            same = [cur.args[0]]
+        else:
+            same = [a for a in data if _rank(a) == _rank(cur)]
         if len(same) > 1:
             same = [a for a in same if _near_matmul(g, a)] or same
         if not same:
@@ -166,7 +177,7 @@ def _manual_core(g: _Graph, softmax: fx.Node) -> _Core:
         cur = same[0]
     if qk is None:
         raise _Reject("no q @ k^T matmul found before this softmax")
-    av = _find_av(g, softmax, mixers)
+    av = _find_av(g, softmax, mixers, logits_inputs)
     q, kt = qk.args[0], qk.args[1]
     v = av.args[1]
     if _rank(q) < 2 or _rank(kt) != _rank(q) or _rank(v) < 2:
@@ -187,7 +198,8 @@ def _near_matmul(g: _Graph, node: fx.Node, depth: int = 8) -> bool:
     return False
 
 
-def _find_av(g: _Graph, softmax: fx.Node, mixers: list[fx.Node]) -> fx.Node:
+def _find_av(g: _Graph, softmax: fx.Node, mixers: list[fx.Node],
+             side_inputs: list[fx.Node]) -> fx.Node:
     found: list[fx.Node] = []
     todo = deque([(softmax, 0)])
     seen = {softmax}
@@ -204,6 +216,8 @@ def _find_av(g: _Graph, softmax: fx.Node, mixers: list[fx.Node]) -> fx.Node:
                 mixers.append(u)
                 todo.append((u, depth + 1))
             elif g.passes_back(u) and not in_family(name, "norm"):
+                side_inputs.extend(a for a in u.all_input_nodes
+                                   if a is not n and isinstance(a.meta.get("hiap_shape"), tuple))
                 todo.append((u, depth + 1))
     if len(found) != 1:
         raise _Reject(f"softmax {softmax.name} feeds {len(found)} probability @ v matmuls, expected 1")
@@ -229,7 +243,9 @@ def _source_linears(g: _Graph, start: fx.Node) -> list[fx.Node]:
             raise _Reject(f"operand {start.name} comes straight from a model input")
         if not g.passes_back(n):
             raise _Reject(f"operand {start.name} comes from {name} ({n.name}), not a linear projection")
-        for a in g.data_inputs(n):
+        inputs = g.data_inputs(n) or [a for a in n.all_input_nodes if a.op != "get_attr"
+                                      and isinstance(a.meta.get("hiap_shape"), (tuple, list))]
+        for a in inputs:
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
@@ -338,22 +354,13 @@ def _side_tensors(g: _Graph, core: _Core, heads: int, head_axis: int, logits_ran
         if s_shape is None:
             continue
         axis_in_s = head_axis - (logits_rank - len(s_shape))
-        if axis_in_s < 0 or s_shape[axis_in_s] != heads:
+        if axis_in_s < 0 or s_shape[axis_in_s] != heads or heads == 1:
             continue
-        for p in [a for a in g.ancestors(s) | {s} if a.op == "get_attr" and not g.dependent(a)]:
-            val = g.cg.values.get(p.name)
-            if not isinstance(val, torch.Tensor) or not val.is_floating_point():
-                continue
-            for axis in range(val.dim()):
-                if val.shape[axis] != heads:
-                    continue
-                flow = g.flow.run({p: feature_index(tuple(val.shape), axis)})
-                at = flow.index.get(s)
-                if at is None or at.shape != s_shape:
-                    continue
-                if torch.equal(at, feature_index(s_shape, axis_in_s)):
-                    side.append(SideTensor(param=str(p.target), axis=axis, kind="head_bias",
-                                           index=list(range(heads))))
+        found = _head_params(g, s, s_shape, axis_in_s, heads)
+        if not found:
+            raise _Reject(f"{s.name} enters the attention with one slice per head, but hiap_fx "
+                          "cannot tell which parameters make it; heads cannot be cut safely")
+        side.extend(found)
     for m in core.mixers:
         w = g.cg.values.get(m.args[1].name) if isinstance(m.args[1], fx.Node) else None
         if isinstance(w, torch.Tensor) and tuple(w.shape) == (heads, heads):
@@ -365,6 +372,36 @@ def _side_tensors(g: _Graph, core: _Core, heads: int, head_axis: int, logits_ran
         else:
             raise _Reject(f"linear {m.name} mixes attention logits but is not heads x heads")
     return side
+
+
+def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int,
+                 heads: int) -> list[SideTensor]:
+    """Parameters (or constant linears) whose axis of size ``heads`` becomes the head axis of s."""
+    found: list[SideTensor] = []
+    if g.dependent(s):
+        return found
+    want = feature_index(s_shape, axis_in_s)
+    for p in g.ancestors(s) | {s}:
+        if g.dependent(p):
+            continue
+        if p.op == "get_attr":
+            val = g.cg.values.get(p.name)
+            if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+                continue
+            axes = [a for a in range(val.dim()) if val.shape[a] == heads]
+            for axis in axes:
+                at = g.flow.run({p: feature_index(tuple(val.shape), axis)}).index.get(s)
+                if at is not None and at.shape == s_shape and torch.equal(at, want):
+                    found.append(SideTensor(param=str(p.target), axis=axis, kind="head_bias",
+                                            index=list(range(heads))))
+        elif g.name(p) == "linear" and _shape(p) and _shape(p)[-1] == heads:
+            at = g.flow.run({p: feature_index(_shape(p), -1)}).index.get(s)
+            if at is not None and at.shape == s_shape and torch.equal(at, want):
+                weight, bias = g.linear_params(p)
+                found.append(SideTensor(param=weight, axis=0, kind="head_bias", index=list(range(heads))))
+                if bias and not bias.startswith("node:"):
+                    found.append(SideTensor(param=bias, axis=0, kind="head_bias", index=list(range(heads))))
+    return found
 
 
 def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
@@ -394,18 +431,23 @@ def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
 def _ffn_site(g: _Graph, out_lin: fx.Node, claimed: set[str]) -> FFNSite:
     x = out_lin.args[0]
     if not isinstance(x, fx.Node) or not g.dependent(x):
-        raise _Reject("input is not data")
-    sources = _source_linears(g, x)
-    if not sources or len(sources) > 2:
-        raise _Reject(f"hidden units come from {len(sources)} linears")
-    if any(s.name in claimed for s in sources):
-        raise _Reject("input projection already belongs to an attention")
-    region = (g.ancestors(x) | {x}) - g.ancestors(sources[0]) - {sources[0]}
-    for s in sources[1:]:
+        raise _NotCandidate("input is not data")
+    try:
+        sources = _source_linears(g, x)
+    except _Reject as exc:
+        raise _NotCandidate(str(exc)) from exc
+    if not sources:
+        raise _NotCandidate("no input linear")
+    region = (g.ancestors(x) | {x})
+    for s in sources:
         region -= g.ancestors(s) | {s}
     acts = [g.name(n) for n in region if in_family(g.name(n), "activation")]
     if not acts:
-        raise _Reject(f"no activation between the linears feeding {out_lin.name}")
+        raise _NotCandidate(f"no activation between the linears feeding {out_lin.name}")
+    if len(sources) > 2:
+        raise _Reject(f"hidden units come from {len(sources)} linears")
+    if any(s.name in claimed for s in sources):
+        raise _Reject("input projection already belongs to an attention")
     hidden = _shape(x)[-1]
     inputs: list[Projection] = []
     hidden_norm = False
@@ -528,7 +570,9 @@ def _residual(g: _Graph, branch_end: fx.Node, branch_input: fx.Node) -> Optional
             return None
         u = users[0]
         data = g.data_inputs(u)
-        if g.name(u) == "add" and len(data) == 2 and cur in data:
+        tensors = [a for a in u.all_input_nodes if isinstance(a.meta.get("hiap_shape"), tuple)]
+        if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
+            data = tensors
             other = data[0] if data[1] is cur else data[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)
             if other is branch_input or other in g.ancestors(branch_input):
@@ -592,10 +636,10 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
             continue
         try:
             site = _ffn_site(g, node, claimed)
+        except _NotCandidate:
+            continue
         except _Reject as exc:
-            if "no activation" not in str(exc) and "come from 0 linears" not in str(exc):
-                if not str(exc).startswith(("operand", "input is not")):
-                    unclaimed.append(Unclaimed(node=node.name, what="ffn candidate", reason=str(exc)))
+            unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear", reason=str(exc)))
             continue
         branch_input = node_by_name[site.inputs[0].node].args[0]
         site.residual = _residual(g, node, branch_input)

@@ -107,8 +107,32 @@ def _dropout_module(cg: CapturedGraph, node: fx.Node, x: Any, p: float) -> fx.No
     return node.graph.call_module(name, (x,))
 
 
+_POSITIONAL = {
+    F.linear: ("input", "weight", "bias"),
+    F.scaled_dot_product_attention: ("query", "key", "value"),
+}
+
+
+def _positional(node: fx.Node) -> None:
+    """Move leading keyword arguments of known functions into positions (``F.linear(input=x)``)."""
+    names = _POSITIONAL.get(node.target) if node.op == "call_function" else None
+    if not names or not node.kwargs:
+        return
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for i, key in enumerate(names):
+        if i >= len(args) and key in kwargs:
+            args.append(kwargs.pop(key))
+        elif i >= len(args):
+            if node.target is F.linear and key == "bias":
+                args.append(None)
+            else:
+                break
+    node.args, node.kwargs = tuple(args), kwargs
+
+
 def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
     g = node.graph
+    _positional(node)
     name = op_name(node)
     args, kwargs = node.args, node.kwargs
     with g.inserting_before(node):

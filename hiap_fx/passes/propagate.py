@@ -25,8 +25,8 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        dependent = n.op == "placeholder" or any(
-            a.name in self.cg.input_dependent for a in n.all_input_nodes)
+        dependent = n.op == "placeholder" or (not _is_size(n, out) and any(
+            a.name in self.cg.input_dependent for a in n.all_input_nodes))
         if dependent:
             self.cg.input_dependent.add(n.name)
         n.meta["hiap_shape"] = _shape_of(out)
@@ -34,6 +34,13 @@ class _Recorder(fx.Interpreter):
         if not isinstance(out, torch.Tensor) or not dependent or out.numel() <= _KEEP_LIMIT:
             self.cg.values[n.name] = out
         return out
+
+
+def _is_size(n: fx.Node, out: Any) -> bool:
+    """Shape queries (x.shape, x.size(), sizes derived from them) depend on shapes, not values."""
+    if isinstance(out, torch.Size) or isinstance(out, int) and not isinstance(out, bool):
+        return True
+    return isinstance(out, (tuple, list)) and all(isinstance(v, int) for v in out)
 
 
 def _shape_of(value: Any) -> Any:

@@ -1,0 +1,38 @@
+"""hiap_fx: HiAP pruning of any Vision Transformer, compiled on its torch.fx graph.
+
+Importing this package is light: timm and transformers are imported only when a model of
+theirs is handled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CaptureError, DiscoveryError, HiapError, InputError, NoAttentionError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prepare": ("api", "prepare"),
+    "inspect": ("api", "inspect"),
+    "PruneConfig": ("config", "PruneConfig"),
+    "PreparedModel": ("prepared", "PreparedModel"),
+    "Plan": ("plan", "Plan"),
+    "register_module_rewrite": ("registry", "register_module_rewrite"),
+    "register_trace_hook": ("registry", "register_trace_hook"),
+    "register_op_family": ("ops", "register_op_family"),
+}
+
+__all__ = ["HiapError", "CaptureError", "DiscoveryError", "InputError", "NoAttentionError",
+           *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hiap_fx' has no attribute {name!r}")
