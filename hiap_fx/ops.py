@@ -23,7 +23,7 @@ MOVEMENT: set[str] = {
     "split_with_sizes", "tensor_split", "contiguous", "flatten", "unflatten", "unsqueeze", "squeeze",
     "expand", "expand_as", "repeat", "repeat_interleave", "clone", "narrow", "select", "slice",
     "movedim", "moveaxis", "swapaxes", "swapdims", "roll", "cat", "concat", "concatenate", "stack",
-    "index_select", "flip", "mT", "T", "detach", "alias", "view_as", "reshape_as", "pad", "_unsafe_view",
+    "index_select", "flip", "mT", "T", "mH", "H", "detach", "alias", "view_as", "reshape_as", "pad", "_unsafe_view",
     "lift_fresh_copy",
 }
 
@@ -91,6 +91,9 @@ _OPERATOR_NAMES: dict[Callable[..., Any], str] = {
     operator.getitem: "getitem", operator.pow: "pow",
 }
 
+#: tensor-valued attributes read through ``getattr`` (transposes)
+_TENSOR_ATTRS = {"mT", "T", "mH", "H"}
+
 _ALIASES: dict[str, str] = {
     "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div", "concat": "cat",
     "concatenate": "cat", "swapaxes": "transpose", "swapdims": "transpose",
@@ -127,6 +130,8 @@ def op_name(node: fx.Node, modules: Optional[dict[str, nn.Module]] = None) -> st
         target = node.target
         if target in _OPERATOR_NAMES:
             return _OPERATOR_NAMES[target]
+        if target is getattr and len(node.args) > 1 and node.args[1] in _TENSOR_ATTRS:
+            return str(node.args[1])
         if isinstance(target, torch._ops.OpOverload):
             return _strip(target._schema.name.split("::")[-1])
         if isinstance(target, torch._ops.OpOverloadPacket):

@@ -1,0 +1,25 @@
+"""Shared fixtures and helpers for the hiap_fx tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close_outputs(a, b, rel: float = 1e-5) -> None:
+    """Outputs of the same structure hold the same tensors (max abs diff <= rel * max abs)."""
+    from hiap_fx.passes.capture import outputs_match
+
+    ok, err = outputs_match(a, b, rtol=rel)
+    assert ok, f"outputs differ: relative error {err:.3e}"
