@@ -74,6 +74,18 @@ class HiapTracer(fx.Tracer):
     def __init__(self, autowrap_functions: Sequence[Any] = ()) -> None:
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
 
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "hiap_module"):
+                try:
+                    path = self.path_of_module(m)
+                except Exception:
+                    path = "?"
+                exc.hiap_module = f"{path or '<root>'} ({type(m).__name__})"  # type: ignore[attr-defined]
+            raise
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _switches_on_training(m):
             return True
@@ -217,7 +229,10 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
         except CaptureError:
             raise
         except Exception as exc:
-            failures.append(f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            where = getattr(exc, "hiap_module", None)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failures.append(f"{kind}: {type(exc).__name__}" + (f" in module {where}" if where else "")
+                            + f": {first[:300]}")
     raise CaptureError(
         f"could not capture {type(model).__name__}: " + "; ".join(failures) + ". Remedies: pass "
         "concrete_args in PruneConfig for forward arguments that steer control flow, choose "

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine, then runs a job.
+#   bash run.sh demo   -> the main job on its embedded default
+#   bash run.sh test   -> the test suite
+# Set-up is idempotent: a .venv in the repository is created once and reused.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${HIAP_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+setup() {
+    if [ ! -x "$PY" ]; then
+        python3 -m venv "$VENV"
+    fi
+    if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+        # The pinned pair is what this project is tested with (a local wheel on our machines);
+        # anywhere else, fall back to the newest pair pip can find.
+        "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
+            || "$PY" -m pip install -q torch torchvision
+    fi
+    if ! "$PY" -c "import hiap_fx, pytest, hypothesis, transformers, timm" 2>/dev/null \
+        || [ pyproject.toml -nt "$VENV/.hiap_installed" ]; then
+        "$PY" -m pip install -q -e ".[dev]"
+        touch "$VENV/.hiap_installed"
+    fi
+}
+
+job="${1:-demo}"
+shift || true
+case "$job" in
+    setup) setup ;;
+    demo)
+        setup
+        "$VENV/bin/hiap-fx" inspect deit_small_patch16_224 "$@"
+        ;;
+    test)
+        setup
+        "$PY" -m pytest -q -n 2 "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh [demo|test|setup] [extra args]" >&2
+        exit 2
+        ;;
+esac
