@@ -103,10 +103,10 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
     if readme:
         with open(readme) as fh:
             text = fh.read()
-        pattern = re.compile(r"(<!-- coverage:start -->\n).*?(\n<!-- coverage:end -->)", re.S)
+        pattern = re.compile(r"(<!-- coverage:start -->\n).*?(<!-- coverage:end -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"{readme} has no '<!-- coverage:start -->' ... end markers")
-        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
         with open(readme, "w") as fh:
             fh.write(text)
     return table

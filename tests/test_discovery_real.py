@@ -129,3 +129,16 @@ def test_torchvision_vit():
                               hidden_dim=64, mlp_dim=128, num_classes=7).eval()
     plan = _check(model, torch.randn(1, 3, 32, 32), [(4, 16)] * 2, [128] * 2)
     assert any("nn.MultiheadAttention" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("name,kwargs,size,params", [
+    ("vit_relpos_medium_patch16_cls_224", dict(img_size=64, depth=2), 64,
+     {"blocks.0.attn.rel_pos.mlp.fc2.weight", "blocks.0.attn.rel_pos.mlp.fc2.bias"}),
+    ("swinv2_tiny_window8_256", dict(depths=(1, 1, 1, 1)), 256,
+     {"layers.0.blocks.0.attn.cpb_mlp.2.weight", "layers.0.blocks.0.attn.logit_scale"}),
+])
+def test_per_head_bias_made_by_an_mlp(name, kwargs, size, params):
+    model = timm.create_model(name, **kwargs).eval()
+    plan = hiap_fx.prepare(model, torch.randn(1, 3, size, size)).plan
+    assert {t.param for t in plan.attention[0].side} == params
+    assert all(t.axis == 0 for t in plan.attention[0].side)

@@ -381,6 +381,15 @@ def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int
     if g.dependent(s):
         return found
     want = feature_index(s_shape, axis_in_s)
+
+    def maps_heads(at: Optional[torch.Tensor]) -> bool:
+        # every position holds its head's index, or a value shared by all heads (padding)
+        if at is None or at.shape != s_shape:
+            return False
+        shared = at == at.narrow(axis_in_s, 0, 1).expand_as(at)
+        exact = at == want
+        return bool((exact | shared).all()) and bool((exact & ~shared).any())
+
     for p in g.ancestors(s) | {s}:
         if g.dependent(p):
             continue
@@ -391,12 +400,12 @@ def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int
             axes = [a for a in range(val.dim()) if val.shape[a] == heads]
             for axis in axes:
                 at = g.flow.run({p: feature_index(tuple(val.shape), axis)}).index.get(s)
-                if at is not None and at.shape == s_shape and torch.equal(at, want):
+                if maps_heads(at):
                     found.append(SideTensor(param=str(p.target), axis=axis, kind="head_bias",
                                             index=list(range(heads))))
         elif g.name(p) == "linear" and _shape(p) and _shape(p)[-1] == heads:
             at = g.flow.run({p: feature_index(_shape(p), -1)}).index.get(s)
-            if at is not None and at.shape == s_shape and torch.equal(at, want):
+            if maps_heads(at):
                 weight, bias = g.linear_params(p)
                 found.append(SideTensor(param=weight, axis=0, kind="head_bias", index=list(range(heads))))
                 if bias and not bias.startswith("node:"):
