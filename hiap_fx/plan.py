@@ -40,10 +40,18 @@ class Residual(_Base):
     branch_arg: int = Field(description="position of the branch operand in the add")
 
 
-class AttentionSite(_Base):
-    """One attention: heads of q/k/v projections, a kernel, an output projection."""
+class _Site(_Base):
+    """Fields every site has."""
 
     name: str
+    side: list[SideTensor] = Field([], description="per-unit parameters to cut with the site")
+    residual: Optional[Residual] = Field(None, description="where the branch joins the stream")
+    macs: int = Field(0, description="MACs of the site's nodes at the example input")
+
+
+class AttentionSite(_Site):
+    """One attention: heads of q/k/v projections, a kernel, an output projection."""
+
     kind: Literal["sdpa", "manual"]
     core_nodes: list[str]
     num_heads: int
@@ -55,15 +63,11 @@ class AttentionSite(_Base):
     k: Projection
     v: Projection
     out: Projection
-    side: list[SideTensor] = []
-    residual: Optional[Residual] = None
-    macs: int = 0
 
 
-class FFNSite(_Base):
+class FFNSite(_Site):
     """One feed-forward block: input projection(s) -> activation -> output projection."""
 
-    name: str
     hidden: int
     gated: bool = Field(description="two input projections multiplied (SwiGLU-like)")
     inputs: list[Projection]
@@ -71,9 +75,6 @@ class FFNSite(_Base):
     activation: str
     hidden_norm: bool = Field(False, description="a norm over the hidden units: single neurons "
                               "cannot be removed exactly (block removal still can)")
-    side: list[SideTensor] = []
-    residual: Optional[Residual] = None
-    macs: int = 0
 
 
 class Unclaimed(_Base):

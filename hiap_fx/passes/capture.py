@@ -171,7 +171,7 @@ def remove_assertions(gm: fx.GraphModule) -> int:
             if name in _ASSERT_TARGETS and not node.users:
                 gm.graph.erase_node(node)
                 removed += 1
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     return removed
 
