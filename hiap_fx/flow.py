@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.node import map_aggregate
 
 from .ir import CapturedGraph
@@ -138,7 +138,6 @@ class IndexFlow:
     def _step(self, node: fx.Node, index: dict[fx.Node, Any], data_binary: tuple[str, ...],
               stop: Optional[Callable[[fx.Node], bool]], reached: list, events: list) -> Any:
         on_path = [a for a in node.all_input_nodes if a in index]
-        positions = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in index]
         name = op_name(node, self.modules)
 
         def stop_here() -> None:

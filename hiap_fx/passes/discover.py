@@ -9,15 +9,13 @@ element-wise ops including a non-linear activation, by one or two other linears 
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from ..errors import DiscoveryError
 from ..flow import FlowResult, IndexFlow, feature_index
 from ..ir import CapturedGraph
 from ..macs import graph_macs
@@ -313,7 +311,6 @@ def _out_projection(g: _Graph, core: _Core, head_axis: int, heads: int, v_dim: i
     out_shape = _shape(core.out)
     if out_shape is None:
         raise _Reject(f"no shape recorded for {core.out.name}")
-    rank = len(out_shape)
     h_axis = head_axis if head_axis >= 0 else None
     code = feature_index(out_shape, -1)
     if h_axis is not None:

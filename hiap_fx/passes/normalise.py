@@ -15,7 +15,7 @@ Other ops keep their spelling; ``hiap_fx.ops.op_name`` gives their canonical nam
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
