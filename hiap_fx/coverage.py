@@ -29,7 +29,7 @@ DEFAULT_MODELS: list[ModelSpec] = [
     "pvt_v2_b0", "pvt_v2_b1", "twins_svt_small", "levit_128s", "xcit_nano_12_p16_224",
     "crossvit_tiny_240", "convit_tiny", "mobilevit_xs",
     ("hf:ViTForImageClassification", _SMALL_HF), ("hf:DeiTForImageClassification", _SMALL_HF),
-    ("hf:BeitForImageClassification", _SMALL_HF), ("hf:Dinov2Model", dict(_SMALL_HF)),
+    ("hf:BeitForImageClassification", _SMALL_HF), ("hf:Dinov2Model", _SMALL_HF),
     "torchvision:vit_b_16",
 ]
 

@@ -78,7 +78,9 @@ class IndexFlow:
             return torch.full(val.shape, SENTINEL, dtype=torch.float64)
         return val
 
-    def _execute(self, node: fx.Node, index: dict[fx.Node, Any], movement: bool) -> Any:
+    def execute(self, node: fx.Node, index: dict[fx.Node, Any], movement: bool) -> Any:
+        """Run ``node`` with ``index`` values for its on-path inputs and recorded values for the
+        rest (float ones replaced by sentinels when ``movement``)."""
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
                 return index[a] if a in index else self._off_path_arg(a, movement)
@@ -158,7 +160,7 @@ class IndexFlow:
             return index[x] if isinstance(x, fx.Node) and x in index else stop_here()
         if in_family(name, "movement"):
             try:
-                return self._execute(node, index, movement=True)
+                return self.execute(node, index, movement=True)
             except Exception:
                 return stop_here()
         if in_family(name, "unary"):
@@ -171,7 +173,7 @@ class IndexFlow:
                 events.append(FlowEvent("norm" if in_family(name, "norm") else "softmax", node))
                 return index[x]
             return stop_here()
-        if in_family(name, "channel_norm") or self._is_channel_conv(node, name):
+        if in_family(name, "channel_norm") or self.is_channel_conv(node, name):
             x = node.args[0]
             if isinstance(x, fx.Node) and on_path == [x] and node.meta.get("hiap_shape") == x.meta.get("hiap_shape"):
                 events.append(FlowEvent("channel_op", node))
@@ -202,7 +204,8 @@ class IndexFlow:
             events.append(FlowEvent("const_binary", node, {"other": const_args}))
         return idx[0]
 
-    def _is_channel_conv(self, node: fx.Node, name: str) -> bool:
+    def is_channel_conv(self, node: fx.Node, name: str) -> bool:
+        """Whether ``node`` is a depthwise convolution (one filter per channel)."""
         if name not in ("conv1d", "conv2d", "conv3d"):
             return False
         w = node.args[1] if len(node.args) > 1 else None
@@ -217,7 +220,7 @@ class IndexFlow:
             return stop_here()
         src = index[on_path[0]]
         try:
-            out = self._execute(node, index, movement=True)
+            out = self.execute(node, index, movement=True)
         except Exception:
             return stop_here()
         outs = out if isinstance(out, (tuple, list)) else [out]

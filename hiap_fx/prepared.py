@@ -21,13 +21,17 @@ class PreparedModel(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
-        self.example_shapes = [tuple(t.shape) for t in example_inputs]
         self._example_inputs = tuple(t.detach().clone() for t in example_inputs)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         """The example inputs the model was prepared with."""
         return self._example_inputs
+
+    @property
+    def example_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the example inputs."""
+        return [tuple(t.shape) for t in self._example_inputs]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)

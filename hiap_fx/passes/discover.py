@@ -91,7 +91,7 @@ class _Graph:
         if node.op == "call_module" and name == "module":
             return not any(True for _ in self.modules[str(node.target)].parameters())
         if name in ("conv1d", "conv2d", "conv3d"):
-            return self.flow._is_channel_conv(node, name)
+            return self.flow.is_channel_conv(node, name)
         if in_family(name, "channel_norm"):
             return True
         return node.op == "call_function" and name not in ("linear",) and not in_family(
@@ -536,33 +536,12 @@ def _channel_side(g: _Graph, flow: FlowResult, region: set[fx.Node], x: fx.Node,
 def _zero_preserving(g: _Graph, node: fx.Node, data: fx.Node) -> bool:
     """Whether ``node`` maps an all-zero ``data`` operand to all zeros (others as recorded)."""
     shape = _shape(data)
-    if shape is None:
+    if shape is None or node.op not in ("call_function", "call_method", "call_module"):
         return False
-    zero = torch.zeros(shape, dtype=torch.float64)
-
-    def arg(a: Any) -> Any:
-        if a is data:
-            return zero
-        if isinstance(a, fx.Node):
-            v = g.cg.values.get(a.name)
-            if v is None:
-                raise KeyError(a.name)
-            return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-        return a
+    if node.op == "call_module" and any(True for _ in g.modules[str(node.target)].parameters()):
+        return False
     try:
-        args = fx.node.map_aggregate(node.args, arg)
-        kwargs = fx.node.map_aggregate(node.kwargs, arg)
-        if node.op == "call_function":
-            out = node.target(*args, **kwargs)
-        elif node.op == "call_method":
-            out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        elif node.op == "call_module":
-            mod = g.modules[str(node.target)]
-            if any(True for _ in mod.parameters()):
-                return False
-            out = mod(*args, **kwargs)
-        else:
-            return False
+        out = g.flow.execute(node, {data: torch.zeros(shape, dtype=torch.float64)}, movement=False)
     except Exception:
         return False
     return isinstance(out, torch.Tensor) and out.numel() > 0 and not out.any()
@@ -575,16 +554,14 @@ def _residual(g: _Graph, branch_end: fx.Node, branch_input: fx.Node) -> Optional
         if len(users) != 1:
             return None
         u = users[0]
-        data = g.data_inputs(u)
         tensors = [a for a in u.all_input_nodes if isinstance(a.meta.get("hiap_shape"), tuple)]
         if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
-            data = tensors
-            other = data[0] if data[1] is cur else data[1]
+            other = tensors[0] if tensors[1] is cur else tensors[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)
             if other is branch_input or other in g.ancestors(branch_input):
                 return Residual(add_node=u.name, branch_arg=pos)
             return None
-        if data != [cur] or not _zero_preserving(g, u, cur):
+        if g.data_inputs(u) != [cur] or not _zero_preserving(g, u, cur):
             return None
         cur = u
     return None
