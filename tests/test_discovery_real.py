@@ -11,7 +11,8 @@ import torch
 import hiap_fx
 from conftest import assert_close_outputs
 
-timm = pytest.importorskip("timm")
+import timm
+import transformers
 
 
 def _timm_expected(model):
@@ -104,9 +105,6 @@ def test_kv_only_projection_pvt():
     site = plan.attention[0]
     assert site.k.node == site.v.node != site.q.node
     assert any(s.side for s in plan.ffn)  # the depthwise conv inside the FFN is cut with it
-
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("arch", ["ViT", "DeiT"])

@@ -8,7 +8,7 @@ import torch
 import hiap_fx
 from zoo import FACTORIES, SpecViT, ViTSpec, example_input
 
-timm = pytest.importorskip("timm")
+import timm
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
