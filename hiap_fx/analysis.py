@@ -24,7 +24,7 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
                  concrete_args=config.concrete_args, check=config.check_capture)
     propagate(cg)
     normalise(cg)
-    propagate(cg)
+    propagate(cg, count=True)
     plan = discover(cg, model_name=type(model).__name__)
     if require_attention and not plan.attention:
         why = "; ".join(f"{u.node}: {u.reason}" for u in plan.unclaimed[:5])

@@ -9,12 +9,15 @@ from torch import nn
 from .analysis import analyse
 from .config import PruneConfig
 from .plan import Plan
+from .passes.cost import build_cost_model
+from .passes.gate import insert_gates
 from .prepared import PreparedModel
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None) -> PreparedModel:
     """Capture ``model`` (a deep copy; the original is not modified), find its attention and FFN
-    sites, and return a :class:`PreparedModel` with the same forward signature.
+    sites, insert the HiAP gates, derive the symbolic cost model, and return a
+    :class:`PreparedModel` with the same forward signature, in the model's train/eval mode.
 
     Args:
         model: any ``nn.Module`` holding a vision transformer.
@@ -23,8 +26,12 @@ def prepare(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     Raises:
         NoAttentionError: no attention was found; CaptureError: the model could not be captured.
     """
+    config = config or PruneConfig()
     cg, plan = analyse(model, example_inputs, config)
-    return PreparedModel(cg.gm, plan, cg.example_inputs)
+    bundles = insert_gates(cg.gm, plan, config)
+    cost_model = build_cost_model(cg, plan, bundles)
+    prepared = PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config)
+    return prepared.train(model.training)
 
 
 def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,

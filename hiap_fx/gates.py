@@ -36,14 +36,23 @@ class Gate(nn.Module):
         kind: ``"head"``, ``"head_dim"``, ``"ffn"``, ``"neuron"`` (or ``"qk_dim"``).
         site: name of the site the gate belongs to.
         init: initial logit; the default 3.0 starts every unit on with probability 0.95.
+        groups: the units form this many equal groups (e.g. the dims of each head).
+        align: in eval mode the kept count of each group is rounded up to a multiple of
+            ``align`` by also keeping the closed units with the highest logits (a group with
+            nothing kept stays empty).
     """
 
-    def __init__(self, size: int, kind: GateKind, site: str, init: float = 3.0) -> None:
+    def __init__(self, size: int, kind: GateKind, site: str, init: float = 3.0,
+                 groups: int = 1, align: int = 1) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"a gate needs at least one unit, got {size}")
+        if groups < 1 or size % groups:
+            raise ValueError(f"{size} units cannot form {groups} equal groups")
         self.kind = kind
         self.site = site
+        self.groups = groups
+        self.align = max(1, int(align))
         self.logits = nn.Parameter(torch.full((size,), float(init)))
         self.register_buffer("tau", torch.tensor(2.0), persistent=True)
 
@@ -58,8 +67,16 @@ class Gate(nn.Module):
         return torch.sigmoid(self.logits)
 
     def hard(self) -> torch.Tensor:
-        """The deterministic eval decision: 1.0 where logit > 0."""
-        return (self.logits > 0).to(self.logits.dtype)
+        """The deterministic eval decision: 1.0 where logit > 0 (rounded up to ``align``)."""
+        logits = self.logits.detach()
+        on = logits > 0
+        if self.align > 1:
+            per_group = logits.view(self.groups, -1)
+            counts = on.view(self.groups, -1).sum(-1)
+            keep = ((counts + self.align - 1) // self.align * self.align).clamp(max=per_group.shape[1])
+            rank = per_group.argsort(-1, descending=True, stable=True).argsort(-1, stable=True)
+            on = (rank < keep[:, None]).view(-1)
+        return on.to(self.logits.dtype)
 
     def sample(self) -> torch.Tensor:
         """A hard 0/1 sample with straight-through gradients of the relaxed sample."""

@@ -49,6 +49,16 @@ class _Site(_Base):
     macs: int = Field(0, description="MACs of the site's nodes at the example input")
 
 
+class CoreLayout(_Base):
+    """Where heads and dims sit on the kernel's tensors (axes counted from the end, negative)."""
+
+    q_head_axis: Optional[int] = Field(description="head axis of q (None: one head, no axis)")
+    k_head_axis: Optional[int] = Field(description="head axis of k as the kernel reads it")
+    k_dim_axis: int = Field(description="axis of k holding the qk dims (-1, or -2 for k^T)")
+    out_head_axis: Optional[int] = Field(description="head axis of the kernel output "
+                                         "(its dims are on the last axis)")
+
+
 class AttentionSite(_Site):
     """One attention: heads of q/k/v projections, a kernel, an output projection."""
 
@@ -59,6 +69,9 @@ class AttentionSite(_Site):
     head_dim: int = Field(description="q/k width per head")
     v_dim: int = Field(description="v width per head")
     tokens: int = Field(description="query tokens at the example input")
+    kv_tokens: int = Field(0, description="key/value tokens at the example input")
+    kv_of_head: list[int] = Field(description="kv head used by each query head (GQA groups)")
+    layout: CoreLayout
     q: Projection
     k: Projection
     v: Projection

@@ -1,4 +1,4 @@
-"""PreparedModel: the captured, analysed model that training and finalize work on."""
+"""PreparedModel: the captured, gated model that training and finalize work on."""
 
 from __future__ import annotations
 
@@ -7,21 +7,34 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .config import PruneConfig
+from .cost import CostModel, symbol_values
+from .gates import Gate
+from .objective import BudgetController, feasibility
+from .passes.gate import GATES_ATTR
 from .plan import Plan
 
 
 class PreparedModel(nn.Module):
-    """An ordinary ``nn.Module`` wrapping the normalised graph of a model and its plan.
+    """An ordinary ``nn.Module``: the normalised graph of a model with HiAP gates inserted.
 
-    ``forward`` has the original model's signature and output structure.
+    ``forward`` has the original model's signature and output structure. In train mode the
+    gates are sampled (Gumbel-Sigmoid, straight-through); in eval mode a unit is kept iff its
+    logit is > 0 and its parent macro gate is kept.
     """
 
     def __init__(self, graph_module: fx.GraphModule, plan: Plan,
-                 example_inputs: tuple[torch.Tensor, ...]) -> None:
+                 example_inputs: tuple[torch.Tensor, ...], cost_model: CostModel,
+                 config: PruneConfig) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
+        self.config = config
+        self.cost_model = cost_model
+        self.budget = BudgetController(config.target_macs, config.budget_lr)
         self._example_inputs = tuple(t.detach().clone() for t in example_inputs)
+
+    # --- structure ---------------------------------------------------------------------------
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -33,9 +46,71 @@ class PreparedModel(nn.Module):
         """Shapes of the example inputs."""
         return [tuple(t.shape) for t in self._example_inputs]
 
+    def site_gates(self) -> dict[str, nn.Module]:
+        """The gate bundle of every gated site, by site name."""
+        container = getattr(self.graph_module, GATES_ATTR, None)
+        return {m.site: m for m in container.values()} if container is not None else {}
+
+    def gate_modules(self) -> dict[str, Gate]:
+        """Every gate, keyed ``"<site>.<kind>"`` (kind: head, head_dim, qk_dim, ffn, neuron)."""
+        return {f"{site}.{kind}": g for site, bundle in self.site_gates().items()
+                for kind, g in bundle.gates().items()}
+
+    def set_temperature(self, tau: float) -> None:
+        """Set the Gumbel-Sigmoid temperature of every gate."""
+        for g in self.gate_modules().values():
+            g.set_temperature(tau)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)
 
+    # --- cost --------------------------------------------------------------------------------
+
+    def _values(self, hard: bool) -> torch.Tensor:
+        gates = self.gate_modules()
+        if hard:
+            decisions = {k: g.hard().double() for k, g in gates.items()}
+        else:
+            decisions = {k: g.probability().double() for k, g in gates.items()}
+        if not decisions:
+            return torch.zeros(0, dtype=torch.float64)
+        return symbol_values(self.cost_model.sources, decisions, self.cost_model.group_sizes)
+
+    def expected_macs(self, which: str = "total") -> torch.Tensor:
+        """Expected MACs of the hardened network at the example input size (differentiable in
+        every gate logit). ``which``: ``"total"``, ``"macro"`` or ``"micro"`` terms."""
+        values = self._values(hard=False)
+        out = self.cost_model.evaluate(list(values.unbind()), which)
+        return out if isinstance(out, torch.Tensor) else torch.tensor(float(out), dtype=torch.float64)
+
+    def hard_macs(self) -> int:
+        """MACs of the network eval mode selects now (what ``finalize`` returns)."""
+        values = [int(v) for v in self._values(hard=True).round().long().tolist()]
+        return int(self.cost_model.evaluate(values))
+
+    @property
+    def dense_macs(self) -> int:
+        """MACs of the original model at the example inputs (the reference counter's count)."""
+        return int(self.cost_model.evaluate([int(v) for v in self.cost_model.dense_values()]))
+
+    def hiap_loss(self) -> torch.Tensor:
+        """Budget and feasibility terms of the objective (the task loss is not included).
+
+        ``multiplier * (lambda_macro * E[macro MACs] + lambda_micro * E[micro MACs]) / dense MACs
+        + lambda_feasibility * feasibility``. In train mode with ``target_macs`` set, each call also
+        takes one budget-controller step from the current expected MACs.
+        """
+        cfg = self.config
+        dense = float(self.dense_macs)
+        macro = self.expected_macs("macro") / dense
+        micro = self.expected_macs("micro") / dense
+        if self.training and torch.is_grad_enabled():
+            self.budget.update(float((macro + micro).detach()))
+        cost = self.budget.multiplier.double() * (cfg.lambda_macro * macro + cfg.lambda_micro * micro)
+        feas = feasibility(self.gate_modules(), cfg.min_heads, cfg.min_head_dim_fraction,
+                           cfg.min_neuron_fraction)
+        return (cost + cfg.lambda_feasibility * feas.double()).float()
+
     def extra_repr(self) -> str:
         return (f"attention sites={len(self.plan.attention)}, ffn sites={len(self.plan.ffn)}, "
-                f"front end={self.plan.frontend}")
+                f"gates={len(self.gate_modules())}, front end={self.plan.frontend}")

@@ -20,7 +20,8 @@ from ..flow import FlowResult, IndexFlow, feature_index
 from ..ir import CapturedGraph
 from ..macs import graph_macs
 from ..ops import in_family, op_name
-from ..plan import (AttentionSite, FFNSite, Plan, Projection, Residual, SideTensor, Unclaimed)
+from ..plan import (AttentionSite, CoreLayout, FFNSite, Plan, Projection, Residual, SideTensor,
+                    Unclaimed)
 
 _PASS_BACK = ("movement", "cast", "unary", "binary", "norm")
 
@@ -412,7 +413,7 @@ def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int
 
 def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
     qp, q_head_axis, q_table = _operand(g, core, core.q, "q", -1, -2)
-    kp, _, k_table = _operand(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis)
+    kp, k_head_axis, k_table = _operand(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis)
     vp, v_head_axis, v_table = _operand(g, core, core.v, "v", -1, -2)
     heads, head_dim = q_table.shape
     if tuple(k_table.shape) != (heads, head_dim) and k_table.shape[1] != head_dim:
@@ -422,11 +423,39 @@ def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
     out_head_axis = v_head_axis if _rank(core.out) == _rank(core.v) else q_head_axis
     out = _out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim)
     side = _side_tensors(g, core, heads, q_head_axis, _rank(core.q))
-    q_shape = _shape(core.q)
+    q_shape, k_shape = _shape(core.q), _shape(core.k)
+
+    def neg(axis: int, node: fx.Node) -> Optional[int]:
+        return axis - _rank(node) if axis >= 0 else None
+
+    layout = CoreLayout(q_head_axis=neg(q_head_axis, core.q), k_head_axis=neg(k_head_axis, core.k),
+                        k_dim_axis=core.k_dim_axis, out_head_axis=neg(out_head_axis, core.out))
     return AttentionSite(
         name="", kind=core.kind, core_nodes=[n.name for n in core.nodes], num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, v_dim=v_dim,
-        tokens=q_shape[-2] if q_shape else 0, q=qp, k=kp, v=vp, out=out, side=side)
+        tokens=q_shape[-2] if q_shape else 0,
+        kv_tokens=k_shape[core.k_token_axis] if k_shape else 0,
+        kv_of_head=_kv_groups(core, heads, k_table, v_table), layout=layout,
+        q=qp, k=kp, v=vp, out=out, side=side)
+
+
+def _kv_groups(core: _Core, heads: int, k_table: torch.Tensor, v_table: torch.Tensor) -> list[int]:
+    """kv head of every query head, numbered by first use; k and v must group heads alike."""
+
+    def groups(table: torch.Tensor) -> list[int]:
+        rows = [tuple(r) for r in table.long().tolist()]
+        if len(rows) == heads:
+            ids: dict[tuple[int, ...], int] = {}
+            return [ids.setdefault(r, len(ids)) for r in rows]
+        if len(rows) == 0 or heads % len(rows):
+            raise _Reject(f"{core.nodes[0].name}: {heads} query heads cannot share "
+                          f"{len(rows)} kv heads evenly")
+        return [h // (heads // len(rows)) for h in range(heads)]
+
+    k_groups, v_groups = groups(k_table), groups(v_table)
+    if k_groups != v_groups:
+        raise _Reject(f"{core.nodes[0].name}: k and v group the query heads differently")
+    return k_groups
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,12 +19,16 @@ _KEEP_LIMIT = 1 << 22
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, cg: CapturedGraph) -> None:
+    def __init__(self, gm: fx.GraphModule, cg: CapturedGraph, counter: Any = None) -> None:
         super().__init__(gm)
         self.cg = cg
+        self.counter = counter
 
     def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops() if self.counter is not None else 0
         out = super().run_node(n)
+        if self.counter is not None:
+            n.meta["hiap_macs"] = int(self.counter.get_total_flops() - before) // 2
         dependent = n.op == "placeholder" or (not _is_size(n, out) and any(
             a.name in self.cg.input_dependent for a in n.all_input_nodes))
         if dependent:
@@ -51,10 +55,17 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def propagate(cg: CapturedGraph) -> CapturedGraph:
-    """Record shapes, dtypes and (small or constant) values of every node on the example inputs."""
+def propagate(cg: CapturedGraph, count: bool = False) -> CapturedGraph:
+    """Record shapes, dtypes and (small or constant) values of every node on the example inputs;
+    with ``count``, also each node's MACs by the reference counter in ``node.meta['hiap_macs']``."""
+    from ..counting import reference_counter
+
     cg.values.clear()
     cg.input_dependent.clear()
     with torch.no_grad():
-        _Recorder(cg.gm, cg).run(*cg.example_inputs)
+        if count:
+            with reference_counter() as counter:
+                _Recorder(cg.gm, cg, counter).run(*cg.example_inputs)
+        else:
+            _Recorder(cg.gm, cg).run(*cg.example_inputs)
     return cg

@@ -1,0 +1,233 @@
+"""Cost: derive the symbolic MAC expression of every matmul-like node of the gated graph.
+
+Each MAC-bearing node (linear, conv, matmul, sdpa) gets its MACs from its recorded shapes with
+the sizes that gates change replaced by symbolic kept counts:
+  * a weighted op (linear, conv) costs rows x prod(weight shape); every weight axis that a site
+    slices (projection rows/columns, per-head or per-neuron side parameters) becomes
+    ``size - sum over the roles that cut it of (role size - kept)``;
+  * an attention kernel costs (query rows per head) x (key tokens) x sum over heads of the kept
+    q/k dims (while the head is live) plus kept v dims;
+  * rows scale with the batch symbol B when the node depends on the input, and token-sized rows
+    become the token symbol N on isotropic models.
+At the example input with every unit on, each node's expression equals its measured MACs (checked).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Optional
+
+import sympy
+from torch import fx, nn
+
+from ..cost import CostModel, SymbolSource
+from ..errors import HiapError
+from ..ir import CapturedGraph
+from ..macs import node_macs
+from ..ops import op_name
+from ..plan import AttentionSite, FFNSite, Plan
+from ..site_gates import AttentionGates, FFNGates
+
+_PREFIX_TOKENS = 16  # rows this far below N (patches without cls/register tokens) become N - k
+
+
+class _Builder:
+    def __init__(self, cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module]) -> None:
+        self.cg, self.plan, self.bundles = cg, plan, bundles
+        self.nodes = {n.name: n for n in cg.gm.graph.nodes}
+        self.sources: list[SymbolSource] = []
+        self.group_sizes: dict[str, int] = {}
+        self.unit_symbols: set[sympy.Symbol] = set()
+        self.batch = sympy.Symbol("B", positive=True, integer=True)
+        self.b0 = int(cg.example_inputs[0].shape[0]) if cg.example_inputs and cg.example_inputs[0].dim() else 1
+        self.tokens, self.t0 = self._token_symbol()
+        # (param, axis) -> list of (role size, kept expression)
+        self.cuts: dict[tuple[str, int], list[tuple[int, sympy.Expr]]] = defaultdict(list)
+        # kernel node -> (heads, sum over heads of kept dims, role "sdpa" | "qk" | "av")
+        self.kernels: dict[str, tuple[int, sympy.Expr, str]] = {}
+
+    # --- symbols -----------------------------------------------------------------------------
+
+    def _symbol(self, name: str, gate: str, reduce: str, index: int, micro: bool) -> sympy.Symbol:
+        sym = sympy.Symbol(name, nonnegative=True, integer=True)
+        self.sources.append(SymbolSource(sym, gate, reduce, index, micro))
+        if reduce in ("unit", "any"):
+            self.unit_symbols.add(sym)
+        return sym
+
+    def _token_symbol(self) -> tuple[Optional[sympy.Symbol], int]:
+        sites = self.plan.attention
+        if not sites:
+            return None, 0
+        t0 = sites[0].tokens
+        for s in sites:
+            q = self.nodes[s.core_nodes[0]].args[0]
+            shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
+            if not isinstance(shape, tuple) or s.tokens != t0 or s.kv_tokens != t0:
+                return None, t0
+            if math.prod(shape[:-1]) != self.b0 * s.num_heads * t0:
+                return None, t0
+        return sympy.Symbol("N", positive=True, integer=True), t0
+
+    def rows(self, count: int, dependent: bool) -> sympy.Expr:
+        """Symbolic row count: B x per-sample rows (token-sized rows as N) for input-dependent nodes."""
+        if not dependent or count % self.b0:
+            return sympy.Integer(count)
+        return self.batch * self.tok(count // self.b0)
+
+    def tok(self, count: int) -> sympy.Expr:
+        if self.tokens is None or count <= 0:
+            return sympy.Integer(count)
+        if count % self.t0 == 0:
+            return (count // self.t0) * self.tokens
+        if 0 < self.t0 - count <= _PREFIX_TOKENS:
+            return self.tokens - (self.t0 - count)
+        return sympy.Integer(count)
+
+    # --- sites -------------------------------------------------------------------------------
+
+    def attention(self, site: AttentionSite) -> None:
+        bundle = self.bundles.get(site.name)
+        H, dq, dv = site.num_heads, site.head_dim, site.v_dim
+        kv_of = site.kv_of_head
+        K = max(kv_of) + 1
+        one = sympy.Integer(1)
+        g = [one] * H
+        z, Dv, Dq = [one] * K, [sympy.Integer(dv)] * K, [sympy.Integer(dq)] * K
+        if isinstance(bundle, AttentionGates):
+            key = f"{site.name}."
+            if bundle.head is not None:
+                g = [self._symbol(f"{key}h{h}", key + "head", "unit", h, False) for h in range(H)]
+            if bundle.head_dim is not None:
+                self.group_sizes[key + "head_dim"] = dv
+                z = [self._symbol(f"{key}z{k}", key + "head_dim", "any", k, False) for k in range(K)]
+                Dv = [self._symbol(f"{key}v{k}", key + "head_dim", "count", k, True) for k in range(K)]
+            if bundle.qk_dim is not None:
+                self.group_sizes[key + "qk_dim"] = dq
+                Dq = [self._symbol(f"{key}q{k}", key + "qk_dim", "count", k, True) for k in range(K)]
+        live = [g[h] * z[kv_of[h]] for h in range(H)]
+        group_on = [one - sympy.Mul(*[one - g[h] for h in range(H) if kv_of[h] == k]) for k in range(K)]
+        self._cut(site.q.weight, 0, H * dq, sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)]))
+        self._cut(site.k.weight, 0, K * dq, sympy.Add(*[z[k] * group_on[k] * Dq[k] for k in range(K)]))
+        self._cut(site.v.weight, 0, K * dv, sympy.Add(*[group_on[k] * Dv[k] for k in range(K)]))
+        self._cut(site.out.weight, 1, H * dv, sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)]))
+        for t in site.side:
+            kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
+            self._cut(t.param, t.axis, len(t.index), kept)
+        qk_sum = sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)])
+        av_sum = sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)])
+        if site.kind == "sdpa":
+            self.kernels[site.core_nodes[0]] = (H, qk_sum + av_sum, "sdpa")
+        else:
+            self.kernels[site.core_nodes[0]] = (H, qk_sum, "qk")
+            self.kernels[site.core_nodes[-1]] = (H, av_sum, "av")
+
+    def ffn(self, site: FFNSite) -> None:
+        bundle = self.bundles.get(site.name)
+        b, M = sympy.Integer(1), sympy.Integer(site.hidden)
+        if isinstance(bundle, FFNGates):
+            key = f"{site.name}."
+            if bundle.block is not None:
+                b = self._symbol(f"{key}on", key + "ffn", "unit", 0, False)
+            if bundle.neuron is not None:
+                self.group_sizes[key + "neuron"] = site.hidden
+                M = self._symbol(f"{key}n", key + "neuron", "count", 0, True)
+        for p in site.inputs:
+            self._cut(p.weight, 0, site.hidden, b * M)
+        self._cut(site.out.weight, 1, site.hidden, b * M)
+        for t in site.side:
+            units = sorted(u for u in t.index if u >= 0)
+            if units != list(range(site.hidden)):
+                raise HiapError(f"{site.name}: side parameter {t.param} does not hold each of the "
+                                f"{site.hidden} neurons exactly once; cannot cost neuron removal. "
+                                "Prepare with PruneConfig(neurons=False) to gate only whole blocks")
+            self._cut(t.param, t.axis, len(t.index), b * M + (len(t.index) - site.hidden))
+
+    def _cut(self, param: str, axis: int, size: int, kept: sympy.Expr) -> None:
+        self.cuts[(param, axis)].append((size, kept))
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    def node_expr(self, n: fx.Node) -> Optional[sympy.Expr]:
+        dense = measured_macs(n)
+        if not dense:
+            return None
+        name = op_name(n)
+        dep = n.name in self.cg.input_dependent
+        out = n.meta["hiap_shape"]
+        if node_macs(n) != dense:  # an op whose MACs we do not model: a constant term
+            return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
+        if n.name in self.kernels:
+            return self._kernel_expr(n, dep)
+        if name in ("linear", "conv1d", "conv2d", "conv3d"):
+            w = n.args[1]
+            w_shape = w.meta["hiap_shape"]
+            rows = math.prod(out[:-1]) if name == "linear" else out[0] * math.prod(out[2:])
+            param = str(w.target) if w.op == "get_attr" else None
+            factors = []
+            for axis, size in enumerate(w_shape):
+                cuts = self.cuts.get((param, axis), []) if param else []
+                factors.append(sympy.Integer(size) - sympy.Add(*[s - k for s, k in cuts]))
+            expr = self.rows(rows, dep) * sympy.Mul(*factors)
+            if sum(1 for f in factors if f.free_symbols) > 1:
+                expr = self._idempotent(sympy.expand(expr))
+            return expr
+        if name == "matmul":
+            a = n.args[0].meta["hiap_shape"]
+            return self.rows(math.prod(out[:-1]), dep) * out[-1] * a[-1]
+        return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
+
+    def _kernel_expr(self, n: fx.Node, dep: bool) -> sympy.Expr:
+        heads, head_sum, role = self.kernels[n.name]
+        a = n.args[0].meta["hiap_shape"]
+        if role == "sdpa":  # rows of q per head x key tokens
+            rows, keys = math.prod(a[:-1]), n.args[1].meta["hiap_shape"][-2]
+        else:
+            out = n.meta["hiap_shape"]  # q @ k^T: key tokens are out[-1]; p @ v: they are contracted
+            rows, keys = math.prod(out[:-1]), (out[-1] if role == "qk" else a[-1])
+        return self.rows(rows // heads, dep) * self.tok(keys) * head_sum
+
+    def _idempotent(self, expr: sympy.Expr) -> sympy.Expr:
+        """Replace u**k by u for 0/1 unit symbols (exact for hard values and for expectations)."""
+        return expr.replace(lambda e: e.is_Pow and e.base in self.unit_symbols and e.exp.is_Integer,
+                            lambda e: e.base)
+
+
+def measured_macs(n: fx.Node) -> int:
+    """MACs of a node as the reference counter measured them (propagate with ``count=True``),
+    or from its shapes when it was not measured."""
+    return int(n.meta.get("hiap_macs", node_macs(n)))
+
+
+def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module]) -> CostModel:
+    """The cost model of the gated graph of ``cg`` (shapes recorded by the propagate pass)."""
+    b = _Builder(cg, plan, bundles)
+    for site in plan.attention:
+        b.attention(site)
+    for site in plan.ffn:
+        b.ffn(site)
+    node_exprs: dict[str, sympy.Expr] = {}
+    for n in cg.gm.graph.nodes:
+        e = b.node_expr(n)
+        if e is not None:
+            node_exprs[n.name] = e
+    model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
+                      batch=b.batch, tokens=b.tokens, example_batch=b.b0, example_tokens=b.t0,
+                      group_sizes=b.group_sizes)
+    _check_dense(model, cg)
+    return model
+
+
+def _check_dense(model: CostModel, cg: CapturedGraph) -> None:
+    """Every node's expression must give its measured MACs with all units on."""
+    subs = {s.symbol: v for s, v in zip(model.sources, model.dense_values())}
+    subs[model.batch] = model.example_batch
+    if model.tokens is not None:
+        subs[model.tokens] = model.example_tokens
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
+    for name, e in model.node_exprs.items():
+        got, want = e.xreplace(subs), measured_macs(nodes[name])
+        if got != want:
+            raise HiapError(f"internal: the cost expression of node {name} gives {got} MACs on the "
+                            f"dense model, the counter measured {want}; please report this model")

@@ -1,0 +1,154 @@
+"""Gate: insert the per-site gate bundles into the normalised graph.
+
+Per attention site: the kernel output is multiplied by the [head, v-dim] mask (head gate times
+value-dim gates), q and k by the shared q/k-dim mask when those gates are on, and the output
+projection's result by the branch factor (zero once every head is closed). Per FFN site: the
+output projection's input by the neuron mask (after the activation, after the product of a
+gated FFN) and its result by the block gate. Granularities that would not be exact on a site
+(dims mixed by rotary embedding or a norm, a norm over the hidden units, no residual branch)
+are left off there and reported in ``plan.notes``.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+from torch import fx, nn
+
+from ..config import PruneConfig
+from ..plan import AttentionSite, FFNSite, Plan
+from ..site_gates import AttentionGates, FFNGates, _broadcast_shape
+
+GATES_ATTR = "hiap_gates"
+
+
+def _rank(node: fx.Node) -> int:
+    return len(node.meta["hiap_shape"])
+
+
+def _module_key(name: str, taken: set[str]) -> str:
+    key = re.sub(r"\W", "_", name) or "site"
+    base, i = key, 1
+    while key in taken:
+        key, i = f"{base}_{i}", i + 1
+    taken.add(key)
+    return key
+
+
+def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneConfig,
+                     notes: list[str]) -> AttentionGates | None:
+    core = nodes[site.core_nodes[0]]
+    out_node = nodes[site.core_nodes[-1]]
+    lay = site.layout
+    v_dims = cfg.head_dims and site.v_dim > 1
+    if v_dims and site.v.dims_mixed:
+        notes.append(f"{site.name}: value dims are mixed before the kernel; only whole heads are gated")
+        v_dims = False
+    qk = cfg.qk_dims and site.head_dim > 1
+    if qk and (site.q.dims_mixed or site.k.dims_mixed):
+        notes.append(f"{site.name}: q/k dims are mixed (rotary embedding or q/k norm); q/k dims "
+                     "are not gated")
+        qk = False
+    heads = cfg.heads and (site.num_heads > 1 or site.residual is not None)
+    if not (heads or v_dims or qk):
+        return None
+    out_shape = None
+    if heads or v_dims:
+        out_shape = _broadcast_shape(_rank(out_node), lay.out_head_axis, site.num_heads, -1, site.v_dim)
+    q_shape = k_shape = None
+    k_rows_per_kv = len(site.k.index) != site.num_heads
+    if qk:
+        q_shape = _broadcast_shape(_rank(core.args[0]), lay.q_head_axis, site.num_heads, -1, site.head_dim)
+        k_heads = site.num_kv_heads if k_rows_per_kv else site.num_heads
+        k_shape = _broadcast_shape(_rank(core.args[1]), lay.k_head_axis, k_heads, lay.k_dim_axis,
+                                   site.head_dim)
+    return AttentionGates(site.name, site.num_heads, site.kv_of_head, site.head_dim, site.v_dim,
+                          head=heads, head_dim_gates=v_dims, qk_dim_gates=qk,
+                          branch=site.residual is not None and (heads or v_dims),
+                          out_shape=out_shape, q_shape=q_shape, k_shape=k_shape,
+                          k_rows_per_kv=k_rows_per_kv, init=cfg.gate_init, align=cfg.align)
+
+
+def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | None:
+    block = cfg.ffn_blocks and site.residual is not None
+    neurons = cfg.neurons and site.hidden > 1
+    if neurons and site.hidden_norm:
+        notes.append(f"{site.name}: a norm runs over the hidden units; only the whole block is gated")
+        neurons = False
+    if not (block or neurons):
+        return None
+    return FFNGates(site.name, site.hidden, block=block, neurons=neurons, init=cfg.gate_init,
+                    align=cfg.align)
+
+
+def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node) -> None:
+    with graph.inserting_after(node):
+        scaled = graph.call_function(operator.mul, (node, factor))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+
+
+def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node) -> None:
+    with graph.inserting_before(user):
+        scaled = graph.call_function(operator.mul, (user.args[pos], factor))
+    user.update_arg(pos, scaled)
+
+
+def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, nn.Module]:
+    """Add one gate bundle per site to ``gm`` (under ``hiap_gates``) and wire its masks in.
+
+    Returns the bundles by site name. Mutates ``gm`` (which is already the prepared copy).
+    """
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    container = nn.ModuleDict()
+    gm.add_module(GATES_ATTR, container)
+    bundles: dict[str, nn.Module] = {}
+    taken: set[str] = set()
+
+    def masks_of(site_name: str, bundle: nn.Module) -> dict[str, fx.Node]:
+        key = _module_key(site_name, taken)
+        container[key] = bundle
+        with graph.inserting_before(first):
+            call = graph.call_module(f"{GATES_ATTR}.{key}")
+            keys = _mask_keys(bundle)
+            return {k: graph.call_function(operator.getitem, (call, k)) for k in keys}
+
+    for site in plan.attention:
+        bundle = _attention_gates(site, nodes, cfg, plan.notes)
+        if bundle is None:
+            continue
+        bundles[site.name] = bundle
+        m = masks_of(site.name, bundle)
+        core, out = nodes[site.core_nodes[0]], nodes[site.core_nodes[-1]]
+        if "q" in m:
+            _multiply_arg(graph, core, 0, m["q"])
+            _multiply_arg(graph, core, 1, m["k"])
+        if "out" in m:
+            _multiply_output(graph, out, m["out"])
+        if "branch" in m:
+            _multiply_output(graph, nodes[site.out.node], m["branch"])
+    for site in plan.ffn:
+        bundle = _ffn_gates(site, cfg, plan.notes)
+        if bundle is None:
+            continue
+        bundles[site.name] = bundle
+        m = masks_of(site.name, bundle)
+        out = nodes[site.out.node]
+        if "hidden" in m:
+            _multiply_arg(graph, out, 0, m["hidden"])
+        if "branch" in m:
+            _multiply_output(graph, out, m["branch"])
+    graph.lint()
+    gm.recompile()
+    return bundles
+
+
+def _mask_keys(bundle: nn.Module) -> list[str]:
+    if isinstance(bundle, AttentionGates):
+        keys = ["out"] if bundle.out_shape is not None else []
+        keys += ["q", "k"] if bundle.qk_dim is not None else []
+        return keys + (["branch"] if bundle.emit_branch else [])
+    assert isinstance(bundle, FFNGates)
+    return (["hidden"] if bundle.neuron is not None else []) + (["branch"] if bundle.block is not None else [])

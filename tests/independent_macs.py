@@ -1,0 +1,110 @@
+"""An independent MAC count of the sub-network eval mode selects, for checking the cost model.
+
+It does not use sympy or the cost model: from the eval-mode gate decisions it builds boolean
+keep-masks over every weight row/column the plan assigns to a unit, then counts each node of the
+graph from its recorded shapes with the kept sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hiap_fx.macs import node_macs
+from hiap_fx.ops import op_name
+
+
+def _decisions(prepared) -> dict[str, torch.Tensor]:
+    return {k: g.hard().bool() for k, g in prepared.gate_modules().items()}
+
+
+def independent_macs(prepared) -> int:
+    gates = _decisions(prepared)
+    keep: dict[tuple[str, int], torch.Tensor] = {}
+    kernel: dict[str, tuple[int, int]] = {}  # node -> (heads, kept head x dim units on that kernel)
+
+    def mark(param: str, axis: int, size_hint: int, positions: list[int], alive: list[bool]) -> None:
+        mask = keep.get((param, axis))
+        if mask is None:
+            mask = torch.ones(size_hint, dtype=torch.bool)
+        for p, a in zip(positions, alive):
+            mask[p] = mask[p] & a
+        keep[(param, axis)] = mask
+
+    params = dict(prepared.graph_module.named_parameters())
+    params.update(dict(prepared.graph_module.named_buffers()))
+
+    def size(param: str, axis: int) -> int:
+        return params[param].shape[axis]
+
+    for s in prepared.plan.attention:
+        H, dq, dv = s.num_heads, s.head_dim, s.v_dim
+        kv = s.kv_of_head
+        K = max(kv) + 1
+        g = gates.get(f"{s.name}.head", torch.ones(H, dtype=torch.bool))
+        d = gates.get(f"{s.name}.head_dim", torch.ones(K * dv, dtype=torch.bool)).view(K, dv)
+        qk = gates.get(f"{s.name}.qk_dim", torch.ones(K * dq, dtype=torch.bool)).view(K, dq)
+        live = [bool(g[h]) and bool(d[kv[h]].any()) for h in range(H)]
+        group_g = [any(g[h] for h in range(H) if kv[h] == k) for k in range(K)]
+        group_live = [any(live[h] for h in range(H) if kv[h] == k) for k in range(K)]
+        for h in range(H):
+            mark(s.q.weight, 0, size(s.q.weight, 0), s.q.index[h],
+                 [live[h] and bool(qk[kv[h], j]) for j in range(dq)])
+            mark(s.out.weight, 1, size(s.out.weight, 1), s.out.index[h],
+                 [bool(g[h]) and bool(d[kv[h], j]) for j in range(dv)])
+        for proj, per_k in ((s.k, lambda k, j: group_live[k] and bool(qk[k, j])),
+                            (s.v, lambda k, j: group_g[k] and bool(d[k, j]))):
+            rows_kv = kv if len(proj.index) == H else list(range(K))
+            for r, k in enumerate(rows_kv):
+                mark(proj.weight, 0, size(proj.weight, 0), proj.index[r],
+                     [per_k(k, j) for j in range(len(proj.index[r]))])
+        for t in s.side:
+            mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
+                 [live[u] if u >= 0 else True for u in t.index])
+        qk_units = sum(int(qk[kv[h]].sum()) for h in range(H) if live[h])
+        v_units = sum(int(d[kv[h]].sum()) for h in range(H) if g[h])
+        if s.kind == "sdpa":
+            kernel[s.core_nodes[0]] = (H * (dq + dv), qk_units + v_units)
+        else:
+            kernel[s.core_nodes[0]] = (H * dq, qk_units)
+            kernel[s.core_nodes[-1]] = (H * dv, v_units)
+    for s in prepared.plan.ffn:
+        b = bool(gates.get(f"{s.name}.ffn", torch.ones(1, dtype=torch.bool))[0])
+        c = gates.get(f"{s.name}.neuron", torch.ones(s.hidden, dtype=torch.bool))
+        alive = [b and bool(c[k]) for k in range(s.hidden)]
+        for p in s.inputs:
+            mark(p.weight, 0, size(p.weight, 0), p.index[0], alive)
+        mark(s.out.weight, 1, size(s.out.weight, 1), s.out.index[0], alive)
+        for t in s.side:
+            mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
+                 [alive[u] if u >= 0 else True for u in t.index])
+
+    total = 0
+    for n in prepared.graph_module.graph.nodes:
+        dense = int(n.meta.get("hiap_macs", node_macs(n))) if "hiap_shape" in n.meta else 0
+        if not dense:
+            continue
+        if n.name in kernel:
+            units, kept = kernel[n.name]
+            total += dense // units * kept
+            continue
+        name = op_name(n)
+        w = n.args[1] if len(n.args) > 1 else None
+        if name in ("linear", "conv1d", "conv2d", "conv3d") and getattr(w, "op", None) == "get_attr":
+            shape = list(w.meta["hiap_shape"])
+            kept = [int(keep[(str(w.target), a)].sum()) if (str(w.target), a) in keep else shape[a]
+                    for a in range(len(shape))]
+            total += dense // math.prod(shape) * math.prod(kept)
+        else:
+            total += dense
+    return total
+
+
+def randomise_gates(prepared, seed: int, p_off: float = 0.4) -> None:
+    """Set every gate logit to +-3 at random (about ``p_off`` of the units off)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for g in prepared.gate_modules().values():
+            off = torch.rand(g.logits.shape, generator=gen) < p_off
+            g.logits.copy_(torch.where(off, -3.0, 3.0))
