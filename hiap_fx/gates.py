@@ -74,7 +74,9 @@ class Gate(nn.Module):
             per_group = logits.view(self.groups, -1)
             counts = on.view(self.groups, -1).sum(-1)
             keep = ((counts + self.align - 1) // self.align * self.align).clamp(max=per_group.shape[1])
-            rank = per_group.argsort(-1, descending=True, stable=True).argsort(-1, stable=True)
+            order = torch.sort(per_group, dim=-1, descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
             on = (rank < keep[:, None]).view(-1)
         return on.to(self.logits.dtype)
 

@@ -81,7 +81,7 @@ class _Builder:
             return sympy.Integer(count)
         if count % self.t0 == 0:
             return (count // self.t0) * self.tokens
-        if 0 < self.t0 - count <= _PREFIX_TOKENS:
+        if 0 < self.t0 - count <= min(_PREFIX_TOKENS, self.t0 // 4):
             return self.tokens - (self.t0 - count)
         return sympy.Integer(count)
 
@@ -157,6 +157,9 @@ class _Builder:
         dep = n.name in self.cg.input_dependent
         out = n.meta["hiap_shape"]
         if node_macs(n) != dense:  # an op whose MACs we do not model: a constant term
+            if n.name in self.kernels or self._weight_is_cut(n):
+                raise HiapError(f"internal: node {n.name} of a gated site has {dense} MACs by the "
+                                f"counter but {node_macs(n)} by its shapes; please report this model")
             return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
         if n.name in self.kernels:
             return self._kernel_expr(n, dep)
@@ -177,6 +180,11 @@ class _Builder:
             a = n.args[0].meta["hiap_shape"]
             return self.rows(math.prod(out[:-1]), dep) * out[-1] * a[-1]
         return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
+
+    def _weight_is_cut(self, n: fx.Node) -> bool:
+        w = n.args[1] if len(n.args) > 1 else None
+        return isinstance(w, fx.Node) and w.op == "get_attr" and any(
+            p == str(w.target) for p, _ in self.cuts)
 
     def _kernel_expr(self, n: fx.Node, dep: bool) -> sympy.Expr:
         heads, head_sum, role = self.kernels[n.name]

@@ -82,15 +82,24 @@ def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | 
                     align=cfg.align)
 
 
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    """A mask multiply keeps its operand's shape and dtype (masks broadcast into it)."""
+    for key in ("hiap_shape", "hiap_dtype", "hiap_macs"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key] if key != "hiap_macs" else 0
+
+
 def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node) -> None:
     with graph.inserting_after(node):
         scaled = graph.call_function(operator.mul, (node, factor))
+    _copy_meta(node, scaled)
     node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
 
 
 def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node) -> None:
     with graph.inserting_before(user):
         scaled = graph.call_function(operator.mul, (user.args[pos], factor))
+    _copy_meta(user.args[pos], scaled)
     user.update_arg(pos, scaled)
 
 
