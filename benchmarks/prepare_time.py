@@ -1,4 +1,5 @@
-"""Time of hiap_fx.prepare (capture + normalise + discovery) on real model definitions.
+"""Time of hiap_fx.prepare (capture, normalise, discovery, gate insertion, sympy cost model) on
+real model definitions.
 
     python benchmarks/prepare_time.py [--quick]
 """

@@ -29,18 +29,23 @@ def prepare(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     config = config or PruneConfig()
     cg, plan = analyse(model, example_inputs, config)
     bundles = insert_gates(cg.gm, plan, config)
-    cost_model = build_cost_model(cg, plan, bundles)
+    cost_model = build_cost_model(cg, plan, bundles).compile()
     prepared = PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config)
     return prepared.train(model.training)
 
 
 def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,
             show: bool = True) -> Plan:
-    """Find the prunable structure of ``model`` and (when ``show``) print it as a table.
+    """Find the prunable structure of ``model`` and (when ``show``) print it as a table followed
+    by its MAC formula, one sympy expression per site.
 
     Returns the :class:`Plan`; raises ``NoAttentionError`` when the model has no attention.
     """
-    _, plan = analyse(model, example_inputs, config)
+    from .report import format_cost
+
+    prepared = prepare(model, example_inputs, config)
     if show:
-        print(plan.summary())
-    return plan
+        print(prepared.plan.summary())
+        print()
+        print(format_cost(prepared.cost_model))
+    return prepared.plan

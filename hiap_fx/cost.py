@@ -86,8 +86,26 @@ class CostModel:
     def _function(self, which: str) -> Callable:
         if which not in self._compiled:
             expr = {"total": self.expr, "macro": self.macro_expr, "micro": self.micro_expr}[which]
-            self._compiled[which] = sympy.lambdify(self.arguments, expr, modules=[{}, "math"], cse=True)
+            # plain identifiers: lambdify would otherwise rename every dotted symbol (slow)
+            plain = [sympy.Symbol(f"x{i}") for i in range(len(self.arguments))]
+            expr = expr.xreplace(dict(zip(self.arguments, plain)))
+            self._compiled[which] = sympy.lambdify(plain, expr, modules=[{}, "math"], cse=False)
         return self._compiled[which]
+
+    def by_site(self) -> dict[str, sympy.Expr]:
+        """The expression split by site (nodes without gate symbols under ``"fixed"``)."""
+        site_of = {s.symbol: s.gate.rsplit(".", 1)[0] for s in self.sources}
+        parts: dict[str, list[sympy.Expr]] = {}
+        for e in self.node_exprs.values():
+            sites = sorted({site_of[sym] for sym in e.free_symbols if sym in site_of})
+            parts.setdefault(sites[0] if sites else "fixed", []).append(e)
+        return {k: sympy.factor_terms(sympy.Add(*v)) for k, v in parts.items()}
+
+    def compile(self) -> "CostModel":
+        """Compile the total, macro and micro expressions to Python functions now (done once)."""
+        for which in ("total", "macro", "micro"):
+            self._function(which)
+        return self
 
     def evaluate(self, values: Sequence, which: str = "total", batch: Optional[int] = None,
                  tokens: Optional[int] = None):
@@ -105,8 +123,7 @@ class CostModel:
 
     def dense_values(self) -> list[int]:
         """Symbol values of the dense model (every unit on)."""
-        return [sympy.Integer(1) if s.reduce in ("unit", "any") else self.group_sizes[s.gate]
-                for s in self.sources]
+        return [1 if s.reduce in ("unit", "any") else int(self.group_sizes[s.gate]) for s in self.sources]
 
     def at(self, tokens: Optional[int] = None, batch: Optional[int] = None) -> sympy.Expr:
         """The expression with the token count and/or batch substituted."""

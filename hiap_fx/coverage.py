@@ -39,8 +39,9 @@ def _spec(entry: ModelSpec) -> tuple[str, dict[str, Any]]:
 
 
 def probe(entry: ModelSpec) -> dict[str, Any]:
-    """Prepare one model, check the prepared graph reproduces it, and summarise the plan."""
-    from . import prepare
+    """Prepare one model, check the prepared graph reproduces it and its cost model matches the
+    counter, and summarise the plan."""
+    from . import count_macs, prepare
     from .errors import HiapError
     from .models import default_input, load_model
     from .passes.capture import outputs_match
@@ -55,10 +56,14 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
         plan = prepared.plan
         x2 = torch.randn(2, *x.shape[1:])
         with torch.no_grad():
-            ok, err = outputs_match(model(x2), prepared(x2), rtol=1e-4)
+            ok, err = outputs_match(model(x2), prepared.eval()(x2), rtol=1e-4)
+        counted = count_macs(model, x)
+        cost_ok = prepared.dense_macs == counted == prepared.hard_macs()
         heads = sorted({(s.num_heads, s.head_dim) for s in plan.attention})
         row.update(
-            status="ok" if ok else "mismatch", frontend=plan.frontend,
+            status="ok" if ok and cost_ok else "mismatch", frontend=plan.frontend,
+            gates=sum(g.logits.numel() for g in prepared.gate_modules().values()),
+            cost="exact" if cost_ok else f"{prepared.dense_macs} vs counter {counted}",
             attention=len(plan.attention),
             heads=", ".join(f"{h}x{d}" for h, d in heads),
             ffn=len(plan.ffn), hidden=", ".join(str(h) for h in sorted({s.hidden for s in plan.ffn})),
@@ -75,13 +80,14 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
 
 
 _COLUMNS = ["model", "status", "frontend", "attention", "heads", "ffn", "hidden", "prunable",
-            "unclaimed", "seconds", "reason"]
+            "gates", "cost", "unclaimed", "seconds", "reason"]
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Rows as a markdown table with a one-line summary."""
     ok = sum(r["status"] == "ok" for r in rows)
-    lines = [f"Discovery coverage: {ok}/{len(rows)} models prepared and reproduced exactly.", "",
+    lines = [f"Coverage: {ok}/{len(rows)} models prepared, reproduced exactly with every gate on, "
+             "and costed exactly (dense MACs = corrected counter = hard MACs).", "",
              "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in _COLUMNS) + " |")

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .cost import CostModel
     from .plan import Plan
+
+SYMBOL_LEGEND = ("B batch, N tokens; <site>.h<i> head i on, <site>.z<k> kv head k keeps a value "
+                 "dim, <site>.v<k> / <site>.q<k> kept value / q-k dims of kv head k, <site>.on FFN "
+                 "block on, <site>.n kept neurons")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -42,4 +47,13 @@ def format_plan(plan: "Plan") -> str:
         lines += ["", f"left unpruned: {len(plan.unclaimed)}", _table(["node", "what", "why"], rows)]
     if plan.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def format_cost(cost: "CostModel") -> str:
+    """The MAC formula of a prepared model, one line per site."""
+    lines = [f"MAC formula ({SYMBOL_LEGEND}):"]
+    for site, expr in cost.by_site().items():
+        lines.append(f"  {site}: {expr}")
+    lines.append(f"  total at the example input, all on: {cost.evaluate(cost.dense_values()):,}")
     return "\n".join(lines)

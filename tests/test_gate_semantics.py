@@ -187,7 +187,7 @@ def test_feasibility_reopens_a_collapsing_attention():
 def test_budget_controller_moves_towards_the_target_and_is_saved():
     prepared, _ = _prepared(_deit(), target_macs=0.3, budget_lr=0.1)
     prepared.train()
-    ratio = float(prepared.expected_macs()) / prepared.dense_macs
+    ratio = float(prepared.expected_macs().detach()) / prepared.dense_macs
     for _ in range(5):
         prepared.hiap_loss()
     assert float(prepared.budget.multiplier) == pytest.approx(1.0 + 5 * 0.1 * (ratio - 0.3), rel=1e-5)
@@ -247,3 +247,28 @@ def test_random_configs_and_decisions(qkv, attn, ffn, heads, head_dim, depth, hi
     assert prepared.hard_macs() == independent_macs(prepared)
     with torch.no_grad():
         assert torch.isfinite(prepared(x)).all()
+
+
+@pytest.mark.parametrize("sdpa_gqa", [False, True], ids=["repeat_interleave", "enable_gqa"])
+def test_grouped_query_attention_gates(sdpa_gqa):
+    from gqa_models import GQANet
+
+    model = GQANet(sdpa_gqa=sdpa_gqa).eval()
+    x = torch.randn(2, 7, 5)
+    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(qk_dims=True)).eval()
+    site = prepared.plan.attention[0]
+    assert (site.num_heads, site.num_kv_heads, site.kv_of_head) == (4, 2, [0, 0, 1, 1])
+    gates = prepared.gate_modules()
+    assert gates["attn.head_dim"].logits.numel() == 2 * 8  # value dims are per kv head
+    _set(gates["attn.head_dim"], [8 + 3])  # kv head 1, dim 3: shared by query heads 2 and 3
+    _set(gates["attn.head"], [0])
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.attn.v.weight[8 + 3] = 0
+        ref.attn.v.bias[8 + 3] = 0
+        ref.attn.o.weight[:, 0:8] = 0
+    _same(ref(x), prepared(x))
+    assert prepared.hard_macs() == independent_macs(prepared)
+    for seed in range(4):
+        randomise_gates(prepared, seed)
+        assert prepared.hard_macs() == independent_macs(prepared)

@@ -59,7 +59,11 @@ def test_cli_inspect_json(capsys):
 def test_cli_inspect_timm_name(capsys):
     assert main(["inspect", "deit_tiny_patch16_224", "--kwargs", '{"img_size": 32, "depth": 2}',
                  "--input-size", "3,32,32"]) == 0
-    assert "blocks.1.attn" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "blocks.1.attn" in out and "MAC formula" in out
+    # the per-site formula of an FFN: (fc1 + fc2) x kept neurons, times batch and tokens
+    assert "blocks.1.mlp: 384*B*N*blocks.1.mlp.n*blocks.1.mlp.on" in out
+    assert "total at the example input, all on: 5,224,704" in out
 
 
 def test_cli_reports_errors(capsys):

@@ -52,6 +52,9 @@ def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneC
         qk = False
     heads = cfg.heads and (site.num_heads > 1 or site.residual is not None)
     if not (heads or v_dims or qk):
+        if cfg.heads or cfg.head_dims or cfg.qk_dims:
+            notes.append(f"{site.name}: not gated (a single head off the residual stream, and no "
+                         "dims that can be gated)")
         return None
     out_shape = None
     if heads or v_dims:
@@ -77,6 +80,9 @@ def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | 
         notes.append(f"{site.name}: a norm runs over the hidden units; only the whole block is gated")
         neurons = False
     if not (block or neurons):
+        if cfg.ffn_blocks or cfg.neurons:
+            notes.append(f"{site.name}: not gated (no residual branch to remove and no neurons "
+                         "that can be gated)")
         return None
     return FFNGates(site.name, site.hidden, block=block, neurons=neurons, init=cfg.gate_init,
                     align=cfg.align)

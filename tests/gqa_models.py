@@ -1,0 +1,52 @@
+"""A small grouped-query-attention model (kv heads shared by groups of query heads), written two
+ways: k/v repeated with ``repeat_interleave``, or ``sdpa(enable_gqa=True)``."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class GQA(nn.Module):
+    """q: heads x head_dim; k, v: kv_heads x head_dim, each shared by heads // kv_heads queries."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2, head_dim: int = 8,
+                 sdpa_gqa: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.sdpa_gqa = heads, kv_heads, head_dim, sdpa_gqa
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, kv_heads * head_dim)
+        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, N, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, N, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.sdpa_gqa:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            group = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GQANet(nn.Module):
+    """Token embedding, one pre-norm GQA block with an FFN, mean pooling, classifier."""
+
+    def __init__(self, **attn_kwargs) -> None:
+        super().__init__()
+        self.emb = nn.Linear(5, 32)
+        self.norm = nn.LayerNorm(32)
+        self.attn = GQA(**attn_kwargs)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.emb(x)
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
