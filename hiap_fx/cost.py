@@ -48,6 +48,8 @@ class CostModel:
             isotropic: its attentions run over different token counts).
         example_batch, example_tokens: their values at the example inputs.
         group_sizes: gate key -> units per group (dims per head, neurons per FFN).
+        factored_nodes: nodes whose expression is a constant times a product over heads (a
+            site-alive factor); they hold no micro symbols and are not expanded.
     """
 
     expr: sympy.Expr
@@ -58,6 +60,7 @@ class CostModel:
     example_batch: int
     example_tokens: int
     group_sizes: dict[str, int] = field(default_factory=dict)
+    factored_nodes: set[str] = field(default_factory=set)
     macro_expr: sympy.Expr = field(init=False)
     micro_expr: sympy.Expr = field(init=False)
     _compiled: dict[str, Callable] = field(init=False, default_factory=dict)
@@ -65,8 +68,12 @@ class CostModel:
     def __post_init__(self) -> None:
         micro = {s.symbol for s in self.sources if s.micro}
         macro_terms, micro_terms = [], []
-        for term in sympy.Add.make_args(sympy.expand(self.expr)):
-            (micro_terms if term.free_symbols & micro else macro_terms).append(term)
+        for name, e in self.node_exprs.items():
+            if name in self.factored_nodes:
+                macro_terms.append(e)
+                continue
+            for term in sympy.Add.make_args(sympy.expand(e)):
+                (micro_terms if term.free_symbols & micro else macro_terms).append(term)
         self.macro_expr = sympy.Add(*macro_terms)
         self.micro_expr = sympy.Add(*micro_terms)
 

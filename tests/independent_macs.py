@@ -23,6 +23,7 @@ def independent_macs(prepared) -> int:
     gates = _decisions(prepared)
     keep: dict[tuple[str, int], torch.Tensor] = {}
     kernel: dict[str, tuple[int, int]] = {}  # node -> (heads, kept head x dim units on that kernel)
+    dead_cores: set[str] = set()
 
     def mark(param: str, axis: int, size_hint: int, positions: list[int], alive: list[bool]) -> None:
         mask = keep.get((param, axis))
@@ -59,9 +60,12 @@ def independent_macs(prepared) -> int:
             for r, k in enumerate(rows_kv):
                 mark(proj.weight, 0, size(proj.weight, 0), proj.index[r],
                      [per_k(k, j) for j in range(len(proj.index[r]))])
-        for t in s.side:
-            mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
-                 [live[u] if u >= 0 else True for u in t.index])
+        for t in s.side:  # mixers shrink with the heads; bias tables are selected, not sliced
+            if t.kind != "head_bias":
+                mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
+                     [live[u] if u >= 0 else True for u in t.index])
+        if not any(live):
+            dead_cores.update(s.core_nodes)
         qk_units = sum(int(qk[kv[h]].sum()) for h in range(H) if live[h])
         v_units = sum(int(d[kv[h]].sum()) for h in range(H) if g[h])
         if s.kind == "sdpa":
@@ -80,8 +84,11 @@ def independent_macs(prepared) -> int:
             mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
                  [alive[u] if u >= 0 else True for u in t.index])
 
+    dead = _feeding_only(prepared.graph_module.graph, dead_cores)
     total = 0
     for n in prepared.graph_module.graph.nodes:
+        if n.name in dead:
+            continue
         dense = int(n.meta.get("hiap_macs", node_macs(n))) if "hiap_shape" in n.meta else 0
         if not dense:
             continue
@@ -99,6 +106,19 @@ def independent_macs(prepared) -> int:
         else:
             total += dense
     return total
+
+
+def _feeding_only(graph, cores: set[str]) -> set[str]:
+    """Nodes without a model input among their ancestors whose every use ends in ``cores``."""
+    inputs_reach: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a.name in inputs_reach for a in n.all_input_nodes):
+            inputs_reach.add(n.name)
+    only: dict[str, bool] = {}
+    for n in reversed(list(graph.nodes)):
+        users = list(n.users)
+        only[n.name] = bool(users) and all(u.name in cores or only.get(u.name, False) for u in users)
+    return {k for k, v in only.items() if v and k not in inputs_reach}
 
 
 def randomise_gates(prepared, seed: int, p_off: float = 0.4) -> None:

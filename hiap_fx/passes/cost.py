@@ -46,6 +46,7 @@ class _Builder:
         self.cuts: dict[tuple[str, int], list[tuple[int, sympy.Expr]]] = defaultdict(list)
         # kernel node -> (heads, sum over heads of kept dims, role "sdpa" | "qk" | "av")
         self.kernels: dict[str, tuple[int, sympy.Expr, str]] = {}
+        self.site_alive: dict[str, sympy.Expr] = {}  # 1 while any head of the attention is live
 
     # --- symbols -----------------------------------------------------------------------------
 
@@ -113,8 +114,12 @@ class _Builder:
         self._cut(site.v.weight, 0, K * dv, sympy.Add(*[group_on[k] * Dv[k] for k in range(K)]))
         self._cut(site.out.weight, 1, H * dv, sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)]))
         for t in site.side:
-            kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
-            self._cut(t.param, t.axis, len(t.index), kept)
+            # mixers run on the logits and are sliced; per-head bias tables (and the MLPs that
+            # make them) keep their size: finalize selects the live heads where they enter
+            if t.kind != "head_bias":
+                kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
+                self._cut(t.param, t.axis, len(t.index), kept)
+        self.site_alive[site.name] = one - sympy.Mul(*[one - x for x in live])
         qk_sum = sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)])
         av_sum = sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)])
         if site.kind == "sdpa":
@@ -216,15 +221,43 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module
     for site in plan.ffn:
         b.ffn(site)
     node_exprs: dict[str, sympy.Expr] = {}
+    owner = _exclusive_constant_nodes(cg, plan)
     for n in cg.gm.graph.nodes:
         e = b.node_expr(n)
         if e is not None:
+            if n.name in owner:  # dies with its attention (e.g. a bias-table MLP); kept factored
+                e = e * b.site_alive[owner[n.name]]
             node_exprs[n.name] = e
     model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
                       batch=b.batch, tokens=b.tokens, example_batch=b.b0, example_tokens=b.t0,
-                      group_sizes=b.group_sizes)
+                      group_sizes=b.group_sizes, factored_nodes=set(owner))
     _check_dense(model, cg)
     return model
+
+
+def _exclusive_constant_nodes(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
+    """Input-independent MAC nodes whose results reach the model output only through the kernel
+    of one attention site (per-head bias MLPs): node name -> site name."""
+    core_site = {n: s.name for s in plan.attention for n in s.core_nodes}
+    owner: dict[str, str] = {}
+    for n in cg.gm.graph.nodes:
+        if n.name in cg.input_dependent or not measured_macs(n):
+            continue
+        sites: set[str] = set()
+        todo, seen, escapes = [n], {n}, False
+        while todo and not escapes:
+            cur = todo.pop()
+            for u in cur.users:
+                if u.name in core_site:
+                    sites.add(core_site[u.name])
+                elif u.op == "output":
+                    escapes = True
+                elif u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        if not escapes and len(sites) == 1:
+            owner[n.name] = sites.pop()
+    return owner
 
 
 def _check_dense(model: CostModel, cg: CapturedGraph) -> None:
