@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "prepare": ("api", "prepare"),
     "inspect": ("api", "inspect"),
+    "finalize": ("api", "finalize"),
     "count_macs": ("counting", "count_macs"),
     "PruneConfig": ("config", "PruneConfig"),
     "PreparedModel": ("prepared", "PreparedModel"),

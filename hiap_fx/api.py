@@ -49,3 +49,23 @@ def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
         print()
         print(format_cost(prepared.cost_model))
     return prepared.plan
+
+
+def finalize(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -> nn.Module:
+    """The compact model: closed heads, dims, neurons and whole sub-layers physically removed.
+
+    Units are kept exactly as eval mode decides (logit > 0 and parent macro gate on). The result
+    is an ordinary ``fx.GraphModule`` (no gates, trainable, picklable, any batch size) in eval
+    mode. With ``verify`` (default) its output on the example inputs is checked against
+    ``prepared.eval()`` and its counted MACs against ``prepared.hard_macs()``; a mismatch raises
+    ``HiapError``. ``prepared`` is not modified.
+    """
+    from .passes.slice import compile_compact
+    from .passes.verify import verify_compact
+
+    decisions = {k: g.hard().bool() for k, g in prepared.gate_modules().items()}
+    compact = compile_compact(prepared.graph_module, prepared.plan, decisions, prepared.example_inputs)
+    compact.eval()
+    if verify:
+        verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol)
+    return compact

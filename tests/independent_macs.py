@@ -23,7 +23,7 @@ def independent_macs(prepared) -> int:
     gates = _decisions(prepared)
     keep: dict[tuple[str, int], torch.Tensor] = {}
     kernel: dict[str, tuple[int, int]] = {}  # node -> (heads, kept head x dim units on that kernel)
-    dead_cores: set[str] = set()
+    dead_sites: set[str] = set()
 
     def mark(param: str, axis: int, size_hint: int, positions: list[int], alive: list[bool]) -> None:
         mask = keep.get((param, axis))
@@ -65,7 +65,7 @@ def independent_macs(prepared) -> int:
                 mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
                      [live[u] if u >= 0 else True for u in t.index])
         if not any(live):
-            dead_cores.update(s.core_nodes)
+            dead_sites.update([s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes])
         qk_units = sum(int(qk[kv[h]].sum()) for h in range(H) if live[h])
         v_units = sum(int(d[kv[h]].sum()) for h in range(H) if g[h])
         if s.kind == "sdpa":
@@ -77,6 +77,8 @@ def independent_macs(prepared) -> int:
         b = bool(gates.get(f"{s.name}.ffn", torch.ones(1, dtype=torch.bool))[0])
         c = gates.get(f"{s.name}.neuron", torch.ones(s.hidden, dtype=torch.bool))
         alive = [b and bool(c[k]) for k in range(s.hidden)]
+        if not b:
+            dead_sites.update([p.node for p in s.inputs] + [s.out.node])
         for p in s.inputs:
             mark(p.weight, 0, size(p.weight, 0), p.index[0], alive)
         mark(s.out.weight, 1, size(s.out.weight, 1), s.out.index[0], alive)
@@ -84,7 +86,7 @@ def independent_macs(prepared) -> int:
             mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
                  [alive[u] if u >= 0 else True for u in t.index])
 
-    dead = _feeding_only(prepared.graph_module.graph, dead_cores)
+    dead = _feeding_only(prepared.graph_module.graph, dead_sites)
     total = 0
     for n in prepared.graph_module.graph.nodes:
         if n.name in dead:
@@ -108,17 +110,13 @@ def independent_macs(prepared) -> int:
     return total
 
 
-def _feeding_only(graph, cores: set[str]) -> set[str]:
-    """Nodes without a model input among their ancestors whose every use ends in ``cores``."""
-    inputs_reach: set[str] = set()
-    for n in graph.nodes:
-        if n.op == "placeholder" or any(a.name in inputs_reach for a in n.all_input_nodes):
-            inputs_reach.add(n.name)
+def _feeding_only(graph, sites: set[str]) -> set[str]:
+    """Nodes outside ``sites`` whose every use ends in ``sites`` (they die with them)."""
     only: dict[str, bool] = {}
     for n in reversed(list(graph.nodes)):
         users = list(n.users)
-        only[n.name] = bool(users) and all(u.name in cores or only.get(u.name, False) for u in users)
-    return {k for k, v in only.items() if v and k not in inputs_reach}
+        only[n.name] = bool(users) and all(u.name in sites or only.get(u.name, False) for u in users)
+    return {k for k, v in only.items() if v and k not in sites}
 
 
 def randomise_gates(prepared, seed: int, p_off: float = 0.4) -> None:

@@ -138,6 +138,7 @@ class _Builder:
             if bundle.neuron is not None:
                 self.group_sizes[key + "neuron"] = site.hidden
                 M = self._symbol(f"{key}n", key + "neuron", "count", 0, True)
+        self.site_alive[site.name] = b
         for p in site.inputs:
             self._cut(p.weight, 0, site.hidden, b * M)
         self._cut(site.out.weight, 1, site.hidden, b * M)
@@ -221,11 +222,11 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module
     for site in plan.ffn:
         b.ffn(site)
     node_exprs: dict[str, sympy.Expr] = {}
-    owner = _exclusive_constant_nodes(cg, plan)
+    owner = _exclusive_nodes(cg, plan)
     for n in cg.gm.graph.nodes:
         e = b.node_expr(n)
         if e is not None:
-            if n.name in owner:  # dies with its attention (e.g. a bias-table MLP); kept factored
+            if n.name in owner:  # dies with its site (e.g. a bias-table MLP); kept factored
                 e = e * b.site_alive[owner[n.name]]
             node_exprs[n.name] = e
     model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
@@ -235,21 +236,28 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module
     return model
 
 
-def _exclusive_constant_nodes(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
-    """Input-independent MAC nodes whose results reach the model output only through the kernel
-    of one attention site (per-head bias MLPs): node name -> site name."""
-    core_site = {n: s.name for s in plan.attention for n in s.core_nodes}
+def _exclusive_nodes(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
+    """MAC nodes outside the sites whose results reach the model output only through one site
+    (a per-head bias MLP, a spatial-reduction conv feeding only k/v): they die with that site.
+    Returns node name -> site name."""
+    site_of: dict[str, str] = {}
+    for s in plan.attention:
+        for n in [s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes]:
+            site_of[n] = s.name
+    for f in plan.ffn:
+        for n in [p.node for p in f.inputs] + [f.out.node]:
+            site_of[n] = f.name
     owner: dict[str, str] = {}
     for n in cg.gm.graph.nodes:
-        if n.name in cg.input_dependent or not measured_macs(n):
+        if n.name in site_of or not measured_macs(n):
             continue
         sites: set[str] = set()
         todo, seen, escapes = [n], {n}, False
         while todo and not escapes:
             cur = todo.pop()
             for u in cur.users:
-                if u.name in core_site:
-                    sites.add(core_site[u.name])
+                if u.name in site_of:
+                    sites.add(site_of[u.name])
                 elif u.op == "output":
                     escapes = True
                 elif u not in seen:
