@@ -91,6 +91,27 @@ def _map_ints(value: Any, table: dict[int, int]) -> Any:
     return value
 
 
+_SIZE_ARGS = {  # op -> positions of size arguments (1: "every argument after the tensor")
+    "reshape": "rest", "view": "rest", "expand": "rest", "repeat": "rest", "_unsafe_view": "rest",
+    "unflatten": (2,), "split": (1,), "split_with_sizes": (1,), "narrow": (3,),
+    "conv1d": (6,), "conv2d": (6,), "conv3d": (6,),
+}
+_SIZE_KWARGS = {"shape", "size", "sizes", "split_size_or_sections", "split_size", "length", "groups"}
+
+
+def rewrite_sizes(node: fx.Node, table: dict[int, int]) -> None:
+    """Rewrite size arguments (never axis arguments) of ``node`` whose value is in ``table``."""
+    where = _SIZE_ARGS.get(op_name(node))
+    if where is None or not table:
+        return
+    args = list(node.args)
+    positions = range(1, len(args)) if where == "rest" else [p for p in where if p < len(args)]
+    for p in positions:
+        args[p] = _map_ints(args[p], table)
+    node.args = tuple(args)
+    node.kwargs = {k: (_map_ints(v, table) if k in _SIZE_KWARGS else v) for k, v in node.kwargs.items()}
+
+
 class _Params:
     """Reads parameters of the graph module and registers sliced replacements."""
 
@@ -191,11 +212,8 @@ def _slice_ffn(ctx: "_Context", site: FFNSite) -> None:
         v = ctx.params.get(t.param)
         keep = torch.tensor([u < 0 or bool(alive[u]) for u in t.index])
         ctx.params.replace(t.param, v.index_select(t.axis, keep.nonzero().flatten()))
-    table = {site.hidden: kept}
     for n in region:
-        if in_family(op_name(n), "movement") or op_name(n) in ("conv1d", "conv2d", "conv3d"):
-            n.args = _map_ints(n.args, table)
-            n.kwargs = _map_ints(n.kwargs, table)
+        rewrite_sizes(n, {site.hidden: kept})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +252,9 @@ def _layout(ctx: _Context, site: AttentionSite, role: str) -> _Layout:
     core = ctx.nodes[site.core_nodes[0]]
     O = core.args[{"q": 0, "k": 1, "v": 2}[role]] if site.kind == "sdpa" or role != "v" else \
         ctx.nodes[site.core_nodes[-1]].args[1]
-    path = (_descendants(P) & (_data_ancestors(O) | {O})) | {O}
+    full_path = (_descendants(P) & (_data_ancestors(O) | {O})) | {O}
+    # shape queries (x.size(0), x.shape) are not data; those after the boundary are replayed
+    path = {n for n in full_path if isinstance(n.meta.get("hiap_shape"), (tuple, list))}
     chain: list[fx.Node] = []
     cur = P
     while True:
@@ -250,7 +270,7 @@ def _layout(ctx: _Context, site: AttentionSite, role: str) -> _Layout:
         perm = _boundary_perm(ctx, P, p_shape, B, table)
         if perm is None:
             continue
-        after = _descendants(B) & path
+        after = _descendants(B) & full_path
         if any(n not in after and n is not B and n not in _ancestors(B) for n in path):
             continue
         return _Layout(B, perm[0], perm[1], perm[2], sorted(after, key=order.__getitem__), O)
@@ -284,9 +304,10 @@ def _boundary_perm(ctx: _Context, P: fx.Node, p_shape: tuple[int, ...], B: fx.No
     rest = [i for i in range(len(b_shape)) if i not in source]
     heads, dims = table.shape
     options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
+    unplaced = [a for a in range(lead) if a not in source.values()]  # size-1 lead axes
     for head_axis, dim_axis in options:
-        new_axes = [i for i in rest if i not in (head_axis, dim_axis)]
-        if any(b_shape[i] != 1 for i in new_axes):
+        ones = [i for i in rest if i not in (head_axis, dim_axis)]
+        if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced):
             continue
         t = idx.movedim(dim_axis, -1)
         if head_axis is None:
@@ -298,12 +319,16 @@ def _boundary_perm(ctx: _Context, P: fx.Node, p_shape: tuple[int, ...], B: fx.No
         flat = t.reshape(-1, heads, dims)
         if not torch.equal(flat, table.expand_as(flat)):
             continue
+        # size-1 lead axes take the first size-1 axes of B, in order; the rest are new axes
+        placed = dict(source)
+        placed.update(zip(ones, unplaced))
+        new_axes = [i for i in ones if i not in placed]
         # source axes: [lead..., head, dim] (or [lead..., dim] without a head axis)
         dim_src = lead + 1 if head_axis is not None else lead
-        perm = [source[i] if i in source else (lead if i == head_axis else dim_src)
+        perm = [placed[i] if i in placed else (lead if i == head_axis else dim_src)
                 for i in range(len(b_shape)) if i not in new_axes]
         if sorted(perm) != list(range(dim_src + 1)):
-            return None  # a size-1 lead axis was dropped on the way: not rebuilt from here
+            continue
         return perm, head_axis is not None, new_axes
     return None
 
@@ -341,9 +366,7 @@ def _build_operand(ctx: _Context, site: AttentionSite, role: str, lay: _Layout, 
         new = g.node_copy(n, lambda a: mapping.get(a, a))
         if op_name(new) == "type_as" and isinstance(n.args[1], fx.Node) and n.args[1] not in mapping:
             new.target, new.args = "to", (new.args[0], n.args[1].meta.get("hiap_dtype"))
-        if in_family(op_name(new), "movement"):
-            new.args = _map_ints(new.args, ints)
-            new.kwargs = _map_ints(new.kwargs, ints)
+        rewrite_sizes(new, ints)
         mapping[n] = new
     return mapping[lay.operand]
 
@@ -521,9 +544,7 @@ def _manual_logits(ctx: _Context, site: AttentionSite, qk: fx.Node, av: fx.Node,
             return a
 
         new = g.node_copy(n, arg)
-        if in_family(op_name(new), "movement"):
-            new.args = _map_ints(new.args, {H: len(heads)})
-            new.kwargs = _map_ints(new.kwargs, {H: len(heads)})
+        rewrite_sizes(new, {H: len(heads)})
         mapping[n] = new
     return mapping[probs]
 
@@ -531,6 +552,29 @@ def _manual_logits(ctx: _Context, site: AttentionSite, qk: fx.Node, av: fx.Node,
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
+
+
+def _mutates(node: fx.Node) -> bool:
+    target = node.target
+    if node.op == "call_method":
+        return str(target).endswith("_") and not str(target).startswith("_")
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove unused nodes; unlike fx's own DCE this also drops ops fx calls impure only because
+    they may draw random numbers (sdpa with dropout, dropout), but keeps in-place ops."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users or _mutates(node):
+                continue
+            gm.graph.erase_node(node)
+            changed = True
 
 
 def _drop_unused_parameters(gm: fx.GraphModule) -> None:
@@ -557,6 +601,7 @@ def compile_compact(gm_gated: fx.GraphModule, plan: Plan, decisions: dict[str, t
         _rebuild_attention(ctx, site)
     ctx.graph.lint()
     remove_assertions(gm)
+    eliminate_dead_code(gm)
     _drop_unused_parameters(gm)
     gm.recompile()
     return gm

@@ -1,0 +1,152 @@
+"""finalize(): the compact model equals eval mode, costs what the cost model predicted, is
+smaller, runs at any batch size and round-trips through torch.save."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hiap_fx
+from conftest import assert_close_outputs
+from independent_macs import independent_macs, randomise_gates
+from zoo import (ATTN_KINDS, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS, SpecViT, ViTSpec,
+                 example_input)
+
+import timm
+
+
+def _round_trip(module):
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qkv=st.sampled_from(QKV_KINDS), attn=st.sampled_from(ATTN_KINDS), norm=st.sampled_from(NORM_KINDS),
+       ffn=st.sampled_from(FFN_KINDS), pool=st.sampled_from(POOL_KINDS), heads=st.integers(1, 4),
+       head_dim=st.integers(1, 6), depth=st.integers(1, 3), hidden=st.integers(1, 24),
+       qk_dims=st.booleans(), align=st.sampled_from([1, 1, 2, 4]), seed=st.integers(0, 10_000),
+       p_off=st.floats(0.0, 1.0))
+def test_random_configs_and_decisions(qkv, attn, norm, ffn, pool, heads, head_dim, depth, hidden,
+                                      qk_dims, align, seed, p_off):
+    spec = ViTSpec(qkv=qkv, attn=attn, norm=norm, ffn=ffn, pool=pool, heads=heads, head_dim=head_dim,
+                   depth=depth, mlp_hidden=hidden, dim=12)
+    torch.manual_seed(0)
+    model = SpecViT(spec).eval()
+    x = example_input(spec, batch=2)
+    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(qk_dims=qk_dims, align=align)).eval()
+    randomise_gates(prepared, seed, p_off)
+    compact = hiap_fx.finalize(prepared)  # checks output and MACs on x itself
+    hard = prepared.hard_macs()
+    assert hiap_fx.count_macs(compact, x) == hard == independent_macs(prepared)
+    closed = any(not bool(g.hard().all()) for g in prepared.gate_modules().values())
+    n_model = sum(p.numel() for p in model.parameters())
+    n_compact = sum(p.numel() for p in compact.parameters())
+    assert n_compact < n_model if closed else n_compact == n_model
+    assert not any("hiap_gates" in n for n, _ in compact.named_modules())
+    x3 = example_input(spec, batch=3, seed=1)
+    with torch.no_grad():
+        want = prepared(x3)
+        got = compact(x3)
+        assert_close_outputs(want, got, rel=1e-4)
+        again = _round_trip(compact)(x3)
+    assert torch.equal(again, got)
+
+
+def test_all_open_is_the_original_graph():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    compact = hiap_fx.finalize(hiap_fx.prepare(model, x).eval())
+    assert sum(p.numel() for p in compact.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert_close_outputs(model(x), compact(x), rel=1e-6)
+
+
+def test_heads_of_different_widths_run_as_grouped_sdpa():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    dims = prepared.gate_modules()["blocks.0.attn.head_dim"]
+    with torch.no_grad():
+        dims.logits.view(3, 64)[0, 32:] = -3.0  # head 0 keeps 32 dims, heads 1 and 2 keep 64
+    compact = hiap_fx.finalize(prepared)
+    sdpa = [n for n in compact.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert len(sdpa) == 2  # one fused kernel per width
+    assert all(abs(n.kwargs["scale"] - 64 ** -0.5) < 1e-12 for n in sdpa)
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()
+
+
+def test_closed_sub_layers_leave_the_residual_stream():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    gates = prepared.gate_modules()
+    with torch.no_grad():
+        gates["blocks.1.mlp.ffn"].logits.fill_(-3.0)
+        gates["blocks.0.attn.head"].logits.fill_(-3.0)
+    compact = hiap_fx.finalize(prepared)
+    names = {n for n, _ in compact.named_parameters()}
+    assert not any(n.startswith("blocks.1.mlp.") for n in names)
+    assert not any(n.startswith("blocks.0.attn.") for n in names)
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()
+
+
+def test_finalize_does_not_touch_the_prepared_model():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 0)
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    hiap_fx.finalize(prepared)
+    after = prepared.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compact_exports_with_torch_export():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 1)
+    compact = hiap_fx.finalize(prepared)
+    exported = torch.export.export(compact, (x,))
+    with torch.no_grad():
+        assert_close_outputs(compact(x), exported.module()(x), rel=1e-5)
+
+
+def test_verification_catches_a_wrong_result(monkeypatch):
+    from hiap_fx.passes import slice as slice_pass
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 2)
+    original = slice_pass._slice_ffn
+
+    def broken(ctx, site):  # forget to slice the FFNs: closed neurons stay active
+        return None
+
+    monkeypatch.setattr(slice_pass, "_slice_ffn", broken)
+    with pytest.raises(hiap_fx.HiapError, match="finalize check failed"):
+        hiap_fx.finalize(prepared)
+    monkeypatch.setattr(slice_pass, "_slice_ffn", original)
+    hiap_fx.finalize(prepared)
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("deit_tiny_patch16_224", dict(img_size=64, depth=2), 64),
+    ("cait_xxs24_224", dict(img_size=64, depth=1, depth_token_only=1), 64),
+])
+def test_prepared_at_batch_one(name, kwargs, size):
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(1, 3, size, size)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 3)
+    compact = hiap_fx.finalize(prepared)
+    x4 = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x4), compact(x4), rel=1e-4)
