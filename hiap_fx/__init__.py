@@ -16,6 +16,8 @@ _LAZY = {
     "prepare": ("api", "prepare"),
     "inspect": ("api", "inspect"),
     "finalize": ("api", "finalize"),
+    "save": ("io", "save"),
+    "load": ("io", "load"),
     "count_macs": ("counting", "count_macs"),
     "PruneConfig": ("config", "PruneConfig"),
     "PreparedModel": ("prepared", "PreparedModel"),

@@ -64,6 +64,20 @@ class PreparedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)
 
+    # --- pickling: the plan refers to graph nodes by name, and unpickling a GraphModule re-traces
+    # its code (which renames nodes), so the names are saved and put back in order.
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_hiap_node_names"] = [n.name for n in self.graph_module.graph.nodes]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        names = state.pop("_hiap_node_names", None)
+        self.__dict__.update(state)
+        if names is not None:
+            _restore_node_names(self.graph_module, names)
+
     # --- cost --------------------------------------------------------------------------------
 
     def _values(self, hard: bool) -> torch.Tensor:
@@ -114,3 +128,23 @@ class PreparedModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"attention sites={len(self.plan.attention)}, ffn sites={len(self.plan.ffn)}, "
                 f"gates={len(self.gate_modules())}, front end={self.plan.frontend}")
+
+
+def _restore_node_names(gm: fx.GraphModule, names: list[str]) -> None:
+    """Give the nodes of a re-traced graph module their original names (same order)."""
+    from .errors import HiapError
+
+    nodes = list(gm.graph.nodes)
+    if len(nodes) != len(names):
+        raise HiapError(f"cannot restore the prepared graph after loading: {len(nodes)} nodes, "
+                        f"{len(names)} saved names; save and load with the same torch version")
+    for node, name in zip(nodes, names):
+        node.name = name  # candidate names for the copy below
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+        if env[node].name != node.name:
+            raise HiapError(f"cannot restore node name {node.name!r} after loading the prepared model")
+    gm.graph = graph
+    gm.recompile()

@@ -150,3 +150,49 @@ def test_prepared_at_batch_one(name, kwargs, size):
     x4 = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert_close_outputs(prepared(x4), compact(x4), rel=1e-4)
+
+
+def test_save_load_without_the_model_class(tmp_path):
+    import subprocess
+    import sys
+
+    from zoo import FACTORIES
+
+    model = FACTORIES["tiny_vit_functional"]()
+    x = example_input(model, batch=2)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 5)
+    compact = hiap_fx.finalize(prepared)
+    path = tmp_path / "compact.pt"
+    hiap_fx.save(compact, path, prepared.plan)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(compact(x), tmp_path / "y.pt")
+    # a fresh interpreter that never imports the zoo (the model's classes are not available)
+    code = ("import torch, hiap_fx, sys; m, plan = hiap_fx.load(sys.argv[1], with_plan=True); "
+            "x = torch.load(sys.argv[2]); y = torch.load(sys.argv[3]); "
+            "assert 'tests' not in ''.join(sys.modules); "
+            "assert torch.equal(m(x), y), 'different'; print(plan.model, len(plan.attention))")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [prepared.plan.model, str(len(prepared.plan.attention))]
+
+
+def test_cli_finalize_and_bench(tmp_path, capsys):
+    from hiap_fx.cli import main
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 6)
+    torch.save(prepared, tmp_path / "prepared.pt")
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    assert main(["finalize", str(tmp_path / "prepared.pt"), "--out", str(tmp_path / "compact.pt")]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert main(["bench", "deit_tiny_patch16_224", "--kwargs", '{"img_size": 32, "depth": 2}',
+                 "--weights", str(tmp_path / "dense.pt"), "--compact", str(tmp_path / "compact.pt"),
+                 "--input-size", "3,32,32", "--batches", "1", "2", "--seconds", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{prepared.dense_macs:,} -> {prepared.hard_macs():,}" in out
+    assert "| 2 |" in out
