@@ -107,6 +107,23 @@ def test_finalize_does_not_touch_the_prepared_model():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_compact_exports_to_onnx(tmp_path):
+    import onnxruntime
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 4)
+    compact = hiap_fx.finalize(prepared)
+    path = tmp_path / "compact.onnx"
+    torch.onnx.export(compact, (x,), str(path), dynamo=True)
+    session = onnxruntime.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = compact(x)
+    assert_close_outputs(want, torch.from_numpy(got), rel=1e-4)
+
+
 def test_compact_exports_with_torch_export():
     model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -116,6 +133,8 @@ def test_compact_exports_with_torch_export():
     exported = torch.export.export(compact, (x,))
     with torch.no_grad():
         assert_close_outputs(compact(x), exported.module()(x), rel=1e-5)
+    # no stale attributes: parameters sit in plain containers, e.g. no Linear.in_features
+    assert type(compact.get_submodule("blocks.0.attn.qkv")) is torch.nn.Module
 
 
 def test_verification_catches_a_wrong_result(monkeypatch):

@@ -577,17 +577,6 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
             changed = True
 
 
-def _drop_unused_parameters(gm: fx.GraphModule) -> None:
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        owner, _, attr = name.rpartition(".")
-        if name in used or any(owner == m or owner.startswith(m + ".") for m in leaves):
-            continue
-        delattr(gm.get_submodule(owner) if owner else gm, attr)
-    gm.delete_all_unused_submodules()
-
-
 def compile_compact(gm_gated: fx.GraphModule, plan: Plan, decisions: dict[str, torch.Tensor],
                     example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     """The compact graph module for the given hard decisions (``gate key -> bool per unit``)."""
@@ -602,7 +591,9 @@ def compile_compact(gm_gated: fx.GraphModule, plan: Plan, decisions: dict[str, t
     ctx.graph.lint()
     remove_assertions(gm)
     eliminate_dead_code(gm)
-    _drop_unused_parameters(gm)
-    gm.recompile()
-    return gm
+    # a fresh module tree holding only what the graph uses: parameters in plain containers (no
+    # stale Linear/attention attributes such as in_features or num_heads), leaf modules as is
+    compact = fx.GraphModule(gm, gm.graph, class_name="CompactModel")
+    compact.recompile()
+    return compact
 
