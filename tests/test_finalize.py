@@ -215,3 +215,16 @@ def test_cli_finalize_and_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{prepared.dense_macs:,} -> {prepared.hard_macs():,}" in out
     assert "| 2 |" in out
+
+
+def test_head_selection_indices_are_buffers():
+    """Index tensors that select live heads of bias tables move with the module (.to(device))."""
+    model = timm.create_model("beit_base_patch16_224", img_size=32, depth=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    prepared = hiap_fx.prepare(model, x).eval()
+    with torch.no_grad():
+        prepared.gate_modules()["blocks.0.attn.head"].logits[[1, 5, 6]] = -3.0
+    compact = hiap_fx.finalize(prepared)
+    selects = [n for n in compact.graph.nodes if n.target == "index_select"]
+    assert selects and all(n.args[2].op == "get_attr" for n in selects)
+    assert not any(n.target is torch.tensor for n in compact.graph.nodes)

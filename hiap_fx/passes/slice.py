@@ -132,6 +132,16 @@ class _Params:
         else:
             mod.register_buffer(name, value.detach().clone())
 
+    def constant(self, graph: fx.Graph, name: str, value: torch.Tensor) -> fx.Node:
+        """A buffer on the root (it moves with ``.to(device)``) and a get_attr node for it."""
+        self.counter += 1
+        attr = f"{name}_{self.counter}"
+        while hasattr(self.gm, attr):
+            self.counter += 1
+            attr = f"{name}_{self.counter}"
+        self.gm.register_buffer(attr, value)
+        return graph.get_attr(attr)
+
     def add(self, graph: fx.Graph, like: str, suffix: str, value: torch.Tensor) -> fx.Node:
         """A new parameter next to ``like`` (same module, same kind) and a get_attr node for it."""
         mod_path, _, name = like.rpartition(".")
@@ -371,7 +381,7 @@ def _build_operand(ctx: _Context, site: AttentionSite, role: str, lay: _Layout, 
     return mapping[lay.operand]
 
 
-def _select_heads(g: fx.Graph, value: Any, head_axis: int, rank: int, total: int,
+def _select_heads(ctx: "_Context", value: Any, head_axis: int, rank: int, total: int,
                   heads: list[int]) -> Any:
     """Select ``heads`` on a logits-side tensor that has one slice per head (else pass it on)."""
     if not isinstance(value, fx.Node):
@@ -384,8 +394,8 @@ def _select_heads(g: fx.Graph, value: Any, head_axis: int, rank: int, total: int
         return value
     if heads == list(range(total)):
         return value
-    index = g.call_function(torch.tensor, (heads,), {"dtype": torch.long})
-    return g.call_method("index_select", (value, axis, index))
+    index = ctx.params.constant(ctx.graph, "hiap_heads", torch.tensor(heads, dtype=torch.long))
+    return ctx.graph.call_method("index_select", (value, axis, index))
 
 
 def _rebuild_attention(ctx: _Context, site: AttentionSite) -> None:
@@ -504,7 +514,7 @@ def _sdpa(ctx: _Context, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, head
     mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
     if isinstance(mask, fx.Node) and head_axis is not None:
         total = _shape(core.args[0])[head_axis]
-        mapping[mask] = _select_heads(ctx.graph, mask, head_axis % rank, rank, total, heads)
+        mapping[mask] = _select_heads(ctx, mask, head_axis % rank, rank, total, heads)
     return ctx.graph.node_copy(core, lambda a: mapping.get(a, a))
 
 
@@ -540,7 +550,7 @@ def _manual_logits(ctx: _Context, site: AttentionSite, qk: fx.Node, av: fx.Node,
                     selected[target] = ctx.params.add(g, target, "heads", value)
                 return selected[target]
             if isinstance(a, fx.Node) and head_axis is not None and a not in region:
-                return _select_heads(g, a, head_axis, rank, H, heads)
+                return _select_heads(ctx, a, head_axis, rank, H, heads)
             return a
 
         new = g.node_copy(n, arg)
