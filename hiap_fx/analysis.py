@@ -26,11 +26,27 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     normalise(cg)
     propagate(cg, count=True)
     plan = discover(cg, model_name=type(model).__name__)
+    _drop_unsliceable(cg, plan)
     if require_attention and not plan.attention:
-        why = "; ".join(f"{u.node}: {u.reason}" for u in plan.unclaimed[:5])
+        first = sorted(plan.unclaimed, key=lambda u: not u.what.startswith("attention"))
+        why = "; ".join(f"{u.node}: {u.reason}" for u in first[:5])
         raise NoAttentionError(
-            f"no attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
+            f"no prunable attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
             f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
             ". hiap_fx prunes attention heads; for a model without attention use a channel "
             "pruner, or register a handler for your attention (see README, 'Extending')")
     return cg, plan
+
+
+def _drop_unsliceable(cg: CapturedGraph, plan: Plan) -> None:
+    """Report attention sites that finalize could not rebuild as unclaimed (never gate them)."""
+    from .passes.slice import unsliceable_attention
+    from .plan import Unclaimed
+
+    bad = unsliceable_attention(cg, plan)
+    if not bad:
+        return
+    for site in [s for s in plan.attention if s.name in bad]:
+        plan.attention.remove(site)
+        plan.unclaimed.append(Unclaimed(node=site.core_nodes[0], what=f"attention {site.name}",
+                                        reason=f"cannot be sliced: {bad[site.name].split(': ', 1)[-1][:200]}"))

@@ -46,7 +46,7 @@ class _Branchy(nn.Module):
 
 
 def test_model_without_attention():
-    with pytest.raises(hiap_fx.NoAttentionError, match="no attention found in _ConvNet"):
+    with pytest.raises(hiap_fx.NoAttentionError, match="no prunable attention found in _ConvNet"):
         hiap_fx.prepare(_ConvNet(), torch.randn(1, 3, 8, 8))
 
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -239,6 +240,7 @@ class _Layout:
     perm: list[int]  # boundary axis i (new axes left out) <- axis perm[i] of [lead..., head, dim]
     has_head_axis: bool
     new_axes: list[int]  # size-1 axes of the boundary that come from no source axis
+    merges: list[tuple[int, int]]  # runs of lead axes flattened into one (last run first)
     replay: list[fx.Node]  # original path nodes after the boundary, in graph order
     operand: fx.Node
 
@@ -283,7 +285,7 @@ def _layout(ctx: _Context, site: AttentionSite, role: str) -> _Layout:
         after = _descendants(B) & full_path
         if any(n not in after and n is not B and n not in _ancestors(B) for n in path):
             continue
-        return _Layout(B, perm[0], perm[1], perm[2], sorted(after, key=order.__getitem__), O)
+        return _Layout(B, perm[0], perm[1], perm[2], perm[3], sorted(after, key=order.__getitem__), O)
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
@@ -291,30 +293,55 @@ def _layout(ctx: _Context, site: AttentionSite, role: str) -> _Layout:
 
 
 def _boundary_perm(ctx: _Context, P: fx.Node, p_shape: tuple[int, ...], B: fx.Node,
-                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int]]]:
+                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int], list[tuple[int, int]]]]:
     b_shape = _shape(B)
     if b_shape is None or p_shape is None:
         return None
     idx = ctx.flow.run({P: feature_index(p_shape, -1)}).index.get(B)
     if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != b_shape:
         return None
-    lead = len(p_shape) - 1
-    source: dict[int, int] = {}
-    for a in range(lead):
+    lead_axes = len(p_shape) - 1
+    target: dict[int, int] = {}  # lead axis of P (size > 1) -> the axis of B it lands on
+    for a in range(lead_axes):
+        if p_shape[a] == 1:
+            continue
         at = ctx.flow.run({P: feature_index(p_shape, a)}).index.get(B)
         if not isinstance(at, torch.Tensor):
             return None
         varying = [i for i in range(len(b_shape)) if b_shape[i] > 1 and
                    not torch.equal(at, at.narrow(i, 0, 1).expand_as(at))]
-        if p_shape[a] == 1:
-            continue
-        if len(varying) != 1 or b_shape[varying[0]] != p_shape[a]:
+        if len(varying) != 1:
             return None
-        source[varying[0]] = a
+        target[a] = varying[0]
+    # consecutive lead axes landing on one axis of B were merged (e.g. windows): flatten them
+    merges: list[tuple[int, int]] = []
+    for b_axis in set(target.values()):
+        group = sorted(a for a, t in target.items() if t == b_axis)
+        if group != list(range(group[0], group[-1] + 1)) or \
+                math.prod(p_shape[a] for a in group) != b_shape[b_axis]:
+            return None
+        if len(group) > 1:
+            code = torch.zeros(p_shape, dtype=torch.float64)
+            for a in group:
+                code = code * p_shape[a] + feature_index(p_shape, a)
+            at = ctx.flow.run({P: code}).index.get(B)
+            if not isinstance(at, torch.Tensor) or not torch.equal(
+                    at, feature_index(b_shape, b_axis)):
+                return None
+            merges.append((group[0], group[-1]))
+    merged_index = {}  # original lead axis -> lead axis after the merges
+    shift = 0
+    for a in range(lead_axes):
+        inside = next((m for m in merges if m[0] < a <= m[1]), None)
+        if inside is not None:
+            shift += 1
+        merged_index[a] = a - shift
+    lead = lead_axes - shift
+    source = {t: merged_index[a] for a, t in target.items()}
     rest = [i for i in range(len(b_shape)) if i not in source]
     heads, dims = table.shape
     options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
-    unplaced = [a for a in range(lead) if a not in source.values()]  # size-1 lead axes
+    unplaced = sorted({merged_index[a] for a in range(lead_axes)} - set(source.values()))  # size 1
     for head_axis, dim_axis in options:
         ones = [i for i in rest if i not in (head_axis, dim_axis)]
         if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced):
@@ -339,7 +366,7 @@ def _boundary_perm(ctx: _Context, P: fx.Node, p_shape: tuple[int, ...], B: fx.No
                 for i in range(len(b_shape)) if i not in new_axes]
         if sorted(perm) != list(range(dim_src + 1)):
             continue
-        return perm, head_axis is not None, new_axes
+        return perm, head_axis is not None, new_axes, sorted(merges, reverse=True)
     return None
 
 
@@ -361,6 +388,8 @@ def _build_operand(ctx: _Context, site: AttentionSite, role: str, lay: _Layout, 
     P = ctx.nodes[proj.node]
     y = _linear_rows(ctx, proj, rows, P.args[0], suffix)
     g = ctx.graph
+    for first, last in lay.merges:
+        y = g.call_method("flatten", (y, first, last))
     t = g.call_method("unflatten", (y, -1, (len(heads), nd))) if lay.has_head_axis else y
     if lay.perm != sorted(lay.perm):
         t = g.call_method("permute", (t, *lay.perm))
@@ -428,7 +457,6 @@ def _rebuild_attention(ctx: _Context, site: AttentionSite) -> None:
     lays = {r: _layout(ctx, site, r) for r in ("q", "k", "v")}
     g = ctx.graph
     outs: list[tuple[fx.Node, list[int]]] = []
-    rank_out = len(_shape(av))
     out_head = _out_head_axis(site, _shape(av), _shape(out_lin.args[0]))
     qk_runs = _runs(live, lambda h: len(qdims[h]))
     if len(qk_runs) > 1 and any(t.kind.startswith("head_mixing") for t in site.side):
@@ -452,16 +480,27 @@ def _rebuild_attention(ctx: _Context, site: AttentionSite) -> None:
                 else:
                     p = _narrow(g, probs, site.layout.q_head_axis, off, n, len(qk_heads))
                     out = g.node_copy(av, lambda a: {av.args[0]: p, av.args[1]: v}.get(a, a))
-                if out_head is not None:
-                    out = g.call_method("movedim", (out, out_head % rank_out, -2))
-                    out = g.call_method("flatten", (out, -2))
-                outs.append((out, v_heads))
+                outs.append((_to_projection_input(out, out_head, len(_shape(av)), g), v_heads))
         x = outs[0][0] if len(outs) == 1 else g.call_function(torch.cat, ([o for o, _ in outs], -1))
         cols = [site.out.index[h][j] for _, heads in outs for h in heads for j in vdims[h]]
         w = ctx.params.get(site.out.weight)[:, cols]
         ctx.params.replace(site.out.weight, w)
         new = g.call_function(F.linear, (x, out_lin.args[1], out_lin.args[2] if len(out_lin.args) > 2 else None))
     out_lin.replace_all_uses_with(new)
+
+
+def _to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.Graph) -> fx.Node:
+    """Merge one group's heads and dims into the last axis (the projection's input layout)."""
+    if out_head is not None:
+        out = g.call_method("movedim", (out, out_head % rank, -2))
+        out = g.call_method("flatten", (out, -2))
+    return out
+
+
+def _same_lead(kernel_out: tuple[int, ...], out_head: Optional[int], proj_in: tuple[int, ...]) -> bool:
+    rank = len(kernel_out)
+    kept = [a for a in range(rank - 1) if out_head is None or a != out_head % rank]
+    return tuple(kernel_out[a] for a in kept) == tuple(proj_in[:-1])
 
 
 def _bias_only(ctx: _Context, site: AttentionSite) -> None:
@@ -585,6 +624,30 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
                 continue
             gm.graph.erase_node(node)
             changed = True
+
+
+def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
+    """Attention sites finalize could not rebuild (site name -> reason), found before any gate
+    is inserted so that they are reported at prepare time instead of failing after training."""
+
+    class _Check:
+        gm, graph, flow = cg.gm, cg.gm.graph, IndexFlow(cg)
+        nodes = {n.name: n for n in cg.gm.graph.nodes}
+
+    bad: dict[str, str] = {}
+    for site in plan.attention:
+        try:
+            for role in ("q", "k", "v"):
+                _layout(_Check, site, role)  # type: ignore[arg-type]
+            out_lin = _Check.nodes[site.out.node]
+            av = _Check.nodes[site.core_nodes[-1]]
+            head = _out_head_axis(site, _shape(av), _shape(out_lin.args[0]))
+            if not _same_lead(_shape(av), head, _shape(out_lin.args[0])):
+                raise HiapError(f"{site.name}: the kernel output {_shape(av)} is rearranged (e.g. "
+                                f"windows reversed) before {out_lin.name} {_shape(out_lin.args[0])}")
+        except HiapError as exc:
+            bad[site.name] = str(exc)
+    return bad
 
 
 def compile_compact(gm_gated: fx.GraphModule, plan: Plan, decisions: dict[str, torch.Tensor],
