@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,41 +40,35 @@ from .propagate import propagate
 # ----------------------------------------------------------------------------------------------
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``node`` by repeating ``step`` (``node`` itself excluded)."""
     seen: set[fx.Node] = set()
     todo = [node]
     while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
+        for nxt in step(todo.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reach(node, lambda n: n.users)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+    return _reach(node, lambda n: n.all_input_nodes)
 
 
 def _data_ancestors(node: fx.Node) -> set[fx.Node]:
     """Ancestors through data arguments (``x.type_as(other)`` reads only the dtype of ``other``)."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        cur = todo.pop()
-        inputs = [cur.args[0]] if op_name(cur) == "type_as" and isinstance(cur.args[0], fx.Node) \
-            else cur.all_input_nodes
-        for a in inputs:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+
+    def inputs(n: fx.Node) -> list[fx.Node]:
+        if op_name(n) == "type_as" and isinstance(n.args[0], fx.Node):
+            return [n.args[0]]
+        return n.all_input_nodes
+
+    return _reach(node, inputs)
 
 
 def _shape(node: Any) -> Optional[tuple[int, ...]]:
