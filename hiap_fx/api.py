@@ -63,8 +63,8 @@ def finalize(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -
     from .passes.slice import compile_compact
     from .passes.verify import verify_compact
 
-    decisions = {k: g.hard().bool() for k, g in prepared.gate_modules().items()}
-    compact = compile_compact(prepared.graph_module, prepared.plan, decisions, prepared.example_inputs)
+    compact = compile_compact(prepared.graph_module, prepared.plan, prepared.decisions(),
+                              prepared.example_inputs)
     compact.eval()
     if verify:
         verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol)

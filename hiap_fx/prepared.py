@@ -80,22 +80,27 @@ class PreparedModel(nn.Module):
 
     # --- cost --------------------------------------------------------------------------------
 
+    def decisions(self) -> dict[str, torch.Tensor]:
+        """The eval-mode decision of every unit (``True`` = kept), by gate key."""
+        return {k: g.hard().bool() for k, g in self.gate_modules().items()}
+
     def _values(self, hard: bool) -> torch.Tensor:
-        gates = self.gate_modules()
         if hard:
-            decisions = {k: g.hard().double() for k, g in gates.items()}
+            per_gate = {k: d.double() for k, d in self.decisions().items()}
         else:
-            decisions = {k: g.probability().double() for k, g in gates.items()}
-        if not decisions:
+            per_gate = {k: g.probability().double() for k, g in self.gate_modules().items()}
+        if not per_gate:
             return torch.zeros(0, dtype=torch.float64)
-        return symbol_values(self.cost_model.sources, decisions, self.cost_model.group_sizes)
+        return symbol_values(self.cost_model.sources, per_gate, self.cost_model.group_sizes)
+
+    def _expected(self, values: list[torch.Tensor], which: str) -> torch.Tensor:
+        out = self.cost_model.evaluate(values, which)
+        return out if isinstance(out, torch.Tensor) else torch.tensor(float(out), dtype=torch.float64)
 
     def expected_macs(self, which: str = "total") -> torch.Tensor:
         """Expected MACs of the hardened network at the example input size (differentiable in
         every gate logit). ``which``: ``"total"``, ``"macro"`` or ``"micro"`` terms."""
-        values = self._values(hard=False)
-        out = self.cost_model.evaluate(list(values.unbind()), which)
-        return out if isinstance(out, torch.Tensor) else torch.tensor(float(out), dtype=torch.float64)
+        return self._expected(list(self._values(hard=False).unbind()), which)
 
     def hard_macs(self) -> int:
         """MACs of the network eval mode selects now (what ``finalize`` returns)."""
@@ -116,8 +121,9 @@ class PreparedModel(nn.Module):
         """
         cfg = self.config
         dense = float(self.dense_macs)
-        macro = self.expected_macs("macro") / dense
-        micro = self.expected_macs("micro") / dense
+        values = list(self._values(hard=False).unbind())  # one set of probabilities for both terms
+        macro = self._expected(values, "macro") / dense
+        micro = self._expected(values, "micro") / dense
         if self.training and torch.is_grad_enabled():
             self.budget.update(float((macro + micro).detach()))
         cost = self.budget.multiplier.double() * (cfg.lambda_macro * macro + cfg.lambda_micro * micro)
