@@ -119,14 +119,17 @@ class CostModel:
         """Evaluate with ``values`` for the gate symbols (numbers or tensors) at a batch size and
         token count (defaults: the example's)."""
         args = list(values) + [self.example_batch if batch is None else batch]
+        self._check_tokens(tokens)
         if self.tokens is not None:
             args.append(self.example_tokens if tokens is None else tokens)
-        elif tokens is not None and tokens != self.example_tokens:
+        return self._function(which)(*args)
+
+    def _check_tokens(self, tokens: Optional[int]) -> None:
+        if self.tokens is None and tokens is not None and tokens != self.example_tokens:
             raise HiapError("the cost model has no token symbol: this model's attentions do not all "
                             "run over one sequence of N tokens (windowed, pooled or class attention), "
                             "so MACs at another token count are not defined by N alone; prepare the "
                             "model at the resolution you want instead")
-        return self._function(which)(*args)
 
     def dense_values(self) -> list[int]:
         """Symbol values of the dense model (every unit on)."""
@@ -137,9 +140,8 @@ class CostModel:
         subs = {}
         if batch is not None:
             subs[self.batch] = batch
-        if tokens is not None:
-            if self.tokens is None:
-                self.evaluate([0] * len(self.sources), tokens=tokens)  # raises the explanation
+        self._check_tokens(tokens)
+        if tokens is not None and self.tokens is not None:
             subs[self.tokens] = tokens
         return self.expr.subs(subs)
 

@@ -57,6 +57,12 @@ class AttentionGates(nn.Module):
         """The gates of this site by kind."""
         return {g.kind: g for g in (self.head, self.head_dim, self.qk_dim) if g is not None}
 
+    def mask_keys(self) -> list[str]:
+        """The keys ``forward`` returns."""
+        keys = ["out"] if self.out_shape is not None else []
+        keys += ["q", "k"] if self.qk_dim is not None else []
+        return keys + (["branch"] if self.emit_branch else [])
+
     def forward(self) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         ref = next(iter(self.gates().values())).logits
@@ -92,6 +98,10 @@ class FFNGates(nn.Module):
         """The gates of this site by kind."""
         return {g.kind: g for g in (self.block, self.neuron) if g is not None}
 
+    def mask_keys(self) -> list[str]:
+        """The keys ``forward`` returns."""
+        return (["hidden"] if self.neuron is not None else []) + (["branch"] if self.block is not None else [])
+
     def forward(self) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         if self.neuron is not None:
@@ -100,5 +110,3 @@ class FFNGates(nn.Module):
             masks["branch"] = self.block()[0]
         return masks
 
-
-SiteGates = (AttentionGates, FFNGates)

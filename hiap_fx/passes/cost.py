@@ -166,7 +166,7 @@ class _Builder:
             if n.name in self.kernels or self._weight_is_cut(n):
                 raise HiapError(f"internal: node {n.name} of a gated site has {dense} MACs by the "
                                 f"counter but {node_macs(n)} by its shapes; please report this model")
-            return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
+            return self.rows(dense, dep)
         if n.name in self.kernels:
             return self._kernel_expr(n, dep)
         if name in ("linear", "conv1d", "conv2d", "conv3d"):
@@ -185,7 +185,7 @@ class _Builder:
         if name == "matmul":
             a = n.args[0].meta["hiap_shape"]
             return self.rows(math.prod(out[:-1]), dep) * out[-1] * a[-1]
-        return self.rows(dense, dep) if dep and dense % self.b0 == 0 else sympy.Integer(dense)
+        return self.rows(dense, dep)  # other MAC ops: fixed per sample
 
     def _weight_is_cut(self, n: fx.Node) -> bool:
         w = n.args[1] if len(n.args) > 1 else None

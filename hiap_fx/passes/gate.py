@@ -127,7 +127,7 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
         container[key] = bundle
         with graph.inserting_before(first):
             call = graph.call_module(f"{GATES_ATTR}.{key}")
-            keys = _mask_keys(bundle)
+            keys = bundle.mask_keys()
             return {k: graph.call_function(operator.getitem, (call, k)) for k in keys}
 
     for site in plan.attention:
@@ -159,11 +159,3 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
     gm.recompile()
     return bundles
 
-
-def _mask_keys(bundle: nn.Module) -> list[str]:
-    if isinstance(bundle, AttentionGates):
-        keys = ["out"] if bundle.out_shape is not None else []
-        keys += ["q", "k"] if bundle.qk_dim is not None else []
-        return keys + (["branch"] if bundle.emit_branch else [])
-    assert isinstance(bundle, FFNGates)
-    return (["hidden"] if bundle.neuron is not None else []) + (["branch"] if bundle.block is not None else [])

@@ -277,7 +277,8 @@ def _layout(ctx: _Context, site: AttentionSite, role: str) -> _Layout:
         if perm is None:
             continue
         after = _descendants(B) & full_path
-        if any(n not in after and n is not B and n not in _ancestors(B) for n in path):
+        before = _ancestors(B)
+        if any(n not in after and n is not B and n not in before for n in path):
             continue
         return _Layout(B, perm[0], perm[1], perm[2], perm[3], sorted(after, key=order.__getitem__), O)
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
