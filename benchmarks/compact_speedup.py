@@ -4,29 +4,22 @@
 
 The pruned network is fixed by hand: in every block the last half of the heads and every other
 FFN neuron are closed. Latency is the median of interleaved runs (dense, compact, dense, ...) in
-eval mode under ``torch.inference_mode``.
+eval mode under ``torch.inference_mode`` (``hiap_fx.bench.bench_models``, as ``hiap-fx bench``).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
-
-
-def _time(model, x) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
     import timm
 
     import hiap_fx
+    from hiap_fx.bench import bench_models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deit_small_patch16_224")
@@ -44,28 +37,15 @@ def main() -> None:
             elif gate.kind == "neuron":
                 gate.logits[::2] = -5.0
     compact = hiap_fx.finalize(prepared)
-    x1 = torch.randn(1, *size)
-    dense_macs, compact_macs = hiap_fx.count_macs(dense, x1), hiap_fx.count_macs(compact, x1)
-    ratio = dense_macs / compact_macs
-    params = (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in compact.parameters()))
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{args.model}: MACs {dense_macs:,} -> {compact_macs:,} (ratio {ratio:.3f}); "
-          f"params {params[0]:,} -> {params[1]:,}")
+    report = bench_models(dense, compact, torch.randn(1, *size), args.batches, args.seconds)
+    ratio = report.dense_macs / report.compact_macs
+    print(f"machine: {platform.machine()}, {report.threads} threads, torch {torch.__version__}")
+    print(f"{args.model}: MACs {report.dense_macs:,} -> {report.compact_macs:,} (ratio {ratio:.3f}); "
+          f"params {report.dense_params:,} -> {report.compact_params:,}")
     print("| batch | dense ms | compact ms | speedup | speedup / MAC ratio |")
     print("|---|---|---|---|---|")
-    with torch.inference_mode():
-        for batch in args.batches:
-            x = torch.randn(batch, *size)
-            for _ in range(2):  # warm-up
-                dense(x)
-                compact(x)
-            td, tc = [], []
-            t_end = time.perf_counter() + args.seconds
-            while time.perf_counter() < t_end or len(td) < 5:
-                td.append(_time(dense, x))
-                tc.append(_time(compact, x))
-            md, mc = statistics.median(td), statistics.median(tc)
-            print(f"| {batch} | {1e3 * md:.1f} | {1e3 * mc:.1f} | {md / mc:.3f} | {md / mc / ratio:.3f} |")
+    for r in report.rows:
+        print(f"| {r.batch} | {r.dense_ms:.1f} | {r.compact_ms:.1f} | {r.speedup:.3f} | {r.speedup / ratio:.3f} |")
 
 
 if __name__ == "__main__":

@@ -85,17 +85,22 @@ _COLUMNS = ["model", "status", "frontend", "attention", "heads", "ffn", "hidden"
             "gates", "cost", "finalize", "unclaimed", "seconds", "reason"]
 
 
+def randomise_gates(prepared: Any, seed: int, p_off: float) -> None:
+    """Pin every gate logit to -3 (closed, probability ``p_off``) or +3 (open), reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in prepared.gate_modules().values():
+            off = torch.rand(gate.logits.shape, generator=gen) < p_off
+            gate.logits.copy_(torch.where(off, -3.0, 3.0))
+
+
 def _finalize_check(prepared: Any, p_off: float = 0.3, seed: int = 0) -> str:
     """Close a random ``p_off`` of every gate's units, finalize (which verifies output and MACs)
     and report the kept share of MACs, or the error."""
     from . import finalize
     from .errors import HiapError
 
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in prepared.gate_modules().values():
-            off = torch.rand(gate.logits.shape, generator=gen) < p_off
-            gate.logits.copy_(torch.where(off, -3.0, 3.0))
+    randomise_gates(prepared, seed, p_off)
     try:
         finalize(prepared.eval())
     except HiapError as exc:

@@ -121,8 +121,6 @@ def _feeding_only(graph, sites: set[str]) -> set[str]:
 
 def randomise_gates(prepared, seed: int, p_off: float = 0.4) -> None:
     """Set every gate logit to +-3 at random (about ``p_off`` of the units off)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for g in prepared.gate_modules().values():
-            off = torch.rand(g.logits.shape, generator=gen) < p_off
-            g.logits.copy_(torch.where(off, -3.0, 3.0))
+    from hiap_fx.coverage import randomise_gates as pin
+
+    pin(prepared, seed, p_off)
