@@ -62,6 +62,57 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_checkpoint(spec: str) -> bool:
+    import os
+
+    return os.path.isfile(spec) and not spec.endswith(".py")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifacts import write_outputs
+    from .config import PruneConfig
+    from .data import load_data
+    from .models import default_input, load_model, parse_kwargs
+    from .train import prune
+
+    resume = _is_checkpoint(args.model)
+    if resume:
+        state = torch.load(args.model, weights_only=False)  # a checkpoint written by prune (trusted)
+        size = tuple(state["prepared"].example_shapes[0][1:])
+        model = args.model
+    else:
+        model = load_model(args.model, parse_kwargs(args.kwargs)).eval()
+        if args.weights:
+            model.load_state_dict(torch.load(args.weights, weights_only=True))
+        size = _size(args.input_size) if args.input_size else tuple(default_input(model).shape[1:])
+    train, test = load_data(args.data, size, batch_size=args.batch_size, seed=args.seed, limit=args.limit)
+    config = None
+    if not resume:
+        fields = {"target_macs": args.target, "lr": args.lr, "gate_lr": args.gate_lr, "seed": args.seed,
+                  "frontend": args.frontend}
+        config = PruneConfig(**{k: v for k, v in fields.items() if v is not None})
+    result = prune(model, train, config, steps=None if resume else args.steps,
+                   epochs=None if resume or args.steps else args.epochs, eval_data=test,
+                   teacher=None if args.no_teacher else "dense", checkpoint=f"{args.out}/checkpoint.pt",
+                   checkpoint_every=args.checkpoint_every, eval_batches=args.eval_batches,
+                   progress=not args.quiet)
+    paths = write_outputs(result.report, result.compact, result.prepared.plan, args.out)
+    print(result.report.to_markdown())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_demo, run_demo
+
+    result = run_demo(out_dir=args.out, target=args.target, prune_epochs=args.prune_epochs,
+                      bench_seconds=args.bench_seconds, progress=not args.quiet)
+    print(format_demo(result, args.out))
+    return 0
+
+
 def _cmd_coverage(args: argparse.Namespace) -> int:
     from .coverage import DEFAULT_MODELS, run_coverage
 
@@ -99,6 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     b.add_argument("--seconds", type=float, default=10.0, help="time budget per batch size")
     b.set_defaults(func=_cmd_bench)
+    r = sub.add_parser("prune", help="train with HiAP gates on a dataset to a MAC target; write the "
+                       "compact model, plan, report and plots")
+    r.add_argument("--model", required=True, help=model_help + ", or a checkpoint written by prune "
+                   "(resumes it)")
+    r.add_argument("--data", required=True, help="fashion-mnist or imagefolder:PATH (class "
+                   "sub-folders; train/ and val/ used when present)")
+    r.add_argument("--target", type=float, default=0.5, help="fraction of dense MACs to keep")
+    r.add_argument("--steps", type=int, help="training steps (default: --epochs)")
+    r.add_argument("--epochs", type=float, default=1, help="epochs when --steps is not given")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--weights", help="state dict to load into the model first (weights-only file)")
+    r.add_argument("--kwargs", help="JSON keyword arguments for the model factory")
+    r.add_argument("--input-size", help="C,H,W the data is resized to (default: the model's)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--lr", type=float, help="weights' learning rate (default: PruneConfig's)")
+    r.add_argument("--gate-lr", type=float, help="gate logits' learning rate (default: automatic)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--limit", type=int, help="use at most this many examples per split (smoke runs)")
+    r.add_argument("--eval-batches", type=int, help="batches per intermediate evaluation")
+    r.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps")
+    r.add_argument("--no-teacher", action="store_true", help="no distillation from the dense model")
+    r.add_argument("--frontend", choices=["auto", "fx", "export"])
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_prune)
+    d = sub.add_parser("demo", help="the embedded default: Fashion-MNIST ViT trained (or cached), "
+                       "pruned to 50%% MACs, finalized and measured")
+    d.add_argument("--out", default="hiap_demo", help="folder for report, plots and compact model")
+    d.add_argument("--target", type=float, default=0.5)
+    d.add_argument("--prune-epochs", type=float, default=2.0)
+    d.add_argument("--bench-seconds", type=float, default=5.0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
     c = sub.add_parser("coverage", help="run discovery over many models and write a table")
     c.add_argument("models", nargs="*", help="model specs (default: the built-in list)")
     c.add_argument("--out", help="write the markdown table to this file")

@@ -47,8 +47,13 @@ class PruneConfig(BaseModel):
     lambda_macro: float = Field(2.0, ge=0.0, description="Weight of the macro (head / FFN block) "
                                 "cost term, MACs normalised by dense MACs.")
     lambda_micro: float = Field(1.0, ge=0.0, description="Weight of the micro (dim / neuron) cost term.")
-    budget_lr: float = Field(0.05, gt=0.0, description="Step size of the budget controller "
+    budget_lr: float = Field(0.05, gt=0.0, description="Integral gain of the budget controller "
                              "(dual ascent on the cost weight, per training step and unit of gap).")
+    budget_kp: float = Field(20.0, ge=0.0, description="Proportional gain of the budget controller "
+                             "(cost weight per unit of gap between expected and reference MACs).")
+    budget_ramp: float = Field(0.6, ge=0.0, le=1.0, description="prune(): the controller's reference "
+                               "falls from the starting MACs to the target over this fraction of the "
+                               "run (cubic), so gates close gradually rather than all at once.")
     lambda_feasibility: float = Field(1.0, ge=0.0, description="Weight of the feasibility penalties.")
     min_heads: int = Field(1, ge=0, description="Minimum expected live heads per attention.")
     min_head_dim_fraction: float = Field(0.125, ge=0.0, le=1.0,
@@ -62,3 +67,20 @@ class PruneConfig(BaseModel):
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="Weight of logit distillation from the "
                          "teacher: (1 - alpha) * CE + alpha * T^2 * KL.")
     temperature: float = Field(4.0, gt=0.0, description="Distillation temperature T.")
+
+    # --- training (hiap_fx.prune) ----------------------------------------------------------------
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of the model's weights "
+                      "(cosine decay over the run).")
+    gate_lr: Optional[float] = Field(None, gt=0.0, description="AdamW learning rate of the gate "
+                                     "logits (no weight decay). None: 10 * gate_init / steps, so a "
+                                     "gate can go from on to off within a tenth of the run.")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay of weight matrices "
+                                "(not of biases, norms or gates).")
+    max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the weights' gradient norm.")
+    seed: int = Field(0, description="Seed of the run: gate noise, dropout and data order.")
+    hard_control_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="In this last fraction of the run the budget controller "
+        "steers the MACs eval mode selects (what finalize keeps) instead of the expected MACs.")
+    budget_tolerance: float = Field(
+        0.005, ge=0.0, le=0.1, description="If the kept MACs end further than this from the target "
+        "(fraction of dense), one logit offset common to every gate is applied to land within it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,21 +16,33 @@ class BudgetController(nn.Module):
     by ``lr * (expected/dense - target)`` and never drops below zero, so the expected MACs are
     driven to the target. Its state lives in buffers (saved with the model's state_dict).
 
-    With ``target=None`` the multiplier stays 1: the paper's fixed-lambda mode.
+    With ``target=None`` the multiplier stays 1: the paper's fixed-lambda mode. When
+    ``use_hard`` is set (the end of a ``prune`` run) the ratio fed in is that of the MACs eval
+    mode selects rather than the expected MACs.
     """
 
-    def __init__(self, target: Optional[float], lr: float) -> None:
+    def __init__(self, target: Optional[float], lr: float, kp: float = 0.0, floor: float = -1.0) -> None:
         super().__init__()
         self.target = target
-        self.lr = lr
-        self.register_buffer("multiplier", torch.tensor(1.0))
+        self.lr, self.kp, self.floor = lr, kp, floor
+        start = 1.0 if target is None else 0.0
+        self.register_buffer("integral", torch.tensor(start))
+        self.register_buffer("multiplier", torch.tensor(start))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("use_hard", torch.tensor(False))
+        self.register_buffer("reference", torch.tensor(float("nan")))
+        self.register_buffer("start", torch.tensor(float("nan")))
+        self.register_buffer("last_ratio", torch.tensor(float("nan")))
 
     def update(self, ratio: float) -> None:
         """One controller step from the current expected MACs / dense MACs."""
+        self.last_ratio.fill_(ratio)
         if self.target is None:
             return
-        self.multiplier.add_(self.lr * (ratio - self.target)).clamp_(min=0.0)
+        ref = float(self.reference)
+        gap = ratio - (self.target if math.isnan(ref) else ref)
+        self.integral.add_(self.lr * gap).clamp_(min=self.floor)
+        self.multiplier.copy_((self.integral + self.kp * gap).clamp(min=self.floor))
         self.steps.add_(1)
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ class PreparedModel(nn.Module):
         self.plan = plan
         self.config = config
         self.cost_model = cost_model
-        self.budget = BudgetController(config.target_macs, config.budget_lr)
+        self.budget = BudgetController(config.target_macs, config.budget_lr, config.budget_kp)
         self._example_inputs = tuple(t.detach().clone() for t in example_inputs)
 
     # --- structure ---------------------------------------------------------------------------
@@ -112,6 +113,38 @@ class PreparedModel(nn.Module):
         """MACs of the original model at the example inputs (the reference counter's count)."""
         return int(self.cost_model.evaluate([int(v) for v in self.cost_model.dense_values()]))
 
+    def schedule(self, step: int, total: int) -> float:
+        """Set everything that follows training progress; call once per step before the forward.
+
+        - Gumbel-Sigmoid temperature: exponential from ``tau_start`` to ``tau_end`` over ``total``.
+        - With ``target_macs``: the controller's reference falls (cubic) from the expected MACs at
+          step 0 to the target over ``budget_ramp`` of the run, and in the last
+          ``hard_control_fraction`` the controller steers the MACs eval mode selects.
+        Returns the temperature set.
+        """
+        cfg = self.config
+        tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
+        self.set_temperature(tau)
+        if cfg.target_macs is not None:
+            budget = self.budget
+            if step == 0 or math.isnan(float(budget.start)):
+                with torch.no_grad():
+                    budget.start.fill_(float(self.expected_macs()) / self.dense_macs)
+            frac = min(1.0, step / max(1.0, cfg.budget_ramp * total))
+            budget.reference.fill_(cfg.target_macs + (float(budget.start) - cfg.target_macs) * (1 - frac) ** 3)
+            budget.use_hard.fill_(step >= round(total * (1.0 - cfg.hard_control_fraction)))
+        return tau
+
+    def land_on_budget(self) -> float:
+        """At the end of training: if the MACs eval mode selects are further than
+        ``budget_tolerance`` from ``target_macs``, shift every gate logit by the smallest common
+        offset that lands them within it. Returns the offset (0.0 if none was needed)."""
+        from .budget import land_on_budget
+
+        if self.config.target_macs is None:
+            return 0.0
+        return land_on_budget(self, self.config.target_macs, self.config.budget_tolerance)
+
     def hiap_loss(self) -> torch.Tensor:
         """Budget and feasibility terms of the objective (the task loss is not included).
 
@@ -125,7 +158,8 @@ class PreparedModel(nn.Module):
         macro = self._expected(values, "macro") / dense
         micro = self._expected(values, "micro") / dense
         if self.training and torch.is_grad_enabled():
-            self.budget.update(float((macro + micro).detach()))
+            ratio = self.hard_macs() / dense if bool(self.budget.use_hard) else float((macro + micro).detach())
+            self.budget.update(ratio)
         cost = self.budget.multiplier.double() * (cfg.lambda_macro * macro + cfg.lambda_micro * micro)
         feas = feasibility(self.gate_modules(), cfg.min_heads, cfg.min_head_dim_fraction,
                            cfg.min_neuron_fraction)

@@ -1,0 +1,31 @@
+"""Everything a pruning run leaves on disk: compact model, plan, report and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from torch import nn
+
+from .plan import Plan
+from .prune_report import PruneReport
+
+
+def write_outputs(report: PruneReport, compact: nn.Module, plan: Plan, out_dir: Union[str, Path]) -> dict[str, Path]:
+    """Write the compact model, plan JSON, report (markdown and JSON) and both plots into
+    ``out_dir``; returns the paths by kind."""
+    from .io import save
+    from .plots import plot_history, plot_structure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"compact": out / "compact.pt", "plan": out / "plan.json", "report_md": out / "report.md",
+             "report_json": out / "report.json", "structure": out / "structure.png",
+             "history": out / "history.png"}
+    save(compact, paths["compact"], plan)
+    paths["plan"].write_text(plan.model_dump_json(indent=2))
+    paths["report_md"].write_text(report.to_markdown())
+    paths["report_json"].write_text(report.model_dump_json(indent=2))
+    plot_structure(report, paths["structure"])
+    plot_history(report, paths["history"])
+    return paths

@@ -1,0 +1,347 @@
+"""``hiap_fx.prune``: one training phase from a dense model to a verified compact model."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .classify import cosine_lr, evaluate, logits_of
+from .config import PruneConfig
+from .errors import InputError
+from .prepared import PreparedModel
+from .prune_report import HistoryPoint, PruneReport, site_structure
+
+CHECKPOINT_FORMAT = "hiap_fx.prune_checkpoint/1"
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` returns."""
+
+    compact: nn.Module
+    prepared: PreparedModel
+    report: PruneReport
+
+
+def distillation_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], target: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """``(1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
+    plain cross-entropy without a teacher."""
+    ce = F.cross_entropy(student, target)
+    if teacher is None or alpha == 0.0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - alpha) * ce + alpha * t * t * kl
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _first_inputs(data: Iterable, n: int = 2) -> Any:
+    x, _ = next(iter(data))
+    if isinstance(x, torch.Tensor):
+        return x[:n]
+    if isinstance(x, (tuple, list)):
+        return tuple(t[:n] for t in x)
+    raise InputError("train_data must yield (inputs, targets) with tensor inputs (or a tuple of "
+                     "tensors); pass example_inputs= for anything else")
+
+
+def _one_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t[:1] for t in inputs)
+
+
+def dense_teacher(prepared: PreparedModel) -> nn.Module:
+    """A frozen copy of the captured graph without gates: the dense model the run started from."""
+    from .passes.slice import strip_gates
+
+    gm = copy.deepcopy(prepared.graph_module)
+    strip_gates(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.eval().requires_grad_(False)
+
+
+def _optimizer(prepared: PreparedModel, cfg: PruneConfig, total: int) -> torch.optim.AdamW:
+    gate_ids = {id(g.logits) for g in prepared.gate_modules().values()}
+    decay, no_decay, gates = [], [], []
+    for p in prepared.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in gate_ids:
+            gates.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else 10.0 * max(cfg.gate_init, 1.0) / max(total, 1)
+    groups = [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
+              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "weights_no_decay"},
+              {"params": gates, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Iterator:
+    """A fresh pass over ``data`` whose order depends only on (seed, epoch): the global torch
+    generator (and the loader's own generator, if it has one) are seeded before iterating, and
+    ``skip`` batches are passed over (resuming mid-epoch)."""
+    epoch_seed = (seed * 1_000_003 + epoch) % (2 ** 63)
+    torch.manual_seed(epoch_seed)
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed % (2 ** 32))
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(epoch_seed)
+    it = iter(data)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
+class _Run:
+    """State of one pruning run (everything a checkpoint holds)."""
+
+    def __init__(self, prepared: PreparedModel, teacher: Optional[nn.Module], total: int,
+                 dense_params: int, teacher_is_dense: bool) -> None:
+        self.prepared = prepared
+        self.teacher = teacher
+        self.teacher_is_dense = teacher_is_dense
+        self.total = total
+        self.dense_params = dense_params
+        self.step = 0
+        self.history: list[HistoryPoint] = []
+        self.seconds = 0.0
+        self.dense_accuracy: Optional[float] = None
+        self.optimizer = _optimizer(prepared, prepared.config, total)
+        cfg = prepared.config
+        lambdas = [(lambda s: cosine_lr(s, total)) if g.get("name") != "gates" else (lambda s: 1.0)
+                   for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
+        self.rng: Optional[dict[str, Any]] = None
+        self.seed = cfg.seed
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write a checkpoint: prepared model (weights, gates, controller), teacher, optimizer,
+        schedule position, RNG states and history."""
+        state = {
+            "format": CHECKPOINT_FORMAT, "prepared": self.prepared,
+            "teacher": self.teacher if self.teacher_is_dense else None,
+            "teacher_is_dense": self.teacher_is_dense, "total": self.total, "step": self.step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(), "history": [h.model_dump() for h in self.history],
+            "seconds": self.seconds, "dense_params": self.dense_params,
+            "dense_accuracy": self.dense_accuracy,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], teacher: Any) -> "_Run":
+        state = torch.load(path, weights_only=False)  # a checkpoint this library wrote (trusted)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{path} is not a hiap_fx.prune checkpoint")
+        prepared = state["prepared"]
+        if state["teacher_is_dense"]:
+            teacher_module = state["teacher"]
+        elif isinstance(teacher, nn.Module):
+            teacher_module = teacher.eval().requires_grad_(False)
+        else:
+            teacher_module = None
+        run = cls(prepared, teacher_module, state["total"], state["dense_params"],
+                  state["teacher_is_dense"])
+        run.step = state["step"]
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.rng = state["rng"]
+        run.history = [HistoryPoint(**h) for h in state["history"]]
+        run.seconds = state["seconds"]
+        run.dense_accuracy = state["dense_accuracy"]
+        return run
+
+
+def _log_point(run: _Run, loss: float, task: float, tau: float) -> HistoryPoint:
+    prepared = run.prepared
+    with torch.no_grad():
+        expected = float(prepared.expected_macs()) / prepared.dense_macs
+    structure = site_structure(prepared)
+    return HistoryPoint(
+        step=run.step, tau=tau, loss=loss, task_loss=task, expected_ratio=expected,
+        hard_ratio=prepared.hard_macs() / prepared.dense_macs,
+        multiplier=float(prepared.budget.multiplier),
+        heads_kept=sum(s.heads_kept or 0 for s in structure if s.kind == "attention"),
+        neurons_kept=sum(s.neurons_kept or 0 for s in structure if s.kind == "ffn"))
+
+
+def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterable,
+          config: Optional[PruneConfig] = None, steps: Optional[int] = None,
+          epochs: Optional[float] = None, eval_data: Optional[Iterable] = None,
+          teacher: Union[str, nn.Module, None] = "dense", *, example_inputs: Any = None,
+          checkpoint: Union[str, Path, None] = None, checkpoint_every: Optional[int] = None,
+          stop_after: Optional[int] = None, eval_every: Optional[int] = None,
+          eval_batches: Optional[int] = None, log_every: Optional[int] = None,
+          progress: bool = True) -> PruneResult:
+    """Prune ``model`` with HiAP in one training phase and return the verified compact model.
+
+    Args:
+        model: the dense ``nn.Module`` (not modified), a ``PreparedModel`` (trained further in
+            place), or the path of a checkpoint this function wrote (the run resumes from it and
+            follows the same trajectory as an uninterrupted run).
+        train_data / eval_data: iterables of ``(inputs, targets)`` batches, e.g. DataLoaders.
+            ``train_data`` is re-iterated once per epoch.
+        config: a :class:`PruneConfig` (target, lambdas, schedule, learning rates, seed).
+        steps / epochs: the length of the run (default: one epoch).
+        teacher: ``"dense"`` (a frozen copy of the dense model), a module, or ``None`` (no
+            distillation).
+        example_inputs: the input to prepare with (default: two items of the first batch).
+        checkpoint / checkpoint_every: write a checkpoint there every this many steps and at the end.
+        stop_after: stop (after checkpointing) once this many steps are done, without finalizing;
+            returns ``None`` then. For splitting a run into jobs.
+        eval_every / eval_batches: measure eval-mode accuracy this often on so many batches
+            (default: 8 times per run on all of ``eval_data``).
+        log_every: record a history point this often (default: 100 points per run).
+        progress: show a tqdm bar with loss, expected and kept MACs, live heads and neurons.
+    Returns:
+        :class:`PruneResult` with ``compact``, ``prepared`` and ``report``.
+    """
+    from .api import finalize, prepare
+    from .counting import count_macs
+
+    if isinstance(model, (str, Path)):
+        if teacher == "dense":
+            teacher = None  # the checkpoint decides; a module passed here replaces a non-dense one
+        run = _Run.load(model, teacher)
+        prepared = run.prepared
+        cfg = prepared.config
+        if config is not None and config != cfg:
+            raise InputError(f"resuming {model}: the checkpoint was written with another config; "
+                             "resume without config= (its own is used)")
+    else:
+        cfg = config or (model.config if isinstance(model, PreparedModel) else PruneConfig())
+        if steps is None:
+            steps = max(1, int(round((epochs or 1) * len(train_data))))  # type: ignore[arg-type]
+        elif epochs is not None:
+            raise InputError("give steps= or epochs=, not both")
+        if steps < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
+        torch.manual_seed(cfg.seed)
+        if isinstance(model, PreparedModel):
+            prepared = model
+            dense_params = sum(p.numel() for n, p in prepared.named_parameters() if "hiap_gates" not in n)
+        else:
+            x = example_inputs if example_inputs is not None else _first_inputs(train_data)
+            prepared = prepare(model, x, cfg)
+            dense_params = sum(p.numel() for p in model.parameters())
+        teacher_is_dense = teacher == "dense"
+        if teacher_is_dense:
+            teacher_module: Optional[nn.Module] = dense_teacher(prepared)
+        elif isinstance(teacher, nn.Module):
+            teacher_module = teacher.eval().requires_grad_(False)
+        elif teacher is None:
+            teacher_module = None
+        else:
+            raise InputError(f"teacher must be 'dense', a module or None, got {teacher!r}")
+        run = _Run(prepared, teacher_module, steps, dense_params, teacher_is_dense)
+        torch.manual_seed(cfg.seed)
+        run.rng = _rng_state()
+        if eval_data is not None:
+            reference = teacher_module if teacher_is_dense else dense_teacher(prepared)
+            run.dense_accuracy = evaluate(reference, eval_data)
+
+    total = run.total
+    log_every = log_every or max(1, total // 100)
+    eval_every = eval_every or max(1, math.ceil(total / 8))
+    per_epoch = len(train_data)  # type: ignore[arg-type]
+    prepared.train()
+    bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter() - run.seconds
+    it: Optional[Iterator] = None
+    if run.step % per_epoch:  # resume mid-epoch: rebuild the data position, then the RNG
+        it = _epoch_iterator(train_data, run.seed, run.step // per_epoch, run.step % per_epoch)
+    _set_rng_state(run.rng)
+    while run.step < total and (stop_after is None or run.step < stop_after):
+        if run.step % per_epoch == 0:
+            it = _epoch_iterator(train_data, run.seed, run.step // per_epoch)
+        x, y = next(it)  # type: ignore[arg-type]
+        tau = prepared.schedule(run.step, total)
+        student = logits_of(_call(prepared, x))
+        with torch.no_grad():
+            t_logits = logits_of(_call(run.teacher, x)) if run.teacher is not None else None
+        task = distillation_loss(student, t_logits, y, cfg.alpha, cfg.temperature)
+        loss = task + prepared.hiap_loss()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            weights = [p for g in run.optimizer.param_groups if g.get("name") != "gates" for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        bar.update()
+        if run.step % log_every == 0 or run.step == total:
+            point = _log_point(run, float(loss.detach()), float(task.detach()), tau)
+            if eval_data is not None and (run.step % eval_every == 0 or run.step == total):
+                point.accuracy = evaluate(prepared, eval_data, eval_batches)
+            run.history.append(point)
+            bar.set_postfix(loss=f"{point.loss:.3f}", E=f"{100 * point.expected_ratio:.1f}%",
+                            kept=f"{100 * point.hard_ratio:.1f}%", heads=point.heads_kept,
+                            neurons=point.neurons_kept, refresh=False)
+        if checkpoint is not None and checkpoint_every and run.step % checkpoint_every == 0:
+            run.seconds = time.perf_counter() - started
+            run.save(checkpoint)
+    bar.close()
+    run.seconds = time.perf_counter() - started
+    if checkpoint is not None:
+        run.save(checkpoint)
+    if run.step < total:
+        return None  # type: ignore[return-value]
+
+    prepared.eval()
+    shift = prepared.land_on_budget()
+    compact = finalize(prepared)
+    one = _one_example(prepared.example_inputs)
+    compact_macs = count_macs(compact, one)
+    dense_macs = count_macs(run.teacher if run.teacher_is_dense else dense_teacher(prepared), one)
+    structure = site_structure(prepared)
+    ratio = compact_macs / dense_macs
+    report = PruneReport(
+        model=prepared.plan.model, target_macs=cfg.target_macs, dense_macs=dense_macs,
+        compact_macs=compact_macs, kept_ratio=ratio,
+        target_gap_pp=None if cfg.target_macs is None else 100.0 * (ratio - cfg.target_macs),
+        dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
+        dense_accuracy=run.dense_accuracy,
+        compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,
+        steps=run.step, seconds=run.seconds, budget_shift=shift, sites=structure,
+        removed_sublayers=[s.site for s in structure if s.removed], history=run.history)
+    return PruneResult(compact=compact, prepared=prepared, report=report)
