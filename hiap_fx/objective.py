@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -12,13 +11,16 @@ from .gates import Gate
 
 
 class BudgetController(nn.Module):
-    """Dual ascent on the weight of the cost terms: after each training step the multiplier grows
-    by ``lr * (expected/dense - target)`` and never drops below zero, so the expected MACs are
-    driven to the target. Its state lives in buffers (saved with the model's state_dict).
+    """PI control of the weight of the cost terms (dual ascent plus a proportional term).
 
-    With ``target=None`` the multiplier stays 1: the paper's fixed-lambda mode. When
-    ``use_hard`` is set (the end of a ``prune`` run) the ratio fed in is that of the MACs eval
-    mode selects rather than the expected MACs.
+    Each training step, with ``gap = ratio - reference`` (ratio: expected MACs / dense MACs):
+    ``integral += lr * gap`` and ``multiplier = integral + kp * gap``, both bounded below by
+    ``floor`` (-1). A negative multiplier rewards compute: the target is an equality, so gates
+    re-open when the run has cut below it. ``reference`` is the target unless ``prune`` /
+    ``PreparedModel.schedule`` ramps it down from the starting MACs. When ``use_hard`` is set
+    (the end of a run) the ratio fed in is that of the MACs eval mode selects. With
+    ``target=None`` the multiplier stays 1: the paper's fixed-lambda mode. The state lives in
+    buffers (saved with the model's state_dict).
     """
 
     def __init__(self, target: Optional[float], lr: float, kp: float = 0.0, floor: float = -1.0) -> None:
@@ -30,23 +32,23 @@ class BudgetController(nn.Module):
         self.register_buffer("multiplier", torch.tensor(start))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("use_hard", torch.tensor(False))
-        self.register_buffer("reference", torch.tensor(float("nan")))
-        self.register_buffer("start", torch.tensor(float("nan")))
-        self.register_buffer("last_ratio", torch.tensor(float("nan")))
+        # what the ratio is driven to now (prune() ramps it from `start` down to the target)
+        self.register_buffer("reference", torch.tensor(1.0 if target is None else float(target)))
+        self.register_buffer("start", torch.tensor(-1.0))  # -1: not set yet
+        self.register_buffer("last_ratio", torch.tensor(-1.0))  # -1: no step yet
 
     def update(self, ratio: float) -> None:
         """One controller step from the current expected MACs / dense MACs."""
         self.last_ratio.fill_(ratio)
         if self.target is None:
             return
-        ref = float(self.reference)
-        gap = ratio - (self.target if math.isnan(ref) else ref)
+        gap = ratio - float(self.reference)
         self.integral.add_(self.lr * gap).clamp_(min=self.floor)
         self.multiplier.copy_((self.integral + self.kp * gap).clamp(min=self.floor))
         self.steps.add_(1)
 
     def extra_repr(self) -> str:
-        return f"target={self.target}, lr={self.lr}"
+        return f"target={self.target}, lr={self.lr}, kp={self.kp}"
 
 
 def feasibility(gates: dict[str, Gate], min_heads: int, min_dim_fraction: float,

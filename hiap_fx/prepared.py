@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -127,7 +126,7 @@ class PreparedModel(nn.Module):
         self.set_temperature(tau)
         if cfg.target_macs is not None:
             budget = self.budget
-            if step == 0 or math.isnan(float(budget.start)):
+            if step == 0 or float(budget.start) < 0:
                 with torch.no_grad():
                     budget.start.fill_(float(self.expected_macs()) / self.dense_macs)
             frac = min(1.0, step / max(1.0, cfg.budget_ramp * total))

@@ -185,23 +185,26 @@ def test_feasibility_reopens_a_collapsing_attention():
 
 
 def test_budget_controller_moves_towards_the_target_and_is_saved():
-    prepared, _ = _prepared(_deit(), target_macs=0.3, budget_lr=0.1)
+    prepared, _ = _prepared(_deit(), target_macs=0.3, budget_lr=0.1, budget_kp=2.0)
     prepared.train()
     ratio = float(prepared.expected_macs().detach()) / prepared.dense_macs
     for _ in range(5):
         prepared.hiap_loss()
-    assert float(prepared.budget.multiplier) == pytest.approx(1.0 + 5 * 0.1 * (ratio - 0.3), rel=1e-5)
+    gap = ratio - 0.3  # PI: integral 5 * lr * gap plus kp * gap
+    assert float(prepared.budget.multiplier) == pytest.approx(5 * 0.1 * gap + 2.0 * gap, rel=1e-5)
+    assert float(prepared.budget.last_ratio) == pytest.approx(ratio, rel=1e-6)
     state = prepared.state_dict()
     assert "budget.multiplier" in state
     other, _ = _prepared(_deit(), target_macs=0.3)
     other.load_state_dict(state)
     assert float(other.budget.multiplier) == float(prepared.budget.multiplier)
 
+    # below the target the multiplier turns negative (gates re-open), down to the floor of -1
     easy, _ = _prepared(_deit(), target_macs=1.0, budget_lr=1.0)
     easy.train()
     for _ in range(20):
         easy.hiap_loss()
-    assert float(easy.budget.multiplier) == 0.0
+    assert float(easy.budget.multiplier) == -1.0
 
 
 def test_eval_mode_does_not_step_the_controller():

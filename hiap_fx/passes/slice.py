@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .fuse import fuse_sibling_linears
 from ..errors import HiapError
 from ..flow import IndexFlow, feature_index
 from ..ir import CapturedGraph
@@ -659,6 +660,7 @@ def compile_compact(gm_gated: fx.GraphModule, plan: Plan, decisions: dict[str, t
     ctx.graph.lint()
     remove_assertions(gm)
     eliminate_dead_code(gm)
+    fuse_sibling_linears(gm)
     # a fresh module tree holding only what the graph uses: parameters in plain containers (no
     # stale Linear/attention attributes such as in_features or num_heads), leaf modules as is
     compact = fx.GraphModule(gm, gm.graph, class_name="CompactModel")
