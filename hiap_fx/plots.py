@@ -34,7 +34,7 @@ def plot_structure(report: PruneReport, path: Union[str, Path]) -> Path:
     ax.set_xticks(list(xs), [s.site for s in attn], rotation=60, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_title("attention")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
     xs = range(len(ffn))
     ax.bar(list(xs), [(s.neurons_kept or 0) / (s.neurons or 1) for s in ffn], color="tab:green")

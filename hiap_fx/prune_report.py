@@ -62,6 +62,8 @@ class PruneReport(_Base):
     compact_accuracy: Optional[float] = None
     steps: int
     seconds: float
+    trained_ratio: float = Field(description="kept MACs / dense MACs when training ended, before "
+                                 "the end-of-run landing")
     budget_shift: float = Field(0.0, description="logit offset applied at the end to land within "
                                 "the budget tolerance (0: training hit it by itself)")
     sites: list[SiteStructure]
@@ -81,7 +83,8 @@ class PruneReport(_Base):
                  f"| accuracy | {pct(self.dense_accuracy)} | {pct(self.compact_accuracy)} |", ""]
         if self.target_macs is not None:
             lines.append(f"Target {pct(self.target_macs)} of dense MACs, reached {pct(self.kept_ratio)} "
-                         f"({self.target_gap_pp:+.2f} pp); end-of-run logit shift {self.budget_shift:+.3f}.")
+                         f"({self.target_gap_pp:+.2f} pp); training ended at {pct(self.trained_ratio)}, "
+                         f"end-of-run logit shift {self.budget_shift:+.3f}.")
         lines += [f"{self.steps} training steps in {self.seconds:.0f} s.", "",
                   f"Removed sub-layers: {', '.join(self.removed_sublayers) or 'none'}", "",
                   "| site | kind | heads | value dims per live head | neurons |",

@@ -127,6 +127,35 @@ def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Ite
     return it
 
 
+def _length(data: Iterable) -> Optional[int]:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _next_batch(run: "_Run", data: Iterable, it: Optional[Iterator]) -> Any:
+    """The next training batch; a new (seeded) epoch starts when the data is exhausted."""
+    if it is not None:
+        try:
+            batch = next(it)
+            run.offset += 1
+            run.iterator = it
+            return batch
+        except StopIteration:
+            if run.offset == 0:
+                raise InputError("train_data yielded no batches") from None
+    if it is not None or run.offset:
+        run.epoch, run.offset = run.epoch + 1, 0
+    run.iterator = _epoch_iterator(data, run.seed, run.epoch)
+    try:
+        batch = next(run.iterator)
+    except StopIteration:
+        raise InputError("train_data yielded no batches") from None
+    run.offset = 1
+    return batch
+
+
 class _Run:
     """State of one pruning run (everything a checkpoint holds)."""
 
@@ -138,6 +167,9 @@ class _Run:
         self.total = total
         self.dense_params = dense_params
         self.step = 0
+        self.epoch = 0  # data position: epoch and batches consumed in it
+        self.offset = 0
+        self.iterator: Optional[Iterator] = None
         self.history: list[HistoryPoint] = []
         self.seconds = 0.0
         self.dense_accuracy: Optional[float] = None
@@ -156,6 +188,7 @@ class _Run:
             "format": CHECKPOINT_FORMAT, "prepared": self.prepared,
             "teacher": self.teacher if self.teacher_is_dense else None,
             "teacher_is_dense": self.teacher_is_dense, "total": self.total, "step": self.step,
+            "epoch": self.epoch, "offset": self.offset,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(), "history": [h.model_dump() for h in self.history],
             "seconds": self.seconds, "dense_params": self.dense_params,
@@ -181,7 +214,7 @@ class _Run:
             teacher_module = None
         run = cls(prepared, teacher_module, state["total"], state["dense_params"],
                   state["teacher_is_dense"])
-        run.step = state["step"]
+        run.step, run.epoch, run.offset = state["step"], state["epoch"], state["offset"]
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.rng = state["rng"]
@@ -249,10 +282,13 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
                              "resume without config= (its own is used)")
     else:
         cfg = config or (model.config if isinstance(model, PreparedModel) else PruneConfig())
-        if steps is None:
-            steps = max(1, int(round((epochs or 1) * len(train_data))))  # type: ignore[arg-type]
-        elif epochs is not None:
+        if steps is not None and epochs is not None:
             raise InputError("give steps= or epochs=, not both")
+        if steps is None:
+            length = _length(train_data)
+            if length is None:
+                raise InputError("train_data has no len(): give steps=")
+            steps = max(1, int(round((epochs or 1) * length)))
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
         torch.manual_seed(cfg.seed)
@@ -282,18 +318,17 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     total = run.total
     log_every = log_every or max(1, total // 100)
     eval_every = eval_every or max(1, math.ceil(total / 8))
-    per_epoch = len(train_data)  # type: ignore[arg-type]
     prepared.train()
     bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter() - run.seconds
     it: Optional[Iterator] = None
-    if run.step % per_epoch:  # resume mid-epoch: rebuild the data position, then the RNG
-        it = _epoch_iterator(train_data, run.seed, run.step // per_epoch, run.step % per_epoch)
+    if run.offset and run.offset != _length(train_data):
+        # resume mid-epoch: rebuild the data position, then the RNG state of the checkpoint
+        it = _epoch_iterator(train_data, run.seed, run.epoch, run.offset)
     _set_rng_state(run.rng)
     while run.step < total and (stop_after is None or run.step < stop_after):
-        if run.step % per_epoch == 0:
-            it = _epoch_iterator(train_data, run.seed, run.step // per_epoch)
-        x, y = next(it)  # type: ignore[arg-type]
+        x, y = _next_batch(run, train_data, it)
+        it = run.iterator
         tau = prepared.schedule(run.step, total)
         student = logits_of(_call(prepared, x))
         with torch.no_grad():
@@ -328,6 +363,7 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         return None  # type: ignore[return-value]
 
     prepared.eval()
+    trained_ratio = prepared.hard_macs() / prepared.dense_macs
     shift = prepared.land_on_budget()
     compact = finalize(prepared)
     one = _one_example(prepared.example_inputs)
@@ -342,6 +378,6 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
         dense_accuracy=run.dense_accuracy,
         compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,
-        steps=run.step, seconds=run.seconds, budget_shift=shift, sites=structure,
+        steps=run.step, seconds=run.seconds, trained_ratio=trained_ratio, budget_shift=shift, sites=structure,
         removed_sublayers=[s.site for s in structure if s.removed], history=run.history)
     return PruneResult(compact=compact, prepared=prepared, report=report)

@@ -219,3 +219,21 @@ def test_own_training_loop_example_runs():
     dense = int(lines["dense"].split(":")[1].split("MACs")[0].replace(",", ""))
     compact = int(lines["compact"].split(":")[1].split("MACs")[0].replace(",", ""))
     assert abs(compact / dense - 0.5) <= 0.01
+
+
+def test_prune_accepts_data_without_len_and_rejects_bad_lengths():
+    data = synthetic_data(n=96)
+
+    def stream():  # a generator: no len(), exhausted after one pass
+        yield from data
+
+    class Reiterable:
+        def __iter__(self):
+            return stream()
+
+    result = hiap_fx.prune(tiny_vit(), Reiterable(), config(target_macs=0.6), steps=7, progress=False)
+    assert result.report.steps == 7  # 3 batches per pass: ran into a third epoch
+    with pytest.raises(hiap_fx.InputError, match="give steps="):
+        hiap_fx.prune(tiny_vit(), Reiterable(), config(), progress=False)
+    with pytest.raises(hiap_fx.InputError, match="not both"):
+        hiap_fx.prune(tiny_vit(), data, config(), steps=3, epochs=1, progress=False)
