@@ -35,8 +35,9 @@ def evaluate(model: nn.Module, data: Iterable, max_batches: Optional[int] = None
         for i, (x, y) in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            pred = logits_of(model(x)).argmax(-1)
-            correct += int((pred == y).sum())
+            device = next(model.parameters()).device
+            pred = logits_of(model(x.to(device))).argmax(-1)
+            correct += int((pred == y.to(device)).sum())
             total += int(y.numel())
     finally:
         model.train(was_training)

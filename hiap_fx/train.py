@@ -56,6 +56,17 @@ def _call(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (nested tuples/lists/dicts) to the model's device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True) if batch.device != device else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def _first_inputs(data: Iterable, n: int = 2) -> Any:
     x, _ = next(iter(data))
     if isinstance(x, torch.Tensor):
@@ -297,6 +308,8 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
             dense_params = sum(p.numel() for n, p in prepared.named_parameters() if "hiap_gates" not in n)
         else:
             x = example_inputs if example_inputs is not None else _first_inputs(train_data)
+            first = next(model.parameters(), None)
+            x = _to_device(x, first.device) if first is not None else x
             prepared = prepare(model, x, cfg)
             dense_params = sum(p.numel() for p in model.parameters())
         teacher_is_dense = teacher == "dense"
@@ -318,6 +331,7 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     total = run.total
     log_every = log_every or max(1, total // 100)
     eval_every = eval_every or max(1, math.ceil(total / 8))
+    device = next(prepared.parameters()).device
     prepared.train()
     bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter() - run.seconds
@@ -327,7 +341,7 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         it = _epoch_iterator(train_data, run.seed, run.epoch, run.offset)
     _set_rng_state(run.rng)
     while run.step < total and (stop_after is None or run.step < stop_after):
-        x, y = _next_batch(run, train_data, it)
+        x, y = _to_device(_next_batch(run, train_data, it), device)
         it = run.iterator
         tau = prepared.schedule(run.step, total)
         student = logits_of(_call(prepared, x))
