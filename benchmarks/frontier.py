@@ -48,6 +48,10 @@ BASELINES = {
 LR = 5e-4
 
 
+def _slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
+
+
 def run_one(method: str, target: float, seed: int, dense, train, test, steps: int) -> dict:
     example = next(iter(train))[0][:2]
     x1 = example[:1]
@@ -68,6 +72,9 @@ def run_one(method: str, target: float, seed: int, dense, train, test, steps: in
         torch.manual_seed(seed)
         baselines.finetune(model, dense, train, steps, lr=LR, seed=seed)
     row["seconds"] = time.perf_counter() - t0
+    if seed == 0:  # kept for the speed benchmark (benchmarks/speed.py)
+        (RESULTS / "models").mkdir(parents=True, exist_ok=True)
+        torch.save(model, RESULTS / "models" / f"{_slug(method)}_{int(round(100 * target))}.pt")
     row["macs_ratio"] = hiap_fx.count_macs(model, x1) / dense_macs
     row["params"] = sum(p.numel() for p in model.parameters())
     row["accuracy"] = evaluate(model, test)
