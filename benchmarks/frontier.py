@@ -3,7 +3,7 @@ its ablations vs uniform-ratio structured pruning, global L1 FFN pruning and Tor
 cut once, then fine-tuned), all from the same cached dense 6-block ViT with the same number of
 training steps and the same distillation loss. Several seeds; mean and standard deviation.
 
-    python benchmarks/frontier.py            # 3 seeds, 1 epoch (468 steps) per run
+    python benchmarks/frontier.py            # 3 seeds, 300 steps (0.64 epoch) per run
     python benchmarks/frontier.py --quick    # 1 seed, 40 steps per run, 2000 test images
 
 Results are cached per run in benchmarks/results/frontier[_quick].json (delete to rerun); the
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--methods", nargs="+")
+    ap.add_argument("--steps", type=int, help="training steps per run (default 300; quick: 40)")
     args = ap.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = args.methods or [*HIAP_VARIANTS, *BASELINES]
@@ -170,7 +171,7 @@ def main() -> None:
     if args.quick:
         test_set = Subset(test_set, range(2000))
     test = DataLoader(test_set, batch_size=500)
-    steps = 40 if args.quick else len(train)
+    steps = args.steps or (40 if args.quick else 300)
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / ("frontier_quick.json" if args.quick else "frontier.json")
     rows: list[dict] = json.loads(store.read_text()) if store.exists() else []
