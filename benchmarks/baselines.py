@@ -151,34 +151,25 @@ def torch_pruning_vit(dense: nn.Module, example: torch.Tensor, target: float) ->
     the ratio is bisected until ``hiap_fx.count_macs`` hits ``target``."""
     import timm
     import torch_pruning as tp
-    import torch.nn.functional as F
-
-    def attention_forward(self, x, attn_mask=None, is_causal=False):  # timm's, no fixed C in the reshape
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        x = x.transpose(1, 2).reshape(B, N, -1)
-        return self.proj_drop(self.proj(self.norm(x) if hasattr(self, "norm") else x))
 
     dense_macs = hiap_fx.count_macs(dense, example[:1])
 
     def pruned(ratio: float) -> nn.Module:
         model = copy.deepcopy(dense).eval()
-        num_heads = {}
-        for m in model.modules():
-            if isinstance(m, timm.models.vision_transformer.Attention):
-                m.forward = attention_forward.__get__(m, type(m))
-                num_heads[m.qkv] = m.num_heads
+        num_heads = {m.qkv: m.num_heads for m in model.modules()
+                     if isinstance(m, timm.models.vision_transformer.Attention)}
         pruner = tp.pruner.MetaPruner(model, example[:1], importance=tp.importance.GroupMagnitudeImportance(p=1),
                                       pruning_ratio=ratio, ignored_layers=[model.head], num_heads=num_heads,
                                       prune_head_dims=True, prune_num_heads=False, round_to=2)
         pruner.step()
         for m in model.modules():
             if isinstance(m, timm.models.vision_transformer.Attention):
+                # the attributes Torch-Pruning leaves stale (its example fixes them the same way;
+                # timm >= 1.0.20 reshapes with attn_dim, so no forward patch is needed)
                 m.num_heads = pruner.num_heads[m.qkv]
                 m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+                m.attn_dim = m.num_heads * m.head_dim
+                m.scale = m.head_dim ** -0.5
         return model
 
     lo, hi = 0.0, 0.95

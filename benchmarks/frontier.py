@@ -72,7 +72,7 @@ def run_one(method: str, target: float, seed: int, dense, train, test, steps: in
         torch.manual_seed(seed)
         baselines.finetune(model, dense, train, steps, lr=LR, seed=seed)
     row["seconds"] = time.perf_counter() - t0
-    if seed == 0:  # kept for the speed benchmark (benchmarks/speed.py)
+    if seed == 0 and steps >= 100:  # kept for the speed benchmark (benchmarks/speed.py)
         (RESULTS / "models").mkdir(parents=True, exist_ok=True)
         torch.save(model, RESULTS / "models" / f"{_slug(method)}_{int(round(100 * target))}.pt")
     row["macs_ratio"] = hiap_fx.count_macs(model, x1) / dense_macs
@@ -203,7 +203,8 @@ def main() -> None:
                                  compact_params=1, steps=r["steps"], seconds=r["seconds"],
                                  trained_ratio=r["trained_ratio"], sites=r["sites"],
                                  removed_sublayers=[s["site"] for s in r["sites"] if s["removed"]])
-            plot_structure(report, RESULTS / f"hiap_structure_{int(round(100 * (1 - target)))}.png")
+            suffix = "_quick" if args.quick else ""
+            plot_structure(report, RESULTS / f"hiap_structure_{int(round(100 * (1 - target)))}{suffix}.png")
 
 
 if __name__ == "__main__":

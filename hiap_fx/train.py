@@ -220,7 +220,7 @@ class _Run:
         if state["teacher_is_dense"]:
             teacher_module = state["teacher"]
         elif isinstance(teacher, nn.Module):
-            teacher_module = teacher.eval().requires_grad_(False)
+            teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # the user's stays as is
         else:
             teacher_module = None
         run = cls(prepared, teacher_module, state["total"], state["dense_params"],
@@ -246,6 +246,77 @@ def _log_point(run: _Run, loss: float, task: float, tau: float) -> HistoryPoint:
         multiplier=float(prepared.budget.multiplier),
         heads_kept=sum(s.heads_kept or 0 for s in structure if s.kind == "attention"),
         neurons_kept=sum(s.neurons_kept or 0 for s in structure if s.kind == "ffn"))
+
+
+def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: PruneConfig,
+             steps: Optional[int], epochs: Optional[float], teacher: Union[str, nn.Module, None],
+             example_inputs: Any, eval_data: Optional[Iterable]) -> "_Run":
+    """Prepare (unless given a PreparedModel), build the teacher and optimizer, measure the dense
+    accuracy: the state of a run at step 0."""
+    from .api import prepare
+
+    if steps is not None and epochs is not None:
+        raise InputError("give steps= or epochs=, not both")
+    if steps is None:
+        length = _length(train_data)
+        if length is None:
+            raise InputError("train_data has no len(): give steps=")
+        steps = max(1, int(round((epochs or 1) * length)))
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    torch.manual_seed(cfg.seed)
+    if isinstance(model, PreparedModel):
+        prepared = model
+        dense_params = sum(p.numel() for n, p in prepared.named_parameters() if "hiap_gates" not in n)
+    else:
+        x = example_inputs if example_inputs is not None else _first_inputs(train_data)
+        first = next(model.parameters(), None)
+        x = _to_device(x, first.device) if first is not None else x
+        prepared = prepare(model, x, cfg)
+        dense_params = sum(p.numel() for p in model.parameters())
+    teacher_is_dense = teacher == "dense"
+    if teacher_is_dense:
+        teacher_module: Optional[nn.Module] = dense_teacher(prepared)
+    elif isinstance(teacher, nn.Module):
+        teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # never the user's own
+    elif teacher is None:
+        teacher_module = None
+    else:
+        raise InputError(f"teacher must be 'dense', a module or None, got {teacher!r}")
+    run = _Run(prepared, teacher_module, steps, dense_params, teacher_is_dense)
+    torch.manual_seed(cfg.seed)
+    run.rng = _rng_state()
+    if eval_data is not None:
+        reference = teacher_module if teacher_is_dense else dense_teacher(prepared)
+        run.dense_accuracy = evaluate(reference, eval_data)
+    return run
+
+
+def _finish(run: "_Run", eval_data: Optional[Iterable]) -> PruneResult:
+    """Land on the budget, finalize, measure and report."""
+    from .api import finalize
+    from .counting import count_macs
+
+    prepared, cfg = run.prepared, run.prepared.config
+    prepared.eval()
+    trained_ratio = prepared.hard_macs() / prepared.dense_macs
+    shift = prepared.land_on_budget()
+    compact = finalize(prepared)
+    one = _one_example(prepared.example_inputs)
+    compact_macs = count_macs(compact, one)
+    dense_macs = count_macs(run.teacher if run.teacher_is_dense else dense_teacher(prepared), one)
+    structure = site_structure(prepared)
+    ratio = compact_macs / dense_macs
+    report = PruneReport(
+        model=prepared.plan.model, target_macs=cfg.target_macs, dense_macs=dense_macs,
+        compact_macs=compact_macs, kept_ratio=ratio,
+        target_gap_pp=None if cfg.target_macs is None else 100.0 * (ratio - cfg.target_macs),
+        dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
+        dense_accuracy=run.dense_accuracy,
+        compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,
+        steps=run.step, seconds=run.seconds, trained_ratio=trained_ratio, budget_shift=shift, sites=structure,
+        removed_sublayers=[s.site for s in structure if s.removed], history=run.history)
+    return PruneResult(compact=compact, prepared=prepared, report=report)
 
 
 def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterable,
@@ -279,9 +350,6 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     Returns:
         :class:`PruneResult` with ``compact``, ``prepared`` and ``report``.
     """
-    from .api import finalize, prepare
-    from .counting import count_macs
-
     if isinstance(model, (str, Path)):
         if teacher == "dense":
             teacher = None  # the checkpoint decides; a module passed here replaces a non-dense one
@@ -292,41 +360,12 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
             raise InputError(f"resuming {model}: the checkpoint was written with another config; "
                              "resume without config= (its own is used)")
     else:
+        if isinstance(model, PreparedModel) and config is not None and config != model.config:
+            raise InputError("the PreparedModel was prepared with another config (its gates, cost and "
+                             "controller follow prepared.config); pass config=None or prepare again")
         cfg = config or (model.config if isinstance(model, PreparedModel) else PruneConfig())
-        if steps is not None and epochs is not None:
-            raise InputError("give steps= or epochs=, not both")
-        if steps is None:
-            length = _length(train_data)
-            if length is None:
-                raise InputError("train_data has no len(): give steps=")
-            steps = max(1, int(round((epochs or 1) * length)))
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        torch.manual_seed(cfg.seed)
-        if isinstance(model, PreparedModel):
-            prepared = model
-            dense_params = sum(p.numel() for n, p in prepared.named_parameters() if "hiap_gates" not in n)
-        else:
-            x = example_inputs if example_inputs is not None else _first_inputs(train_data)
-            first = next(model.parameters(), None)
-            x = _to_device(x, first.device) if first is not None else x
-            prepared = prepare(model, x, cfg)
-            dense_params = sum(p.numel() for p in model.parameters())
-        teacher_is_dense = teacher == "dense"
-        if teacher_is_dense:
-            teacher_module: Optional[nn.Module] = dense_teacher(prepared)
-        elif isinstance(teacher, nn.Module):
-            teacher_module = teacher.eval().requires_grad_(False)
-        elif teacher is None:
-            teacher_module = None
-        else:
-            raise InputError(f"teacher must be 'dense', a module or None, got {teacher!r}")
-        run = _Run(prepared, teacher_module, steps, dense_params, teacher_is_dense)
-        torch.manual_seed(cfg.seed)
-        run.rng = _rng_state()
-        if eval_data is not None:
-            reference = teacher_module if teacher_is_dense else dense_teacher(prepared)
-            run.dense_accuracy = evaluate(reference, eval_data)
+        run = _new_run(model, train_data, cfg, steps, epochs, teacher, example_inputs, eval_data)
+        prepared = run.prepared
 
     total = run.total
     log_every = log_every or max(1, total // 100)
@@ -376,22 +415,4 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     if run.step < total:
         return None  # type: ignore[return-value]
 
-    prepared.eval()
-    trained_ratio = prepared.hard_macs() / prepared.dense_macs
-    shift = prepared.land_on_budget()
-    compact = finalize(prepared)
-    one = _one_example(prepared.example_inputs)
-    compact_macs = count_macs(compact, one)
-    dense_macs = count_macs(run.teacher if run.teacher_is_dense else dense_teacher(prepared), one)
-    structure = site_structure(prepared)
-    ratio = compact_macs / dense_macs
-    report = PruneReport(
-        model=prepared.plan.model, target_macs=cfg.target_macs, dense_macs=dense_macs,
-        compact_macs=compact_macs, kept_ratio=ratio,
-        target_gap_pp=None if cfg.target_macs is None else 100.0 * (ratio - cfg.target_macs),
-        dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
-        dense_accuracy=run.dense_accuracy,
-        compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,
-        steps=run.step, seconds=run.seconds, trained_ratio=trained_ratio, budget_shift=shift, sites=structure,
-        removed_sublayers=[s.site for s in structure if s.removed], history=run.history)
-    return PruneResult(compact=compact, prepared=prepared, report=report)
+    return _finish(run, eval_data)

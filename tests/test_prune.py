@@ -237,3 +237,16 @@ def test_prune_accepts_data_without_len_and_rejects_bad_lengths():
         hiap_fx.prune(tiny_vit(), Reiterable(), config(), progress=False)
     with pytest.raises(hiap_fx.InputError, match="not both"):
         hiap_fx.prune(tiny_vit(), data, config(), steps=3, epochs=1, progress=False)
+
+
+def test_a_user_teacher_and_a_prepared_model_are_used_as_given():
+    data = synthetic_data(n=96)
+    teacher = tiny_vit(seed=1).train()
+    result = hiap_fx.prune(tiny_vit(), data, config(target_macs=0.7), steps=4, teacher=teacher, progress=False)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # not mutated
+    assert result.report.steps == 4
+    prepared = hiap_fx.prepare(tiny_vit(), torch.randn(2, 1, 16, 16), config(target_macs=0.7))
+    with pytest.raises(hiap_fx.InputError, match="another config"):
+        hiap_fx.prune(prepared, data, config(target_macs=0.5), steps=2, progress=False)
+    again = hiap_fx.prune(prepared, data, steps=3, teacher=None, progress=False)
+    assert again.prepared is prepared and again.report.dense_accuracy is None
