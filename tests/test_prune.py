@@ -250,3 +250,20 @@ def test_a_user_teacher_and_a_prepared_model_are_used_as_given():
         hiap_fx.prune(prepared, data, config(target_macs=0.5), steps=2, progress=False)
     again = hiap_fx.prune(prepared, data, steps=3, teacher=None, progress=False)
     assert again.prepared is prepared and again.report.dense_accuracy is None
+
+
+@pytest.mark.slow
+def test_minilm_example_prunes_a_pretrained_encoder_offline():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "minilm_prune.py"), "--steps", "12",
+                           "--batch", "8", "--length", "24"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    kept = float(out.split("MACs kept: ")[1].split("%")[0])
+    assert abs(kept - 60.0) <= 1.0
+    cosine = float(out.split("held-out sentences: mean ")[1].split(",")[0])
+    assert 0.0 < cosine <= 1.0
+    assert "encoder.layer.0.attention: heads" in out
