@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import hiap_fx
+from hiap_fx.budget import hard_ratio
 from hiap_fx.classify import cosine_lr, logits_of
 from hiap_fx.train import distillation_loss
 
@@ -58,15 +59,18 @@ def _set(prepared: hiap_fx.PreparedModel, choose: Callable[[str, torch.Tensor], 
 
 def _bisect(prepared: hiap_fx.PreparedModel, apply: Callable[[float], None], target: float) -> float:
     """Find the keep fraction r in [0, 1] whose decisions give hard MACs closest to ``target``."""
+    def ratio_at(r: float) -> float:
+        apply(r)
+        return hard_ratio(prepared)
+
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        apply(mid)
-        if prepared.hard_macs() / prepared.dense_macs > target:
+        if ratio_at(mid) > target:
             hi = mid
         else:
             lo = mid
-    best = min((lo, hi), key=lambda r: (apply(r), abs(prepared.hard_macs() / prepared.dense_macs - target))[1])
+    best = min((lo, hi), key=lambda r: abs(ratio_at(r) - target))
     apply(best)
     return best
 
@@ -139,7 +143,7 @@ def l1_ffn(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
         _set(prepared, lambda key, logits: scores[key.rsplit(".", 1)[0]] >= threshold)
 
     _bisect(prepared, apply, target)
-    reached = prepared.hard_macs() / prepared.dense_macs
+    reached = hard_ratio(prepared)
     if reached > target + 0.01:
         raise RuntimeError(f"L1 FFN pruning cannot go below {reached:.3f} of dense MACs")
     return hiap_fx.finalize(prepared.eval())

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .budget import hard_ratio
 from .classify import cosine_lr, evaluate, logits_of
 from .config import PruneConfig
 from .errors import InputError
@@ -242,7 +243,7 @@ def _log_point(run: _Run, loss: float, task: float, tau: float) -> HistoryPoint:
     structure = site_structure(prepared)
     return HistoryPoint(
         step=run.step, tau=tau, loss=loss, task_loss=task, expected_ratio=expected,
-        hard_ratio=prepared.hard_macs() / prepared.dense_macs,
+        hard_ratio=hard_ratio(prepared),
         multiplier=float(prepared.budget.multiplier),
         heads_kept=sum(s.heads_kept or 0 for s in structure if s.kind == "attention"),
         neurons_kept=sum(s.neurons_kept or 0 for s in structure if s.kind == "ffn"))
@@ -299,7 +300,7 @@ def _finish(run: "_Run", eval_data: Optional[Iterable]) -> PruneResult:
 
     prepared, cfg = run.prepared, run.prepared.config
     prepared.eval()
-    trained_ratio = prepared.hard_macs() / prepared.dense_macs
+    trained_ratio = hard_ratio(prepared)
     shift = prepared.land_on_budget()
     compact = finalize(prepared)
     one = _one_example(prepared.example_inputs)

@@ -22,11 +22,6 @@ def _arg(node: fx.Node, pos: int, name: str) -> Optional[object]:
     return node.kwargs.get(name)
 
 
-def _param(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    mod_path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(mod_path) if mod_path else gm, name)
-
-
 def _register(gm: fx.GraphModule, like: str, value: torch.Tensor, requires_grad: bool) -> str:
     """Register ``value`` as a parameter in the module of ``like``, named after its base name
     (``weight_qh0_1`` -> ``weight``) when that name is free or no longer used by the graph."""
@@ -49,6 +44,9 @@ def _register(gm: fx.GraphModule, like: str, value: torch.Tensor, requires_grad:
 def fuse_sibling_linears(gm: fx.GraphModule) -> int:
     """Fuse every group of >= 2 linears that read the same tensor and whose weights (and biases,
     all present or all absent) are parameters used nowhere else; returns the number of groups."""
+    from .slice import _Params  # slice calls this pass, so import it when run
+
+    param = _Params(gm).get
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     fused = 0
@@ -63,7 +61,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
                 continue
             if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and len(b.users) == 1):
                 continue
-            wt = _param(gm, str(w.target))
+            wt = param(str(w.target))
             if not isinstance(wt, nn.Parameter) or wt.ndim != 2:
                 continue
             key = (b is not None, wt.shape[1], wt.dtype, wt.device, wt.requires_grad)
@@ -72,13 +70,13 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
             if len(members) < 2:
                 continue
             members.sort(key=lambda m: order[m[0]])
-            weights = [_param(gm, str(w.target)).detach() for _, w, _ in members]
+            weights = [param(str(w.target)).detach() for _, w, _ in members]
             first = members[0][0]
             with graph.inserting_before(first):
                 w_node = graph.get_attr(_register(gm, str(members[0][1].target), torch.cat(weights), requires_grad))
                 b_node = None
                 if has_bias:
-                    biases = [_param(gm, str(b.target)).detach() for _, _, b in members]  # type: ignore[union-attr]
+                    biases = [param(str(b.target)).detach() for _, _, b in members]  # type: ignore[union-attr]
                     b_node = graph.get_attr(_register(gm, str(members[0][2].target), torch.cat(biases),  # type: ignore[union-attr]
                                                       requires_grad))
                 lin = graph.call_function(torch._C._nn.linear, (node, w_node, b_node))
