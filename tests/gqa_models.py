@@ -1,5 +1,6 @@
-"""A small grouped-query-attention model (kv heads shared by groups of query heads), written two
-ways: k/v repeated with ``repeat_interleave``, or ``sdpa(enable_gqa=True)``."""
+"""A small grouped-query-attention model (kv heads shared by groups of query heads), written three
+ways: k/v repeated with ``repeat_interleave``, with Llama's ``repeat_kv`` (expand + reshape), or
+left to ``sdpa(enable_gqa=True)``; plus a manual-softmax variant."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ class GQA(nn.Module):
     """q: heads x head_dim; k, v: kv_heads x head_dim, each shared by heads // kv_heads queries."""
 
     def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2, head_dim: int = 8,
-                 sdpa_gqa: bool = False) -> None:
+                 repeat: str = "interleave", manual: bool = False) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.sdpa_gqa = heads, kv_heads, head_dim, sdpa_gqa
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.repeat, self.manual = repeat, manual
         self.q = nn.Linear(dim, heads * head_dim)
         self.k = nn.Linear(dim, kv_heads * head_dim)
         self.v = nn.Linear(dim, kv_heads * head_dim)
@@ -24,12 +26,17 @@ class GQA(nn.Module):
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, N, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, N, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.sdpa_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        else:
-            group = self.heads // self.kv_heads
+        group = self.heads // self.kv_heads
+        if self.repeat == "interleave":
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.repeat == "expand":  # transformers' repeat_kv
+            k, v = (t[:, :, None].expand(B, self.kv_heads, group, N, self.head_dim)
+                    .reshape(B, self.heads, N, self.head_dim) for t in (k, v))
+        if self.manual:
+            attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.repeat == "sdpa")
         return self.o(out.transpose(1, 2).reshape(B, N, -1))
 
 

@@ -252,11 +252,11 @@ def test_random_configs_and_decisions(qkv, attn, ffn, heads, head_dim, depth, hi
         assert torch.isfinite(prepared(x)).all()
 
 
-@pytest.mark.parametrize("sdpa_gqa", [False, True], ids=["repeat_interleave", "enable_gqa"])
-def test_grouped_query_attention_gates(sdpa_gqa):
+@pytest.mark.parametrize("repeat", ["interleave", "sdpa"])
+def test_grouped_query_attention_gates(repeat):
     from gqa_models import GQANet
 
-    model = GQANet(sdpa_gqa=sdpa_gqa).eval()
+    model = GQANet(repeat=repeat).eval()
     x = torch.randn(2, 7, 5)
     prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(qk_dims=True)).eval()
     site = prepared.plan.attention[0]

@@ -257,8 +257,12 @@ def _path_events(flow: FlowResult, g: _Graph, target: fx.Node) -> list[str]:
 
 
 def _operand(g: _Graph, core: _Core, operand: fx.Node, role: str, dim_axis: int,
-             token_axis: int) -> tuple[Projection, int, torch.Tensor]:
-    """Projection of one kernel operand; returns (projection, head axis, head x dim row table)."""
+             token_axis: int, q_heads: Optional[tuple[int, int]] = None) -> tuple[Projection, int, torch.Tensor]:
+    """Projection of one kernel operand; returns (projection, head axis, head x dim row table).
+
+    ``q_heads`` (q's head axis counted from the end, number of heads): a k/v operand repeated
+    across all query heads (multi-query attention) varies along no axis; when it has an axis of
+    that size there, it is taken as the head axis, every head reading the same rows."""
     lins = _source_linears(g, operand)
     if len(lins) != 1:
         raise _Reject(f"{role} of {core.nodes[0].name} comes from {len(lins)} linears, expected 1")
@@ -271,6 +275,10 @@ def _operand(g: _Graph, core: _Core, operand: fx.Node, role: str, dim_axis: int,
     rank = idx.dim()
     dim_axis, token_axis = dim_axis % rank, token_axis % rank
     head_axis = _head_axis(idx, dim_axis, token_axis, role, core)
+    if head_axis < 0 and q_heads is not None and q_heads[1] > 1 and -q_heads[0] <= rank:
+        shared = q_heads[0] % rank
+        if shared not in (dim_axis, token_axis) and idx.shape[shared] == q_heads[1]:
+            head_axis = shared
     table = _table(idx, head_axis, dim_axis, role, core)
     events = _path_events(flow, g, operand)
     weight, bias = g.linear_params(lin)
@@ -413,14 +421,17 @@ def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int
 
 def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
     qp, q_head_axis, q_table = _operand(g, core, core.q, "q", -1, -2)
-    kp, k_head_axis, k_table = _operand(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis)
-    vp, v_head_axis, v_table = _operand(g, core, core.v, "v", -1, -2)
     heads, head_dim = q_table.shape
+    q_heads = (q_head_axis - _rank(core.q), heads) if q_head_axis >= 0 else None
+    kp, k_head_axis, k_table = _operand(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis, q_heads)
+    vp, v_head_axis, v_table = _operand(g, core, core.v, "v", -1, -2, q_heads)
     if tuple(k_table.shape) != (heads, head_dim) and k_table.shape[1] != head_dim:
         raise _Reject(f"k of {core.nodes[0].name} has head dim {k_table.shape[1]}, q has {head_dim}")
     v_dim = v_table.shape[1]
     kv_heads = len({tuple(r) for r in k_table.tolist()})
-    out_head_axis = v_head_axis if _rank(core.out) == _rank(core.v) else q_head_axis
+    # a v shared by every head (multi-query) has no head axis; the output follows q's heads
+    out_head_axis = v_head_axis if _rank(core.out) == _rank(core.v) and v_head_axis >= 0 \
+        else q_head_axis
     out = _out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim)
     side = _side_tensors(g, core, heads, q_head_axis, _rank(core.q))
     q_shape, k_shape = _shape(core.q), _shape(core.k)

@@ -380,10 +380,21 @@ def _build_operand(ctx: _Context, site: AttentionSite, role: str, lay: _Layout, 
     """The kernel operand for ``heads`` (each with its kept ``dims``), rebuilt from kept rows."""
     proj = getattr(site, role)
     nd = len(dims[heads[0]])
-    rows = [proj.index[h][j] for h in heads for j in dims[h]]
+    # k/v of grouped-query attention: one table row per kv head, shared by its query heads
+    unit = (lambda h: h) if len(proj.index) == site.num_heads else (lambda h: site.kv_of_head[h])
+    rows = [proj.index[unit(h)][j] for h in heads for j in dims[h]]
     P = ctx.nodes[proj.node]
-    y = _linear_rows(ctx, proj, rows, P.args[0], suffix)
     g = ctx.graph
+    unique = list(dict.fromkeys(rows))
+    y = _linear_rows(ctx, proj, unique, P.args[0], suffix)
+    if len(unique) != len(rows):  # shared kv rows are computed once and repeated (no MACs)
+        if not lay.has_head_axis:
+            raise HiapError(f"{site.name}: the {role} operand shared by query heads has no head "
+                            f"axis at {lay.boundary.name} to repeat it along; prepare with "
+                            "PruneConfig(heads=False) for this model, or report it")
+        at = {r: i for i, r in enumerate(unique)}
+        index = ctx.params.constant(g, "hiap_kv_rows", torch.tensor([at[r] for r in rows]))
+        y = g.call_method("index_select", (y, -1, index))
     for first, last in lay.merges:
         y = g.call_method("flatten", (y, first, last))
     t = g.call_method("unflatten", (y, -1, (len(heads), nd))) if lay.has_head_axis else y
@@ -440,12 +451,9 @@ def _rebuild_attention(ctx: _Context, site: AttentionSite) -> None:
         else:
             _bias_only(ctx, site)
         return
-    if site.num_kv_heads != H:
-        raise HiapError(f"{site.name}: slicing grouped-query attention ({H} query heads sharing "
-                        f"{site.num_kv_heads} kv heads) is not supported yet; prepare it with "
-                        "PruneConfig(heads=False, head_dims=False, qk_dims=False)")
-    qdims = {h: q_on[h].nonzero().flatten().tolist() for h in live}
-    vdims = {h: d_on[h].nonzero().flatten().tolist() for h in live}
+    # widths are per kv head (query heads of one group share k and v)
+    qdims = {h: q_on[kv[h]].nonzero().flatten().tolist() for h in live}
+    vdims = {h: d_on[kv[h]].nonzero().flatten().tolist() for h in live}
     live.sort(key=lambda h: (-len(qdims[h]), -len(vdims[h]), h))
     core = ctx.nodes[site.core_nodes[0]]
     av = ctx.nodes[site.core_nodes[-1]]
