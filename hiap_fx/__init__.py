@@ -27,6 +27,8 @@ _LAZY = {
     "Plan": ("plan", "Plan"),
     "register_module_rewrite": ("registry", "register_module_rewrite"),
     "register_trace_hook": ("registry", "register_trace_hook"),
+    "register_attention_kernel": ("registry", "register_attention_kernel"),
+    "AttentionKernel": ("registry", "AttentionKernel"),
     "register_op_family": ("ops", "register_op_family"),
 }
 

@@ -30,12 +30,27 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     if require_attention and not plan.attention:
         first = sorted(plan.unclaimed, key=lambda u: not u.what.startswith("attention"))
         why = "; ".join(f"{u.node}: {u.reason}" for u in first[:5])
+        opaque = _opaque_calls(cg)
         raise NoAttentionError(
             f"no prunable attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
             f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
+            (f"; opaque calls the tracer kept whole: {', '.join(opaque)} (if one is an attention "
+             "kernel, register it with hiap_fx.register_attention_kernel)" if opaque else "") +
             ". hiap_fx prunes attention heads; for a model without attention use a channel "
             "pruner, or register a handler for your attention (see README, 'Extending')")
     return cg, plan
+
+
+def _opaque_calls(cg: CapturedGraph) -> list[str]:
+    """Names of user-level Python functions kept as single calls (fx.wrap / autowrap), which
+    may hide an attention kernel."""
+    names = []
+    for node in cg.gm.graph.nodes:
+        fn = node.target if node.op == "call_function" else None
+        module = getattr(fn, "__module__", None) or ""
+        if fn is not None and not module.startswith(("torch", "_operator", "operator", "builtins", "math")):
+            names.append(str(getattr(fn, "__qualname__", fn)))
+    return sorted(set(names))[:5]
 
 
 def _drop_unsliceable(cg: CapturedGraph, plan: Plan) -> None:

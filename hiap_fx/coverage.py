@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any, Optional, Sequence, Union
 
@@ -34,8 +38,48 @@ DEFAULT_MODELS: list[ModelSpec] = [
 ]
 
 
+#: timm name patterns of the ViT families the full coverage run goes over.
+TIMM_VIT_FAMILIES = ["vit_*", "deit*", "eva*", "beit*", "cait*", "swin*", "pvt*", "flexivit*"]
+
+#: Other front ends in the full run: HF transformers 5 vision models, torchvision ViT/Swin.
+OTHER_MODELS: list[ModelSpec] = [
+    ("hf:ViTForImageClassification", _SMALL_HF), ("hf:DeiTForImageClassification", _SMALL_HF),
+    ("hf:BeitForImageClassification", _SMALL_HF), ("hf:Dinov2Model", _SMALL_HF),
+    ("hf:ViTModel", {}), ("hf:Dinov2Model", {"image_size": 224}),
+    ("torchvision:vit_b_16", {"image_size": 64}), ("torchvision:vit_b_32", {"image_size": 64}),
+    ("torchvision:vit_l_16", {"image_size": 64}), ("torchvision:vit_l_32", {"image_size": 64}),
+    ("torchvision:vit_h_14", {"image_size": 70}), "torchvision:swin_t", "torchvision:swin_v2_t",
+]
+
+#: The smallest side the full run asks timm models for (rounded up to the patch size).
+SMALL_SIDE = 64
+
+
 def _spec(entry: ModelSpec) -> tuple[str, dict[str, Any]]:
     return (entry, {}) if isinstance(entry, str) else (entry[0], dict(entry[1]))
+
+
+def timm_vit_family(max_params: float = 7e8) -> tuple[list[ModelSpec], list[dict[str, Any]]]:
+    """Every timm model matching :data:`TIMM_VIT_FAMILIES`, each asked for a small image
+    (``img_size`` = :data:`SMALL_SIDE` rounded up to its patch size), and the rows of those left
+    out because they have more than ``max_params`` parameters (counted on the meta device)."""
+    import timm
+
+    entries: list[ModelSpec] = []
+    skipped: list[dict[str, Any]] = []
+    for name in timm.list_models(TIMM_VIT_FAMILIES):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        params = sum(p.numel() for p in model.parameters())
+        if params > max_params:
+            skipped.append({"model": name, "status": "skipped",
+                            "reason": f"{params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M limit "
+                                      "of this CPU run"})
+            continue
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        step = max(patch) if isinstance(patch, (tuple, list)) else int(patch or 16)
+        entries.append((name, {"img_size": -(-SMALL_SIDE // step) * step}))
+    return entries, skipped
 
 
 def probe(entry: ModelSpec) -> dict[str, Any]:
@@ -50,8 +94,8 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     t0 = time.perf_counter()
     try:
-        model = load_model(name, kwargs).eval()
-        x = default_input(model, batch=1)
+        model, x = _build(name, kwargs, load_model, default_input)
+        row["input"] = "x".join(map(str, x.shape[1:]))
         prepared = prepare(model, x)
         plan = prepared.plan
         x2 = torch.randn(2, *x.shape[1:])
@@ -81,7 +125,23 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
     return row
 
 
-_COLUMNS = ["model", "status", "frontend", "attention", "heads", "ffn", "hidden", "prunable",
+def _build(name: str, kwargs: dict[str, Any], load_model, default_input) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and an example input; a requested small image size the model cannot build or
+    run at (window or grid constraints) falls back to the model's default size."""
+    if "img_size" in kwargs:
+        try:
+            model = load_model(name, kwargs).eval()
+            x = default_input(model, batch=1)
+            with torch.no_grad():
+                model(x)
+            return model, x
+        except Exception:  # noqa: BLE001 - the model's own constraint, not hiap_fx's
+            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    model = load_model(name, kwargs).eval()
+    return model, default_input(model, batch=1)
+
+
+_COLUMNS = ["model", "status", "frontend", "input", "attention", "heads", "ffn", "hidden", "prunable",
             "gates", "cost", "finalize", "unclaimed", "seconds", "reason"]
 
 
@@ -120,14 +180,46 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
-                 readme: Optional[str] = None) -> str:
-    """Probe every model, return the markdown table, optionally write it to files."""
+def probe_isolated(entry: ModelSpec, timeout: float) -> dict[str, Any]:
+    """:func:`probe` in a fresh Python process (a crash, hang or out-of-memory kill of one model
+    becomes its row instead of ending the run)."""
+    name, kwargs = _spec(entry)
+    cmd = [sys.executable, "-m", "hiap_fx.coverage", json.dumps([name, kwargs])]
+    t0 = time.perf_counter()
     try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda it, **_: it  # noqa: E731
-    rows = [probe(m) for m in tqdm(list(models), desc="coverage")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "status": "timeout", "seconds": f"{time.perf_counter() - t0:.0f}",
+                "reason": f"no result within {timeout:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"model": name, "status": "error", "seconds": f"{time.perf_counter() - t0:.0f}",
+                "reason": f"worker exited {done.returncode}: {tail[:150]}"}
+    return json.loads(lines[-1])
+
+
+def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
+                 readme: Optional[str] = None, jobs: int = 0, timeout: float = 600.0,
+                 extra_rows: Sequence[dict[str, Any]] = ()) -> str:
+    """Probe every model, return the markdown table, optionally write it to files.
+
+    ``jobs`` > 0 runs each model in its own process, ``jobs`` at a time, each for at most
+    ``timeout`` seconds; ``extra_rows`` (e.g. models skipped for size) are appended as given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    models = list(models)
+    if jobs > 0:
+        torch_threads = max(1, (os.cpu_count() or 1) // jobs)
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads))
+        with ThreadPoolExecutor(jobs) as pool:
+            rows = list(tqdm(pool.map(lambda m: probe_isolated(m, timeout), models),
+                             total=len(models), desc="coverage"))
+    else:
+        rows = [probe(m) for m in tqdm(models, desc="coverage")]
+    rows += list(extra_rows)
     table = to_markdown(rows)
     if out:
         with open(out, "w") as fh:
@@ -142,3 +234,8 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
         with open(readme, "w") as fh:
             fh.write(text)
     return table
+
+
+if __name__ == "__main__":  # worker of probe_isolated: one model spec as JSON, one JSON row out
+    _name, _kwargs = json.loads(sys.argv[1])
+    print(json.dumps(probe((_name, _kwargs))))

@@ -9,6 +9,7 @@ from torch import fx
 
 from .ir import CapturedGraph
 from .ops import op_name
+from .registry import attention_kernel
 
 
 def _shape(node: object) -> Optional[tuple[int, ...]]:
@@ -34,11 +35,12 @@ def node_macs(node: fx.Node) -> int:
     if name in ("conv1d", "conv2d", "conv3d"):
         w = _shape(node.args[1])
         return math.prod(out) * math.prod(w[1:]) if out is not None and w else 0
-    if name == "scaled_dot_product_attention":
+    kernel = attention_kernel(node)
+    if name == "scaled_dot_product_attention" or kernel is not None:
         q, k, v = (_shape(a) for a in node.args[:3])
         if q is None or k is None or v is None:
             return 0
-        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        return math.prod(q[:-1]) * k[kernel.token_axis if kernel else -2] * (q[-1] + v[-1])
     return 0
 
 

@@ -57,12 +57,16 @@ class CoreLayout(_Base):
     k_dim_axis: int = Field(description="axis of k holding the qk dims (-1, or -2 for k^T)")
     out_head_axis: Optional[int] = Field(description="head axis of the kernel output "
                                          "(its dims are on the last axis)")
+    k_token_axis: int = Field(-2, description="axis of k holding the key tokens")
 
 
 class AttentionSite(_Site):
     """One attention: heads of q/k/v projections, a kernel, an output projection."""
 
-    kind: Literal["sdpa", "manual"]
+    kind: Literal["sdpa", "manual"] = Field(description="sdpa: one kernel call (sdpa or a "
+                                            "registered kernel) with q, k, v as its first three "
+                                            "arguments; manual: q @ k^T -> softmax -> @ v")
+    kernel: Optional[str] = Field(None, description="name of the registered attention kernel")
     core_nodes: list[str]
     num_heads: int
     num_kv_heads: int

@@ -3,13 +3,16 @@
 * module rewrites: replace a module the tracer cannot see into (e.g. ``nn.MultiheadAttention``)
   by an equivalent module it can, before capture;
 * trace hooks: extra leaf-module predicates and autowrap functions for a model family
-  (e.g. timm's helper functions that branch on shapes).
+  (e.g. timm's helper functions that branch on shapes);
+* attention kernels: a function that computes attention in one call (a fused or custom kernel),
+  kept as one node by the tracer and treated by discovery, gating, cost and slicing like
+  ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
@@ -33,8 +36,42 @@ class TraceHook:
     autowrap_modules: Callable[[], Iterable[object]] = field(default=lambda: ())
 
 
+@dataclass(frozen=True)
+class AttentionKernel:
+    """A function computing ``softmax(q k^T * scale) v`` independently for every head, called with
+    q, k, v as its first three positional arguments (extra arguments pass through unchanged).
+
+    Args:
+        name: a label for reports.
+        function: the Python function the model calls; the fx front end keeps each call as one
+            node (it is auto-wrapped), so the kernel itself is never traced into.
+        layout: ``"BHND"`` (heads before tokens, like sdpa) or ``"BNHD"`` (tokens before heads,
+            like flash-attn / xformers); the last axis always holds the head dims.
+        scale_arg: keyword through which the kernel takes its softmax scale. hiap_fx pins it to
+            ``q.shape[-1] ** -0.5`` of the dense model when the call does not pass it, so cutting
+            q/k dims keeps the dense scale. ``None``: the kernel derives its scale itself, so
+            only whole heads and value dims are cut (q/k dims are left whole).
+    """
+
+    name: str
+    function: Callable
+    layout: str = "BHND"
+    scale_arg: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("BHND", "BNHD"):
+            raise ValueError(f"AttentionKernel {self.name!r}: layout must be 'BHND' or 'BNHD', "
+                             f"not {self.layout!r}")
+
+    @property
+    def token_axis(self) -> int:
+        """Axis of q, k and v that holds the tokens (counted from the end)."""
+        return -2 if self.layout == "BHND" else -3
+
+
 MODULE_REWRITES: list[ModuleRewrite] = []
 TRACE_HOOKS: list[TraceHook] = []
+ATTENTION_KERNELS: dict[Callable, AttentionKernel] = {}
 
 
 def register_module_rewrite(rewrite: ModuleRewrite) -> ModuleRewrite:
@@ -47,6 +84,26 @@ def register_trace_hook(hook: TraceHook) -> TraceHook:
     """Add a trace hook (e.g. autowrap functions of a model library)."""
     TRACE_HOOKS.append(hook)
     return hook
+
+
+def register_attention_kernel(kernel: AttentionKernel) -> AttentionKernel:
+    """Teach hiap_fx an attention kernel function (see :class:`AttentionKernel`)."""
+    if kernel.function not in ATTENTION_KERNELS:
+        register_trace_hook(TraceHook(name=f"attention kernel {kernel.name}", applies=lambda m: True,
+                                      autowrap_functions=lambda: (kernel.function,)))
+    ATTENTION_KERNELS[kernel.function] = kernel
+    return kernel
+
+
+def attention_kernel(node: Any) -> Optional[AttentionKernel]:
+    """The registered kernel a graph node calls, if any."""
+    target = getattr(node, "target", None)
+    if getattr(node, "op", None) != "call_function":
+        return None
+    try:
+        return ATTENTION_KERNELS.get(target)
+    except TypeError:  # an unhashable target
+        return None
 
 
 def _load_builtin_handlers() -> None:

@@ -30,7 +30,7 @@ def format_plan(plan: "Plan") -> str:
     total = plan.total_macs
     lines = [f"model {plan.model} | front end {plan.frontend} | input {plan.example_shapes} | "
              f"{total:,} MACs"]
-    rows = [[s.name, s.kind, str(s.num_heads) + (f" (kv {s.num_kv_heads})" if s.num_kv_heads != s.num_heads else ""),
+    rows = [[s.name, s.kernel or s.kind, str(s.num_heads) + (f" (kv {s.num_kv_heads})" if s.num_kv_heads != s.num_heads else ""),
              str(s.head_dim), str(s.v_dim), str(s.tokens), "yes" if s.residual else "no",
              str(len(s.side)), _pct(s.macs, total)] for s in plan.attention]
     lines += ["", f"attention sites: {len(plan.attention)}",

@@ -123,10 +123,10 @@ class _Builder:
         qk_sum = sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)])
         av_sum = sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)])
         if site.kind == "sdpa":
-            self.kernels[site.core_nodes[0]] = (H, qk_sum + av_sum, "sdpa")
+            self.kernels[site.core_nodes[0]] = (H, qk_sum + av_sum, "sdpa", site.layout.k_token_axis)
         else:
-            self.kernels[site.core_nodes[0]] = (H, qk_sum, "qk")
-            self.kernels[site.core_nodes[-1]] = (H, av_sum, "av")
+            self.kernels[site.core_nodes[0]] = (H, qk_sum, "qk", -1)
+            self.kernels[site.core_nodes[-1]] = (H, av_sum, "av", -1)
 
     def ffn(self, site: FFNSite) -> None:
         bundle = self.bundles.get(site.name)
@@ -193,10 +193,10 @@ class _Builder:
             p == str(w.target) for p, _ in self.cuts)
 
     def _kernel_expr(self, n: fx.Node, dep: bool) -> sympy.Expr:
-        heads, head_sum, role = self.kernels[n.name]
+        heads, head_sum, role, key_axis = self.kernels[n.name]
         a = n.args[0].meta["hiap_shape"]
         if role == "sdpa":  # rows of q per head x key tokens
-            rows, keys = math.prod(a[:-1]), n.args[1].meta["hiap_shape"][-2]
+            rows, keys = math.prod(a[:-1]), n.args[1].meta["hiap_shape"][key_axis]
         else:
             out = n.meta["hiap_shape"]  # q @ k^T: key tokens are out[-1]; p @ v: they are contracted
             rows, keys = math.prod(out[:-1]), (out[-1] if role == "qk" else a[-1])

@@ -20,6 +20,7 @@ from ..flow import FlowResult, IndexFlow, feature_index
 from ..ir import CapturedGraph
 from ..macs import graph_macs
 from ..ops import in_family, op_name
+from ..registry import AttentionKernel, attention_kernel
 from ..plan import (AttentionSite, CoreLayout, FFNSite, Plan, Projection, Residual, SideTensor,
                     Unclaimed)
 
@@ -46,6 +47,8 @@ class _Core:
     k_token_axis: int
     logits_inputs: list[fx.Node] = field(default_factory=list)
     mixers: list[fx.Node] = field(default_factory=list)
+    token_axis: int = -2  # of q, v and the output
+    kernel: Optional[AttentionKernel] = None  # a registered attention kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +132,15 @@ def _find_cores(g: _Graph) -> tuple[list[_Core], list[Unclaimed]]:
     unclaimed: list[Unclaimed] = []
     for node in g.cg.gm.graph.nodes:
         name = g.name(node)
-        if name == "scaled_dot_product_attention":
+        kernel = attention_kernel(node)
+        if kernel is not None:
+            if len(node.args) < 3 or not all(isinstance(a, fx.Node) for a in node.args[:3]):
+                unclaimed.append(Unclaimed(node=node.name, what=f"attention kernel {kernel.name}",
+                                           reason="q, k, v are not its first three positional arguments"))
+                continue
+            t = kernel.token_axis
+            cores.append(_Core("sdpa", [node], *node.args[:3], node, -1, t, [], token_axis=t, kernel=kernel))
+        elif name == "scaled_dot_product_attention":
             args = list(node.args) + [None] * 4
             q = node.kwargs.get("query", args[0])
             k = node.kwargs.get("key", args[1])
@@ -420,11 +431,14 @@ def _head_params(g: _Graph, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int
 
 
 def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
-    qp, q_head_axis, q_table = _operand(g, core, core.q, "q", -1, -2)
+    qp, q_head_axis, q_table = _operand(g, core, core.q, "q", -1, core.token_axis)
     heads, head_dim = q_table.shape
     q_heads = (q_head_axis - _rank(core.q), heads) if q_head_axis >= 0 else None
     kp, k_head_axis, k_table = _operand(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis, q_heads)
-    vp, v_head_axis, v_table = _operand(g, core, core.v, "v", -1, -2, q_heads)
+    vp, v_head_axis, v_table = _operand(g, core, core.v, "v", -1, core.token_axis, q_heads)
+    if core.kernel is not None and core.kernel.scale_arg is None:
+        # the kernel derives its scale from the head dim: cutting q/k dims would change it
+        qp, kp = qp.model_copy(update={"dims_mixed": True}), kp.model_copy(update={"dims_mixed": True})
     if tuple(k_table.shape) != (heads, head_dim) and k_table.shape[1] != head_dim:
         raise _Reject(f"k of {core.nodes[0].name} has head dim {k_table.shape[1]}, q has {head_dim}")
     v_dim = v_table.shape[1]
@@ -440,11 +454,12 @@ def _attention_site(g: _Graph, core: _Core) -> AttentionSite:
         return axis - _rank(node) if axis >= 0 else None
 
     layout = CoreLayout(q_head_axis=neg(q_head_axis, core.q), k_head_axis=neg(k_head_axis, core.k),
-                        k_dim_axis=core.k_dim_axis, out_head_axis=neg(out_head_axis, core.out))
+                        k_dim_axis=core.k_dim_axis, out_head_axis=neg(out_head_axis, core.out),
+                        k_token_axis=core.k_token_axis % _rank(core.k) - _rank(core.k))
     return AttentionSite(
         name="", kind=core.kind, core_nodes=[n.name for n in core.nodes], num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, v_dim=v_dim,
-        tokens=q_shape[-2] if q_shape else 0,
+        tokens=q_shape[core.token_axis] if q_shape else 0, kernel=core.kernel.name if core.kernel else None,
         kv_tokens=k_shape[core.k_token_axis] if k_shape else 0,
         kv_of_head=_kv_groups(core, heads, k_table, v_table), layout=layout,
         q=qp, k=kp, v=vp, out=out, side=side)

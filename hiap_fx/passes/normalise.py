@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ir import CapturedGraph
+from ..registry import attention_kernel
 from ..ops import op_name
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -154,7 +155,20 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
         if name == "scaled_dot_product_attention" and node.op == "call_function" and (
                 kwargs.get("scale") is None and (len(args) < 7 or args[6] is None)):
             return _pinned_sdpa(node)
+        kernel = attention_kernel(node)
+        if kernel is not None and kernel.scale_arg and kwargs.get(kernel.scale_arg) is None:
+            return _pinned_kernel(node, kernel.scale_arg)
     return None
+
+
+def _pinned_kernel(node: fx.Node, scale_arg: str) -> Optional[fx.Node]:
+    """A registered kernel's call with its scale keyword explicit (see ``_pinned_sdpa``)."""
+    q = node.args[0]
+    shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
+    if not shape:
+        return None
+    kwargs = {**node.kwargs, scale_arg: float(shape[-1]) ** -0.5}
+    return node.graph.call_function(node.target, tuple(node.args), kwargs)
 
 
 def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
