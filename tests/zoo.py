@@ -141,6 +141,7 @@ class ViTSpec:
     qkv_bias: bool = True
     layer_scale: bool = False
     drop_path: float = 0.0
+    extra_tokens: int = 0  # learned register tokens appended after the class token
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -291,9 +292,11 @@ class SpecViT(nn.Module):
         self.in_chans = spec.in_chans
         self.patch_embed = nn.Conv2d(spec.in_chans, spec.dim, spec.patch, stride=spec.patch)
         self.use_cls = spec.pool == "cls"
-        n_tokens = spec.num_patches + (1 if self.use_cls else 0)
+        n_tokens = spec.num_patches + (1 if self.use_cls else 0) + spec.extra_tokens
         if self.use_cls:
             self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, spec.dim))
+        if spec.extra_tokens:
+            self.reg_tokens = nn.Parameter(0.02 * torch.randn(1, spec.extra_tokens, spec.dim))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, n_tokens, spec.dim))
         self.blocks = nn.Sequential(*[_SpecBlock(spec) for _ in range(spec.depth)])
         self.norm = nn.LayerNorm(spec.dim)
@@ -301,8 +304,10 @@ class SpecViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        B = x.shape[0]
+        if self.spec.extra_tokens:
+            x = torch.cat([self.reg_tokens.expand(B, -1, -1), x], dim=1)
         if self.use_cls:
-            B = x.shape[0]
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         x = x + self.pos_embed
         x = self.blocks(x)

@@ -602,7 +602,12 @@ def _zero_preserving(g: _Graph, node: fx.Node, data: fx.Node) -> bool:
     return isinstance(out, torch.Tensor) and out.numel() > 0 and not out.any()
 
 
-def _residual(g: _Graph, branch_end: fx.Node, branch_input: fx.Node) -> Optional[Residual]:
+def _residual(g: _Graph, branch_end: fx.Node, branch_input: fx.Node,
+              zero_preserving: bool = True) -> Optional[Residual]:
+    """The add joining the branch ending at ``branch_end`` into the stream that feeds
+    ``branch_input``, reached through single-use ops that keep a zero branch zero (so closing
+    the whole site removes it); with ``zero_preserving=False`` through any single-input ops (a
+    post-norm branch, ``x + norm(f(x))``, whose units can be cut but not the whole branch)."""
     cur = branch_end
     for _ in range(64):
         users = list(cur.users)
@@ -616,7 +621,7 @@ def _residual(g: _Graph, branch_end: fx.Node, branch_input: fx.Node) -> Optional
             if other is branch_input or other in g.ancestors(branch_input):
                 return Residual(add_node=u.name, branch_arg=pos)
             return None
-        if g.data_inputs(u) != [cur] or not _zero_preserving(g, u, cur):
+        if g.data_inputs(u) != [cur] or (zero_preserving and not _zero_preserving(g, u, cur)):
             return None
         cur = u
     return None
@@ -669,6 +674,7 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
         site.name = _site_name([p.weight for p in projs], taken, "attn")
         attention.append(site)
     ffn: list[FFNSite] = []
+    notes: list[str] = []
     for node in cg.gm.graph.nodes:
         if g.name(node) != "linear" or node.name in claimed:
             continue
@@ -682,9 +688,12 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
         branch_input = node_by_name[site.inputs[0].node].args[0]
         site.residual = _residual(g, node, branch_input)
         if site.residual is None:
-            unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear",
-                                       reason="not on a residual branch (classifier or embedding MLP?)"))
-            continue
+            if _residual(g, node, branch_input, zero_preserving=False) is None:
+                unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear",
+                                           reason="not on a residual branch (classifier or embedding MLP?)"))
+                continue
+            notes.append(f"{node.name}: FFN joins the residual stream through a norm (post-norm); "
+                         "its neurons are gated, the whole block is not")
         owned = {p.node for p in site.inputs} | {site.out.node}
         claimed |= owned
         site.macs = sum(macs.get(n, 0) for n in owned)
@@ -694,7 +703,7 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
     return Plan(model=model_name, frontend=cg.frontend,  # type: ignore[arg-type]
                 example_shapes=[list(t.shape) for t in cg.example_inputs],
                 total_macs=sum(macs.values()), attention=attention, ffn=ffn,
-                unclaimed=unclaimed, notes=list(cg.notes))
+                unclaimed=unclaimed, notes=list(cg.notes) + notes)
 
 
 def _opaque_modules(g: _Graph) -> list[Unclaimed]:
