@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import CaptureError, DiscoveryError, HiapError, InputError, NoAttentionError
+from .errors import (CaptureError, ConfigError, DiscoveryError, HiapError, InputError,
+                     NoAttentionError, StateError)
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,8 @@ _LAZY = {
     "register_op_family": ("ops", "register_op_family"),
 }
 
-__all__ = ["HiapError", "CaptureError", "DiscoveryError", "InputError", "NoAttentionError",
+__all__ = ["HiapError", "CaptureError", "ConfigError", "DiscoveryError", "InputError",
+           "NoAttentionError", "StateError",
            *_LAZY]
 
 

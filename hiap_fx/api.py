@@ -60,9 +60,15 @@ def finalize(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -
     ``prepared.eval()`` and its counted MACs against ``prepared.hard_macs()``; a mismatch raises
     ``HiapError``. ``prepared`` is not modified.
     """
+    from .errors import InputError
     from .passes.slice import compile_compact
     from .passes.verify import verify_compact
 
+    if not isinstance(prepared, PreparedModel):
+        inner = getattr(prepared, "module", None)  # DistributedDataParallel / DataParallel
+        hint = (" (unwrap it: finalize(ddp_model.module))" if isinstance(inner, PreparedModel)
+                else "; pass the model hiap_fx.prepare returned (or PruneResult.prepared)")
+        raise InputError(f"finalize() needs a hiap_fx.PreparedModel, got {type(prepared).__name__}{hint}")
     compact = compile_compact(prepared.graph_module, prepared.plan, prepared.decisions(),
                               prepared.example_inputs)
     compact.eval()

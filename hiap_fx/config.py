@@ -4,13 +4,35 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']} (got {e.get('input')!r})"
+                         for e in exc.errors())
+    return ConfigError(f"invalid PruneConfig: {problems}. See PruneConfig's field descriptions "
+                       "(hiap_fx.PruneConfig.model_fields) for the allowed values")
 
 
 class PruneConfig(BaseModel):
-    """Options of `hiap_fx.prepare` / `hiap_fx.prune`. Invalid values raise `pydantic.ValidationError`."""
+    """Options of `hiap_fx.prepare` / `hiap_fx.prune`. Invalid values raise `hiap_fx.ConfigError`
+    (a `HiapError` and a `ValueError`) naming the field."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
     # --- capture -----------------------------------------------------------------------------
     frontend: Literal["auto", "fx", "export"] = Field(
@@ -78,6 +100,10 @@ class PruneConfig(BaseModel):
                                 "(not of biases, norms or gates).")
     max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the weights' gradient norm.")
     seed: int = Field(0, description="Seed of the run: gate noise, dropout and data order.")
+    amp: Optional[Literal["bf16", "fp16"]] = Field(
+        None, description="prune(): run the forward passes under torch.autocast in this dtype "
+        "(fp16 with a gradient scaler); weights, gates and the budget terms stay float32, and "
+        "finalize verifies the compact model in float32.")
     hard_control_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="In this last fraction of the run the budget controller "
         "steers the MACs eval mode selects (what finalize keeps) instead of the expected MACs.")

@@ -21,3 +21,12 @@ class DiscoveryError(HiapError):
 
 class InputError(HiapError):
     """Example inputs or arguments do not fit the model."""
+
+
+class ConfigError(HiapError, ValueError):
+    """A configuration value is invalid (the message names the field and the allowed range)."""
+
+
+class StateError(HiapError):
+    """A prepared model's state is unusable: non-finite gate logits, a state dict from another
+    model, or a training run that diverged."""

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from .config import PruneConfig
+from .errors import StateError
 from .cost import CostModel, symbol_values
 from .gates import Gate
 from .objective import BudgetController, feasibility
@@ -81,8 +82,37 @@ class PreparedModel(nn.Module):
     # --- cost --------------------------------------------------------------------------------
 
     def decisions(self) -> dict[str, torch.Tensor]:
-        """The eval-mode decision of every unit (``True`` = kept), by gate key."""
-        return {k: g.hard().bool() for k, g in self.gate_modules().items()}
+        """The eval-mode decision of every unit (``True`` = kept), by gate key. Raises
+        ``StateError`` when a gate logit is NaN or infinite (no decision can be read from it)."""
+        gates = self.gate_modules()
+        for key, g in gates.items():
+            bad = ~torch.isfinite(g.logits.detach())
+            if bool(bad.any()):
+                raise StateError(f"gate {key} has {int(bad.sum())} non-finite logit(s) (units "
+                                 f"{bad.nonzero().flatten().tolist()[:8]}): training diverged or the "
+                                 "logits were overwritten. Resume from an earlier checkpoint, lower "
+                                 "the learning rate or set PruneConfig(max_grad_norm=...)")
+        return {k: g.hard().bool() for k, g in gates.items()}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, with a mismatch (a state dict of another model or of the
+        dense model, which has no gates) raised as ``StateError`` naming the differing keys."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state_dict and hasattr(state_dict[k], "shape")
+                  and tuple(state_dict[k].shape) != tuple(v.shape)]
+        if shapes or (strict and (missing or unexpected)):
+            parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                     f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                     f"{len(shapes)} of another shape (e.g. {shapes[:3]})" if shapes else ""]
+            raise StateError("state dict does not fit this prepared model: " +
+                             "; ".join(p for p in parts if p) + ". Load a state dict saved from a "
+                             "model prepared from the same architecture and example input size "
+                             "(hiap_fx.save / load), or load dense weights into the model before "
+                             "hiap_fx.prepare")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _values(self, hard: bool) -> torch.Tensor:
         if hard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import random
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from .budget import hard_ratio
 from .classify import cosine_lr, evaluate, logits_of
 from .config import PruneConfig
-from .errors import InputError
+from .errors import InputError, StateError
 from .prepared import PreparedModel
 from .prune_report import HistoryPoint, PruneReport, site_structure
 
@@ -112,6 +113,44 @@ def _optimizer(prepared: PreparedModel, cfg: PruneConfig, total: int) -> torch.o
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _presharded(data: Iterable) -> bool:
+    """Whether a DataLoader's sampler already gives each rank its own part (DistributedSampler)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(getattr(data, "sampler", None), DistributedSampler) or isinstance(
+        getattr(getattr(data, "batch_sampler", None), "sampler", None), DistributedSampler)
+
+
+def _data_parallel(prepared: PreparedModel, device: torch.device) -> nn.Module:
+    """``prepared`` wrapped in DistributedDataParallel (rank 0's weights and gates are broadcast
+    to every rank; gradients, gate logits' included, are averaged). The budget terms are computed
+    on ``prepared`` itself, identically on every rank, from identical gate logits."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(prepared, device_ids=ids)
+
+
+def _mixed_precision(cfg: PruneConfig, device: torch.device) -> tuple[Any, Any]:
+    """The autocast context factory and (for float16) a gradient scaler of ``cfg.amp``."""
+    import contextlib
+
+    if cfg.amp is None:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -133,17 +172,31 @@ def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Ite
     gen = getattr(data, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(epoch_seed)
-    it = iter(data)
+    rank, world = _dist()
+    if _presharded(data):
+        sampler = getattr(data, "sampler", None)
+        sampler = sampler if hasattr(sampler, "set_epoch") else data.batch_sampler.sampler  # type: ignore[attr-defined]
+        sampler.set_epoch(epoch)
+        it: Iterator = iter(data)
+    elif world > 1:  # every rank walks the same seeded order and takes every world-th batch
+        it = itertools.islice(iter(data), rank, None, world)
+    else:
+        it = iter(data)
     for _ in range(skip):
         next(it)
     return it
 
 
 def _length(data: Iterable) -> Optional[int]:
+    """Batches per epoch on this rank."""
     try:
-        return len(data)  # type: ignore[arg-type]
+        n = len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+    rank, world = _dist()
+    if world > 1 and not _presharded(data):
+        return len(range(rank, n, world))
+    return n
 
 
 def _next_batch(run: "_Run", data: Iterable, it: Optional[Iterator]) -> Any:
@@ -206,11 +259,17 @@ class _Run:
             "seconds": self.seconds, "dense_params": self.dense_params,
             "dense_accuracy": self.dense_accuracy,
         }
+        rank, world = _dist()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        if rank == 0:  # every rank holds the same state; one writes it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     @classmethod
     def load(cls, path: Union[str, Path], teacher: Any) -> "_Run":
@@ -373,7 +432,11 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     eval_every = eval_every or max(1, math.ceil(total / 8))
     device = next(prepared.parameters()).device
     prepared.train()
-    bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress, dynamic_ncols=True)
+    rank, world = _dist()
+    forward = _data_parallel(prepared, device) if world > 1 else prepared
+    autocast, scaler = _mixed_precision(cfg, device)
+    bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     started = time.perf_counter() - run.seconds
     it: Optional[Iterator] = None
     if run.offset and run.offset != _length(train_data):
@@ -384,17 +447,31 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         x, y = _to_device(_next_batch(run, train_data, it), device)
         it = run.iterator
         tau = prepared.schedule(run.step, total)
-        student = logits_of(_call(prepared, x))
-        with torch.no_grad():
-            t_logits = logits_of(_call(run.teacher, x)) if run.teacher is not None else None
-        task = distillation_loss(student, t_logits, y, cfg.alpha, cfg.temperature)
-        loss = task + prepared.hiap_loss()
+        with autocast():
+            student = logits_of(_call(forward, x))
+            with torch.no_grad():
+                t_logits = logits_of(_call(run.teacher, x)) if run.teacher is not None else None
+        task = distillation_loss(student.float(), None if t_logits is None else t_logits.float(), y,
+                                 cfg.alpha, cfg.temperature)
+        loss = task + prepared.hiap_loss()  # the budget terms stay in float32
+        if not bool(torch.isfinite(loss.detach())) and scaler is None:
+            raise StateError(f"prune(): the loss is {float(loss.detach())} at step {run.step} "
+                             f"(task {float(task.detach())}); training diverged. Lower "
+                             "PruneConfig.lr, set max_grad_norm, or resume from an earlier checkpoint")
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(run.optimizer)
+        else:
+            loss.backward()
         if cfg.max_grad_norm is not None:
             weights = [p for g in run.optimizer.param_groups if g.get("name") != "gates" for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
-        run.optimizer.step()
+        if scaler is not None:
+            scaler.step(run.optimizer)
+            scaler.update()
+        else:
+            run.optimizer.step()
         run.scheduler.step()
         run.step += 1
         bar.update()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import pydantic
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -69,14 +70,115 @@ def test_inputs_must_be_tensors():
         hiap_fx.prepare(FACTORIES["tiny_vit_separate"](), [3])
 
 
-def test_invalid_config_names_field():
-    with pytest.raises(pydantic.ValidationError, match="frontend"):
-        hiap_fx.PruneConfig(frontend="jit")
+@pytest.mark.parametrize("field,value", [("frontend", "jit"), ("target_macs", 1.5), ("target_macs", 0.0),
+                                         ("align", 0), ("alpha", -0.1), ("tau_end", 0.0), ("nonsense", 1)])
+def test_invalid_config_names_field(field, value):
+    with pytest.raises(hiap_fx.ConfigError, match=field):
+        hiap_fx.PruneConfig(**{field: value})
+
+
+def test_invalid_config_assignment_names_field():
+    config = hiap_fx.PruneConfig()
+    with pytest.raises(hiap_fx.ConfigError, match="budget_ramp"):
+        config.budget_ramp = 2.0
+    assert issubclass(hiap_fx.ConfigError, ValueError)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = FACTORIES["tiny_vit_separate"]().eval()
+    return model, example_input(model, 2)
+
+
+def test_finalize_needs_a_prepared_model():
+    model, _ = _tiny()
+    with pytest.raises(hiap_fx.InputError, match="finalize\\(\\) needs a hiap_fx.PreparedModel, got"):
+        hiap_fx.finalize(model)
+
+
+def test_state_dict_from_another_architecture():
+    model, x = _tiny()
+    prepared = hiap_fx.prepare(model, x)
+    other = hiap_fx.prepare(FACTORIES["tiny_vit_functional"]().eval(), example_input(
+        FACTORIES["tiny_vit_functional"](), 2))
+    with pytest.raises(hiap_fx.StateError, match="does not fit this prepared model.*missing"):
+        prepared.load_state_dict(other.state_dict())
+    with pytest.raises(hiap_fx.StateError, match="missing"):  # the dense weights have no gates
+        prepared.load_state_dict(model.state_dict())
+    prepared.load_state_dict(copy.deepcopy(prepared.state_dict()))  # its own state still loads
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gate_logits_are_refused_with_the_gate(bad):
+    model, x = _tiny()
+    prepared = hiap_fx.prepare(model, x)
+    key, gate = next(iter(prepared.gate_modules().items()))
+    with torch.no_grad():
+        gate.logits[1] = bad
+    with pytest.raises(hiap_fx.StateError, match=f"gate {key} has 1 non-finite"):
+        hiap_fx.finalize(prepared)
+    with pytest.raises(hiap_fx.StateError):
+        prepared.hard_macs()
+
+
+def test_every_gate_closed_gives_a_finite_valid_model():
+    model, x = _tiny()
+    prepared = hiap_fx.prepare(model, x).eval()
+    with torch.no_grad():
+        for gate in prepared.gate_modules().values():
+            gate.logits.fill_(-5.0)
+    compact = hiap_fx.finalize(prepared)  # verified: equals the all-closed gated model
+    with torch.no_grad():
+        out = compact(example_input(model, 3, seed=1))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() < prepared.dense_macs
+    assert not prepared.plan.attention or all(site.residual is not None for site in prepared.plan.attention)
+
+
+def test_bf16_model_is_refused_with_the_fix():
+    model, x = _tiny()
+    with pytest.raises(hiap_fx.InputError, match="bfloat16 weights.*model.float\\(\\).*autocast"):
+        hiap_fx.prepare(model.to(torch.bfloat16), x)
+    with pytest.raises(hiap_fx.InputError, match="example input 0 is torch.bfloat16"):
+        hiap_fx.prepare(model.float(), x.to(torch.bfloat16))
+
+
+def test_model_and_inputs_on_different_devices():
+    model, x = _tiny()
+    with pytest.raises(hiap_fx.InputError, match="different devices \\(cpu, meta\\)"):
+        hiap_fx.prepare(model, x.to("meta"))
+
+
+def test_diverged_training_is_reported_with_the_step():
+    from torch.utils.data import TensorDataset
+
+    model, x = _tiny()
+    data = TensorDataset(torch.randn(8, *x.shape[1:]), torch.randint(0, 10, (8,)))
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(hiap_fx.StateError, match="loss is nan at step 0"):
+        hiap_fx.prune(model, torch.utils.data.DataLoader(data, batch_size=4), steps=2, progress=False)
+
+
+def test_the_users_model_is_never_mutated():
+    model, x = _tiny()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    prepared = hiap_fx.prepare(model, x)
+    from independent_macs import randomise_gates
+    randomise_gates(prepared, 0, 0.5)
+    hiap_fx.finalize(prepared)
+    from torch.utils.data import DataLoader, TensorDataset
+    data = DataLoader(TensorDataset(torch.randn(8, *x.shape[1:]), torch.randint(0, 10, (8,))), batch_size=4)
+    hiap_fx.prune(model, data, steps=2, progress=False)
+    assert model.training and [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_errors_are_hiap_errors():
     for cls in (hiap_fx.CaptureError, hiap_fx.NoAttentionError, hiap_fx.InputError,
-                hiap_fx.DiscoveryError):
+                hiap_fx.DiscoveryError, hiap_fx.ConfigError, hiap_fx.StateError):
         assert issubclass(cls, hiap_fx.HiapError)
 
 

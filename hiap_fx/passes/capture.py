@@ -193,6 +193,27 @@ def outputs_match(a: Any, b: Any, rtol: float = 1e-5) -> tuple[bool, float]:
     return worst <= rtol, worst
 
 
+def _check_dtype_and_device(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Gates, masks and the cost model live in float32 next to the weights: refuse other weight
+    dtypes and weights and inputs on different devices up front, with the fix."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    dtypes = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
+    if any(d != "torch.float32" for d in dtypes):
+        raise InputError(f"{type(model).__name__} has {', '.join(dtypes)} weights; hiap_fx prepares "
+                         "float32 models. Call model.float() first and train under torch.autocast "
+                         "(bf16/fp16) for mixed precision; finalize returns float32 weights you can "
+                         "cast afterwards")
+    devices = {t.device for t in tensors} | {t.device for t in inputs}
+    if len(devices) > 1:
+        where = ", ".join(sorted(str(d) for d in devices))
+        raise InputError(f"{type(model).__name__}'s weights and the example inputs are on different "
+                         f"devices ({where}); move both to one device (model.to(x.device))")
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InputError(f"example input {i} is {t.dtype}, the model's weights are float32; "
+                             "pass float32 example inputs (autocast handles mixed precision)")
+
+
 def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
             concrete_args: Optional[dict[str, Any]] = None, check: bool = True) -> CapturedGraph:
     """Capture ``model`` as a GraphModule (fx first, torch.export when fx cannot)."""
@@ -200,6 +221,7 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
     if not isinstance(model, nn.Module):
         raise InputError(f"prepare() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
+    _check_dtype_and_device(model, inputs)
     work = copy.deepcopy(model).eval()
     rewrites = apply_module_rewrites(work)
     with torch.no_grad():

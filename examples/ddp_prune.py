@@ -1,0 +1,126 @@
+"""HiAP under torch.distributed: ``hiap_fx.prune`` or your own loop with DistributedDataParallel.
+
+Launch with torchrun, as any DDP job (one process per GPU; gloo on CPU):
+
+    torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode prune --out ddp_out
+    torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode own-loop --out ddp_out
+
+Several nodes: the same script, with ``--nnodes N --node_rank R --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT`` on every node (torchrun's usual flags); nothing in hiap_fx changes.
+
+What keeps the ranks consistent:
+- ``prune`` wraps the prepared model in DistributedDataParallel itself when a process group is
+  initialised; gradients (gate logits' included) are averaged, so weights and gate logits stay
+  identical on every rank. The budget controller and the temperature follow from the step and the
+  gate logits only, so they agree too. A DistributedSampler in your DataLoader gives each rank its
+  part of the data (without one, each rank takes every world-size-th batch of the same seeded
+  order). Checkpoints are written by rank 0; every rank finalizes the same compact model.
+- Own loop: wrap ``prepared`` in DDP for the forward, and call ``prepared.schedule`` and
+  ``prepared.hiap_loss()`` on the unwrapped model (they are the same on every rank).
+
+Each rank writes ``OUT/rank{R}.pt`` (gate logits, controller state, compact weights, kept MAC
+ratio) so the ranks can be compared (``tests/test_distributed.py`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+import hiap_fx
+
+
+def tiny_vit() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)  # the same dense weights on every rank (DDP would broadcast rank 0's anyway)
+    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32,
+                             depth=2, num_heads=4, num_classes=4).eval()
+
+
+def quadrant_data(n: int = 512) -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 16, 16, generator=gen) * 0.5
+    y = torch.randint(0, 4, (n,), generator=gen)
+    for i, q in enumerate(y.tolist()):
+        r, c = divmod(q, 2)
+        x[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] += 1.5
+    return TensorDataset(x, y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["prune", "own-loop"], default="prune")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--out", default="ddp_out")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+
+    data = quadrant_data()
+    loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, seed=0))
+    config = hiap_fx.PruneConfig(target_macs=args.target, lr=1e-3, amp=args.amp)
+    model = tiny_vit().to(device)
+
+    if args.mode == "prune":
+        result = hiap_fx.prune(model, loader, config, steps=args.steps, progress=False)
+        prepared, compact = result.prepared, result.compact
+    else:
+        x0 = data.tensors[0][:2].to(device)
+        prepared = hiap_fx.prepare(model, x0, config)
+        ddp = DistributedDataParallel(prepared, device_ids=[device] if cuda else None)
+        gates = [g.logits for g in prepared.gate_modules().values()]
+        gate_ids = {id(g) for g in gates}
+        weights = [p for p in prepared.parameters() if id(p) not in gate_ids]
+        optimizer = torch.optim.AdamW([
+            {"params": weights, "lr": 1e-3},
+            {"params": gates, "lr": 10 * config.gate_init / args.steps, "weight_decay": 0.0}])
+        prepared.train()
+        step, epoch = 0, 0
+        while step < args.steps:
+            loader.sampler.set_epoch(epoch)
+            for x, y in loader:
+                if step == args.steps:
+                    break
+                prepared.schedule(step, args.steps)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                    logits = ddp(x.to(device))
+                loss = F.cross_entropy(logits.float(), y.to(device)) + prepared.hiap_loss()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+            epoch += 1
+        prepared.land_on_budget()
+        compact = hiap_fx.finalize(prepared)  # deterministic: the same on every rank
+
+    os.makedirs(args.out, exist_ok=True)
+    torch.save({
+        "world": world,
+        "gates": {k: g.logits.detach().cpu() for k, g in prepared.gate_modules().items()},
+        "controller": {k: v.detach().cpu() for k, v in prepared.budget.state_dict().items()},
+        "compact": {k: v.detach().cpu() for k, v in compact.state_dict().items()},
+        "kept_ratio": prepared.hard_macs() / prepared.dense_macs,
+    }, os.path.join(args.out, f"rank{rank}.pt"))
+    if rank == 0:
+        print(f"{args.mode}: {world} ranks, kept {100 * prepared.hard_macs() / prepared.dense_macs:.1f}% "
+              f"of MACs, {sum(p.numel() for p in compact.parameters()):,} parameters")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
