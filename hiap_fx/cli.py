@@ -114,10 +114,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_coverage(args: argparse.Namespace) -> int:
-    from .coverage import DEFAULT_MODELS, run_coverage
+    from .coverage import DEFAULT_MODELS, OTHER_MODELS, run_coverage, timm_vit_family
 
-    models = args.models or DEFAULT_MODELS
-    table = run_coverage(models, out=args.out, readme=args.readme)
+    skipped: list = []
+    if args.all:
+        family, skipped = timm_vit_family(max_params=args.max_params)
+        models = [*family, *OTHER_MODELS]
+    else:
+        models = args.models or DEFAULT_MODELS
+    table = run_coverage(models, out=args.out, readme=args.readme, jobs=args.jobs,
+                         timeout=args.timeout, extra_rows=skipped)
     print(table)
     return 0
 
@@ -186,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("models", nargs="*", help="model specs (default: the built-in list)")
     c.add_argument("--out", help="write the markdown table to this file")
     c.add_argument("--readme", help="replace the coverage section of this README")
+    c.add_argument("--all", action="store_true", help="every timm ViT-family model (vit_*, deit*, "
+                   "eva*, beit*, cait*, swin*, pvt*, flexivit*) at a small image size, plus HF "
+                   "transformers and torchvision ViTs")
+    c.add_argument("--max-params", type=float, default=7e8, help="with --all: skip (and list) "
+                   "models with more parameters than this")
+    c.add_argument("--jobs", type=int, default=0, help="run each model in its own process, this "
+                   "many at a time (0: in this process)")
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds per model with --jobs")
     c.set_defaults(func=_cmd_coverage)
     return p
 

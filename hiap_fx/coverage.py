@@ -168,15 +168,41 @@ def _finalize_check(prepared: Any, p_off: float = 0.3, seed: int = 0) -> str:
     return f"ok ({100.0 * prepared.hard_macs() / prepared.dense_macs:.0f}% MACs)"
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as a markdown table with a one-line summary."""
-    ok = sum(r["status"] == "ok" for r in rows)
-    lines = [f"Coverage: {ok}/{len(rows)} models prepared, reproduced exactly with every gate on, "
-             "costed exactly (dense MACs = corrected counter = hard MACs), and finalized with 30% "
-             "of every gate's units closed at random (compact output and MACs verified).", "",
-             "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+def _family(row: dict[str, Any]) -> str:
+    model = row["model"]
+    if model.startswith("hf:"):
+        return "HF transformers"
+    if model.startswith("torchvision:"):
+        return "torchvision"
+    return "other" if ":" in model else "timm"
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
+    """Rows as a markdown table under a summary per source (timm / HF / torchvision); models
+    skipped for size are counted apart. ``details`` folds the table into a <details> block."""
+    lines = []
+    for family in ("timm", "HF transformers", "torchvision", "other"):
+        group = [r for r in rows if _family(r) == family]
+        tried = [r for r in group if r["status"] != "skipped"]
+        if not group:
+            continue
+        ok = sum(r["status"] == "ok" for r in tried)
+        skipped = len(group) - len(tried)
+        others = sorted({r["status"] for r in tried} - {"ok"})
+        counts = ", ".join(f"{sum(r['status'] == s for r in tried)} {s}" for s in others)
+        lines.append(f"- {family}: **{ok}/{len(tried)} ok ({100.0 * ok / max(len(tried), 1):.1f}%)**"
+                     + (f", {counts}" if counts else "")
+                     + (f"; {skipped} more skipped for size (listed at the end)" if skipped else ""))
+    lines += ["", "ok = prepared, reproduced exactly with every gate on, costed exactly (dense MACs = "
+              "corrected counter = hard MACs), and finalized with 30% of every gate's units closed "
+              "at random (compact output and MACs verified).", ""]
+    if details:
+        lines += ["<details><summary>the table, one row per model</summary>", ""]
+    lines += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in _COLUMNS) + " |")
+    if details:
+        lines += ["", "</details>"]
     return "\n".join(lines)
 
 
@@ -220,7 +246,7 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
     else:
         rows = [probe(m) for m in tqdm(models, desc="coverage")]
     rows += list(extra_rows)
-    table = to_markdown(rows)
+    table = to_markdown(rows, details=len(rows) > 60)
     if out:
         with open(out, "w") as fh:
             fh.write(table + "\n")

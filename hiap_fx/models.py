@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -26,6 +27,7 @@ def load_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
                 raise InputError(f"model file {target!r} does not exist")
             mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
             module = importlib.util.module_from_spec(mod_spec)
+            sys.modules.setdefault(mod_spec.name, module)  # dataclasses and pickling look it up
             mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
         else:
             module = importlib.import_module(target)

@@ -77,11 +77,23 @@ def test_cli_help_lists_subcommands():
     assert "inspect" in out and "coverage" in out
 
 
+def test_coverage_isolated_rows(tmp_path):
+    """Each model in its own process: an ok row, a refusal and a skipped row are all tabulated."""
+    from hiap_fx.coverage import run_coverage
+
+    skipped = {"model": "vit_enormous", "status": "skipped", "reason": "5000M parameters > 700M"}
+    table = run_coverage([(f"{ZOO}:tiny_vit_mha", {}), "not_a_model_name"], jobs=2, timeout=300,
+                         extra_rows=[skipped])
+    assert "other: **1/1 ok (100.0%)**" in table
+    assert "timm: **0/1 ok (0.0%)**, 1 refused; 1 more skipped for size" in table
+    assert "InputError" in table and "neither a timm model name" in table
+
+
 def test_coverage_table(tmp_path):
     from hiap_fx.coverage import run_coverage
 
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\ny\n")
     table = run_coverage([(f"{ZOO}:tiny_vit_mha", {})], readme=str(readme))
-    assert "1/1 models" in table
+    assert "other: **1/1 ok (100.0%)**" in table
     assert "tiny_vit_mha" in readme.read_text() and "old" not in readme.read_text()
