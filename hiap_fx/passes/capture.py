@@ -197,7 +197,7 @@ def _check_dtype_and_device(model: nn.Module, inputs: tuple[torch.Tensor, ...]) 
     """Gates, masks and the cost model live in float32 next to the weights: refuse other weight
     dtypes and weights and inputs on different devices up front, with the fix."""
     tensors = list(model.parameters()) + list(model.buffers())
-    dtypes = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
     if any(d != "torch.float32" for d in dtypes):
         raise InputError(f"{type(model).__name__} has {', '.join(dtypes)} weights; hiap_fx prepares "
                          "float32 models. Call model.float() first and train under torch.autocast "
