@@ -692,12 +692,13 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
                 unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear",
                                            reason="not on a residual branch (classifier or embedding MLP?)"))
                 continue
-            notes.append(f"{node.name}: FFN joins the residual stream through a norm (post-norm); "
-                         "its neurons are gated, the whole block is not")
         owned = {p.node for p in site.inputs} | {site.out.node}
         claimed |= owned
         site.macs = sum(macs.get(n, 0) for n in owned)
         site.name = _site_name([p.weight for p in site.inputs] + [site.out.weight], taken, "ffn")
+        if site.residual is None:
+            notes.append(f"{site.name}: the FFN joins the residual stream through a norm "
+                         "(post-norm); its neurons are gated, the whole block is not")
         ffn.append(site)
     unclaimed.extend(_opaque_modules(g))
     return Plan(model=model_name, frontend=cg.frontend,  # type: ignore[arg-type]
