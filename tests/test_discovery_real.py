@@ -140,3 +140,21 @@ def test_per_head_bias_made_by_an_mlp(name, kwargs, size, params):
     plan = hiap_fx.prepare(model, torch.randn(1, 3, size, size)).plan
     assert {t.param for t in plan.attention[0].side} == params
     assert all(t.axis == 0 for t in plan.attention[0].side)
+
+
+def test_post_norm_ffn_of_swin_v2_is_gated_by_neuron():
+    """Swin V2 adds norm(mlp(x)) to the stream: the norm of a zero branch is not zero, so the
+    whole block cannot go, but its neurons can; both attention and FFN sites are found."""
+    from independent_macs import independent_macs, randomise_gates
+
+    model = timm.create_model("swinv2_cr_tiny_ns_224", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x)
+    hidden = [m.fc2.in_features for n, m in model.named_modules() if n.endswith(".mlp")]
+    assert [s.hidden for s in prepared.plan.ffn] == hidden and len(hidden) == 12
+    assert all(s.residual is None for s in prepared.plan.ffn)
+    assert sum("post-norm" in n for n in prepared.plan.notes) == 12
+    assert not any(k.endswith(".ffn") for k in prepared.gate_modules())
+    randomise_gates(prepared, 0, 0.4)
+    compact = hiap_fx.finalize(prepared.eval())  # output and MACs verified
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() == independent_macs(prepared)
