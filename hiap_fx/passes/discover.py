@@ -85,6 +85,8 @@ class _Graph:
         return isinstance(node, fx.Node) and node.name in self.cg.input_dependent
 
     def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        if self.name(node) == "type_as" and isinstance(node.args[0], fx.Node):
+            return [node.args[0]]  # x.type_as(other) reads only the dtype of other
         return [a for a in node.all_input_nodes
                 if self.dependent(a) and isinstance(a.meta.get("hiap_shape"), (tuple, list))]
 
