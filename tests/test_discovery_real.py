@@ -158,3 +158,25 @@ def test_post_norm_ffn_of_swin_v2_is_gated_by_neuron():
     randomise_gates(prepared, 0, 0.4)
     compact = hiap_fx.finalize(prepared.eval())  # output and MACs verified
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() == independent_macs(prepared)
+
+
+def test_shifted_windows_with_as_many_windows_as_heads():
+    """Swin's masked logits are reshaped to (-1, windows, heads, N, N): with windows == heads only
+    the heads entry may change when heads are cut (found by index flow, not by value)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2,),
+                            num_heads=(4,), num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    prepared = hiap_fx.prepare(model, x).eval()
+    for seed in range(3):
+        for key, gate in prepared.gate_modules().items():
+            with torch.no_grad():
+                gate.logits.fill_(3.0)
+                if key.endswith("blocks.1.attn.head"):
+                    gate.logits[seed] = -3.0  # 3 of 4 heads left, next to 4 windows
+        compact = hiap_fx.finalize(prepared)  # output and MACs verified
+        x2 = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x2), compact(x2), rel=1e-4)

@@ -577,6 +577,7 @@ def _manual_logits(ctx: _Context, site: AttentionSite, qk: fx.Node, av: fx.Node,
         if t.kind.startswith("head_mixing"):
             mixer_axes.setdefault(t.param, []).append(t.axis)
     selected: dict[str, fx.Node] = {}
+    head_axes = _head_axes(ctx, qk, head_axis, H, region)
     for n in sorted(region, key=order.__getitem__):
         if n is qk:
             continue
@@ -597,9 +598,52 @@ def _manual_logits(ctx: _Context, site: AttentionSite, qk: fx.Node, av: fx.Node,
             return a
 
         new = g.node_copy(n, arg)
-        rewrite_sizes(new, {H: len(heads)})
+        if n in head_axes and op_name(n) in ("reshape", "view", "_unsafe_view", "expand"):
+            _rewrite_axis_size(new, head_axes[n], H, len(heads))
+        else:
+            rewrite_sizes(new, {H: len(heads)})
         mapping[n] = new
     return mapping[probs]
+
+
+def _head_axes(ctx: "_Context", qk: fx.Node, head_axis: Optional[int], heads: int,
+               region: set[fx.Node]) -> dict[fx.Node, int]:
+    """For nodes of the logits region: the output axis that holds the heads (by index flow), so a
+    reshape like ``(-1, windows, heads, N, N)`` has only its heads entry rewritten even when
+    ``windows == heads``."""
+    shape = _shape(qk)
+    if head_axis is None or shape is None:
+        return {}
+    flow = ctx.flow.run({qk: feature_index(shape, head_axis)})
+    found: dict[fx.Node, int] = {}
+    for n in region:
+        at, s = flow.index.get(n), _shape(n)
+        if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
+            continue
+        axes = [a for a in range(len(s)) if s[a] == heads and
+                not torch.equal(at, at.narrow(a, 0, 1).expand_as(at))]
+        if len(axes) == 1:
+            found[n] = axes[0]
+    return found
+
+
+def _rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
+    """Set the size argument of output ``axis`` of a reshape/view/expand node from old to new."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+        if sizes[axis] == old:
+            sizes[axis] = new
+        args[1] = type(args[1])(sizes)
+    elif 1 + axis < len(args) and args[1 + axis] == old:
+        args[1 + axis] = new
+    elif "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        sizes = list(node.kwargs[key])
+        if sizes[axis] == old:
+            sizes[axis] = new
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    node.args = tuple(args)
 
 
 # ----------------------------------------------------------------------------------------------
