@@ -408,8 +408,24 @@ def _build_operand(ctx: _Context, site: AttentionSite, role: str, lay: _Layout, 
         ints[full_dims] = nd
         ints[full_heads * full_dims] = len(heads) * nd
     mapping = {lay.boundary: t}
+    # per-head tensors joining the operand after the boundary (e.g. rotary tables with one
+    # frequency set per head) are cut to the kept heads, like logits-side biases
+    head_axis = site.layout.k_head_axis if role == "k" else site.layout.q_head_axis
+    units = [unit(h) for h in heads]
+    selected: dict[fx.Node, Any] = {}
+
+    def arg(a: Any) -> Any:
+        if a in mapping:
+            return mapping[a]
+        if isinstance(a, fx.Node) and head_axis is not None and rank is not None:
+            if a not in selected:
+                selected[a] = _select_heads(ctx, a, head_axis % rank, rank, full_heads, units)
+            return selected[a]
+        return a
+
     for n in lay.replay:
-        new = g.node_copy(n, lambda a: mapping.get(a, a))
+        rank = len(_shape(n)) if _shape(n) is not None else None
+        new = g.node_copy(n, arg)
         if op_name(new) == "type_as" and isinstance(n.args[1], fx.Node) and n.args[1] not in mapping:
             new.target, new.args = "to", (new.args[0], n.args[1].meta.get("hiap_dtype"))
         rewrite_sizes(new, ints)
@@ -674,6 +690,26 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
             changed = True
 
 
+def _check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) -> None:
+    """Finalize rebuilds q/k/v from the kept rows of their projections and lets the original
+    linears die; a projection whose output also feeds something else (a parallel block fusing
+    the MLP's input into the same linear) would stay whole next to the rebuilt rows."""
+    core = [nodes[n] for n in site.core_nodes]
+    operands = [a for c in core for a in c.all_input_nodes]
+    feeding: set[fx.Node] = set()
+    for o in operands:
+        feeding |= _data_ancestors(o) | {o}
+    for role in ("q", "k", "v"):
+        P = nodes[getattr(site, role).node]
+        for n in _descendants(P) & feeding:
+            for u in n.users:
+                if u in feeding or u in core or not isinstance(u.meta.get("hiap_shape"), (tuple, list)):
+                    continue
+                raise HiapError(f"{site.name}: the {role} projection {P.name} also feeds {u.name} "
+                                f"({op_name(u)}), outside this attention (e.g. an MLP fused into the "
+                                "same linear); its rows cannot be cut for the attention alone")
+
+
 def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
     """Attention sites finalize could not rebuild (site name -> reason), found before any gate
     is inserted so that they are reported at prepare time instead of failing after training."""
@@ -685,6 +721,7 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
     bad: dict[str, str] = {}
     for site in plan.attention:
         try:
+            _check_private_projections(_Check.nodes, site)
             for role in ("q", "k", "v"):
                 _layout(_Check, site, role)  # type: ignore[arg-type]
             out_lin = _Check.nodes[site.out.node]
