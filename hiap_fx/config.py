@@ -10,15 +10,12 @@ from .errors import ConfigError
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
-    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']} (got {e.get('input')!r})"
-                         for e in exc.errors())
-    return ConfigError(f"invalid PruneConfig: {problems}. See PruneConfig's field descriptions "
-                       "(hiap_fx.PruneConfig.model_fields) for the allowed values")
+    return ConfigError.from_exception_data(exc.title, exc.errors())
 
 
 class PruneConfig(BaseModel):
-    """Options of `hiap_fx.prepare` / `hiap_fx.prune`. Invalid values raise `hiap_fx.ConfigError`
-    (a `HiapError` and a `ValueError`) naming the field."""
+    """Options of `hiap_fx.prepare` / `hiap_fx.prune`. Invalid values raise `hiap_fx.ConfigError`,
+    which is both a `pydantic.ValidationError` (naming the field) and a `hiap_fx.HiapError`."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class HiapError(Exception):
     """Base class of every error hiap_fx raises on purpose."""
@@ -23,8 +25,9 @@ class InputError(HiapError):
     """Example inputs or arguments do not fit the model."""
 
 
-class ConfigError(HiapError, ValueError):
-    """A configuration value is invalid (the message names the field and the allowed range)."""
+class ConfigError(HiapError, ValidationError):
+    """A configuration value is invalid: a ``pydantic.ValidationError`` (and so a ``ValueError``)
+    that is also a ``HiapError``; the message names each field, the rule and the value given."""
 
 
 class StateError(HiapError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pydantic
 import pytest
 import torch
 from torch import nn
@@ -73,15 +74,17 @@ def test_inputs_must_be_tensors():
 @pytest.mark.parametrize("field,value", [("frontend", "jit"), ("target_macs", 1.5), ("target_macs", 0.0),
                                          ("align", 0), ("alpha", -0.1), ("tau_end", 0.0), ("nonsense", 1)])
 def test_invalid_config_names_field(field, value):
-    with pytest.raises(hiap_fx.ConfigError, match=field):
+    with pytest.raises(hiap_fx.ConfigError, match=field) as info:
         hiap_fx.PruneConfig(**{field: value})
+    # the contract's pydantic.ValidationError, and a HiapError like every other refusal
+    assert isinstance(info.value, pydantic.ValidationError) and isinstance(info.value, hiap_fx.HiapError)
 
 
 def test_invalid_config_assignment_names_field():
     config = hiap_fx.PruneConfig()
     with pytest.raises(hiap_fx.ConfigError, match="budget_ramp"):
         config.budget_ramp = 2.0
-    assert issubclass(hiap_fx.ConfigError, ValueError)
+    assert issubclass(hiap_fx.ConfigError, ValueError) and issubclass(hiap_fx.ConfigError, pydantic.ValidationError)
 
 
 def _tiny():
