@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (CaptureError, ConfigError, DiscoveryError, HiapError, InputError,
+from .errors import (CaptureError, ConfigError, DiscoveryError, HiapError, HiapWarning, InputError,
                      NoAttentionError, StateError)
 
 __version__ = "0.1.0"
@@ -34,7 +34,7 @@ _LAZY = {
 }
 
 __all__ = ["HiapError", "CaptureError", "ConfigError", "DiscoveryError", "InputError",
-           "NoAttentionError", "StateError",
+           "NoAttentionError", "StateError", "HiapWarning",
            *_LAZY]
 
 

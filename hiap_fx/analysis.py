@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 from torch import nn
 
 from .config import PruneConfig
-from .errors import NoAttentionError
+from .errors import HiapWarning, NoAttentionError
 from .ir import CapturedGraph
 from .passes.capture import capture
 from .passes.discover import discover
@@ -27,7 +28,16 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     propagate(cg, count=True)
     plan = discover(cg, model_name=type(model).__name__)
     _drop_unsliceable(cg, plan)
-    if require_attention and not plan.attention:
+    rejected = [u for u in plan.unclaimed if u.what.startswith(("attention", "softmax"))]
+    if require_attention and not plan.attention and plan.ffn and rejected:
+        # the model has attention hiap_fx cannot cut exactly; its FFNs still can be: go on, loudly
+        why = "; ".join(f"{u.node}: {u.reason}" for u in rejected[:3])
+        message = (f"{type(model).__name__}: none of its {len(rejected)} attention(s) can be pruned "
+                   f"exactly ({why}); only its {len(plan.ffn)} FFN sites are gated. The reasons are "
+                   "in plan.unclaimed")
+        plan.notes.append(message)
+        warnings.warn(message, HiapWarning, stacklevel=3)
+    elif require_attention and not plan.attention:
         first = sorted(plan.unclaimed, key=lambda u: not u.what.startswith("attention"))
         why = "; ".join(f"{u.node}: {u.reason}" for u in first[:5])
         opaque = _opaque_calls(cg)

@@ -187,10 +187,13 @@ def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
         if not group:
             continue
         ok = sum(r["status"] == "ok" for r in tried)
+        ffn_only = sum(r["status"] == "ok" and str(r.get("attention")) == "0" for r in tried)
         skipped = len(group) - len(tried)
         others = sorted({r["status"] for r in tried} - {"ok"})
         counts = ", ".join(f"{sum(r['status'] == s for r in tried)} {s}" for s in others)
         lines.append(f"- {family}: **{ok}/{len(tried)} ok ({100.0 * ok / max(len(tried), 1):.1f}%)**"
+                     + (f" ({ffn_only} of them FFN only: attention that cannot be cut exactly, "
+                        "reported)" if ffn_only else "")
                      + (f", {counts}" if counts else "")
                      + (f"; {skipped} more skipped for size (listed at the end)" if skipped else ""))
     lines += ["", "ok = prepared, reproduced exactly with every gate on, costed exactly (dense MACs = "

@@ -33,3 +33,7 @@ class ConfigError(HiapError, ValidationError):
 class StateError(HiapError):
     """A prepared model's state is unusable: non-finite gate logits, a state dict from another
     model, or a training run that diverged."""
+
+
+class HiapWarning(UserWarning):
+    """Something the user would expect pruned is left whole (the plan lists why)."""

@@ -193,3 +193,35 @@ def test_forced_export_front_end_matches():
     x2 = example_input(model, 4, seed=1)
     with torch.no_grad():
         assert torch.allclose(model(x2), prepared(x2), atol=1e-5)
+
+
+class _SubLNBlock(nn.Module):
+    """Attention whose head outputs are normalised together before the projection (BEiT-3's
+    sub-LN): no head can be cut exactly, but the FFN can."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.norm, self.proj = nn.Linear(dim, 3 * dim), nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(self.norm(a))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_unprunable_attention_is_reported_and_the_ffn_still_pruned():
+    torch.manual_seed(0)
+    model, x = _SubLNBlock().eval(), torch.randn(2, 5, 16)
+    with pytest.warns(hiap_fx.HiapWarning, match="none of its 1 attention.*normalised or mixed"):
+        prepared = hiap_fx.prepare(model, x)
+    assert not prepared.plan.attention and len(prepared.plan.ffn) == 1
+    assert any(u.what.startswith("attention") for u in prepared.plan.unclaimed)
+    assert {g.kind for g in prepared.gate_modules().values()} == {"ffn", "neuron"}
+    from independent_macs import randomise_gates
+    randomise_gates(prepared, 0, 0.5)
+    compact = hiap_fx.finalize(prepared.eval())
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() < prepared.dense_macs
