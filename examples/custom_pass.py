@@ -1,11 +1,11 @@
 """Teach hiap_fx an attention it does not know out of the box, then prune it end to end.
 
-The model below computes attention in its own kernel, ``fused_attention``: one opaque call (the
-way a flash-attn, xformers or Triton kernel appears to the tracer) on tensors laid out
-``[batch, tokens, heads, dim]``. hiap_fx's built-in discovery knows
-``scaled_dot_product_attention`` and ``q @ k^T -> softmax -> @ v``; on this model it sees an
-unknown function, finds no attention and refuses (``NoAttentionError``, with the reason).
-One registration fixes that:
+The model below computes attention in its own fused kernel, ``fused_attention``: a custom
+operator (``torch.library.custom_op``, the way CUDA / Triton / flash-attn kernels are exposed to
+PyTorch) on tensors laid out ``[batch, tokens, heads, dim]``. Both torch.fx and torch.export keep
+it as one opaque node, so hiap_fx's built-in discovery (``scaled_dot_product_attention`` and
+``q @ k^T -> softmax -> @ v``) finds no attention and refuses (``NoAttentionError``, naming the
+opaque operator). One registration fixes that:
 
     hiap_fx.register_attention_kernel(hiap_fx.AttentionKernel(
         name="fused_attention", function=fused_attention, layout="BNHD", scale_arg="scale"))
@@ -13,8 +13,9 @@ One registration fixes that:
 From then on every pass handles the kernel: discovery finds its q/k/v projections, heads and
 output projection by index flow; gating puts head, value-dim and q/k-dim masks on its operands;
 the cost model counts it as ``rows x key tokens x (q/k dims + v dims)`` per kept head; finalize
-calls the same kernel on the kept heads only, with the dense ``scale`` pinned so q/k-dim cuts do
-not change it, and verifies output and MACs. Run:
+calls the same operator on the kept heads only, with the dense ``scale`` pinned so q/k-dim cuts
+do not change it, and verifies output and MACs (``register_flop_formula`` below tells torch's
+FlopCounterMode, and so ``hiap_fx.count_macs``, what one call costs). Run:
 
     python examples/custom_pass.py [--steps 60]
 """
@@ -22,24 +23,59 @@ not change it, and verifies output and MACs. Run:
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 import hiap_fx
 
 
-@torch.fx.wrap
+@torch.library.custom_op("hiap_example::fused_attention", mutates_args=())
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float | None = None) -> torch.Tensor:
-    """Softmax attention on ``[batch, tokens, heads, dim]`` tensors. It stands in for a fused
-    kernel the tracer cannot see into (``torch.fx.wrap`` keeps every call as one opaque node);
-    the scale defaults to ``dim ** -0.5``."""
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """Softmax attention on ``[batch, tokens, heads, dim]`` tensors, registered as a custom
+    operator: a stand-in for a fused CUDA / Triton kernel, which torch.fx and torch.export both
+    keep as one opaque node. The scale defaults to ``dim ** -0.5``."""
+    return _reference_attention(q, k, v, scale).contiguous()
+
+
+def _reference_attention(q, k, v, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     attn = (q @ k.transpose(-2, -1) * scale).softmax(-1)
     return (attn @ v).transpose(1, 2)
+
+
+@fused_attention.register_fake
+def _(q, k, v, scale=None):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    """A real kernel ships its own backward; this one differentiates the reference code."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        out = _reference_attention(q, k, v, ctx.scale)
+        return (*torch.autograd.grad(out, (q, k, v), grad), None)
+
+
+fused_attention.register_autograd(_backward, setup_context=_save_inputs)
+
+
+@register_flop_formula(torch.ops.hiap_example.fused_attention)
+def _fused_attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """What FlopCounterMode (and so hiap_fx.count_macs) counts for one call: 2 x MACs."""
+    b, n, h, d = q_shape
+    return 2 * b * h * n * k_shape[1] * (d + v_shape[-1])
 
 
 class Block(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .config import PruneConfig
-from .errors import HiapWarning, NoAttentionError
+from .errors import CaptureError, HiapWarning, NoAttentionError
 from .ir import CapturedGraph
 from .passes.capture import capture
 from .passes.discover import discover
@@ -21,13 +21,20 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
             require_attention: bool = True) -> tuple[CapturedGraph, Plan]:
     """Capture, normalise and discover; raise NoAttentionError when nothing prunable is found."""
     config = config or PruneConfig()
-    cg = capture(model, example_inputs, frontend=config.frontend,
-                 concrete_args=config.concrete_args, check=config.check_capture)
-    propagate(cg)
-    normalise(cg)
-    propagate(cg, count=True)
-    plan = discover(cg, model_name=type(model).__name__)
-    _drop_unsliceable(cg, plan)
+    cg, plan = _capture_and_discover(model, example_inputs, config, config.frontend)
+    opaque = _opaque_calls(cg)
+    if not plan.attention and config.frontend == "auto" and cg.frontend == "fx" and opaque:
+        # fx kept library functions whole (torch.fx.wrap, e.g. torchvision's shifted-window
+        # attention); torch.export traces through them
+        try:
+            cg2, plan2 = _capture_and_discover(model, example_inputs, config, "export")
+        except CaptureError:
+            pass
+        else:
+            if plan2.attention:
+                cg, plan = cg2, plan2
+                plan.notes.append(f"fx kept {', '.join(opaque)} whole (no attention visible); "
+                                  "captured with torch.export instead")
     rejected = [u for u in plan.unclaimed if u.what.startswith(("attention", "softmax"))]
     if require_attention and not plan.attention and plan.ffn and rejected:
         # the model has attention hiap_fx cannot cut exactly; its FFNs still can be: go on, loudly
@@ -40,7 +47,6 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     elif require_attention and not plan.attention:
         first = sorted(plan.unclaimed, key=lambda u: not u.what.startswith("attention"))
         why = "; ".join(f"{u.node}: {u.reason}" for u in first[:5])
-        opaque = _opaque_calls(cg)
         raise NoAttentionError(
             f"no prunable attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
             f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
@@ -51,14 +57,33 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     return cg, plan
 
 
+def _capture_and_discover(model: nn.Module, example_inputs: Any, config: PruneConfig,
+                          frontend: str) -> tuple[CapturedGraph, Plan]:
+    cg = capture(model, example_inputs, frontend=frontend,
+                 concrete_args=config.concrete_args, check=config.check_capture)
+    propagate(cg)
+    normalise(cg)
+    propagate(cg, count=True)
+    plan = discover(cg, model_name=type(model).__name__)
+    _drop_unsliceable(cg, plan)
+    return cg, plan
+
+
 def _opaque_calls(cg: CapturedGraph) -> list[str]:
     """Names of user-level Python functions kept as single calls (fx.wrap / autowrap), which
     may hide an attention kernel."""
+    import torch
+
     names = []
     for node in cg.gm.graph.nodes:
         fn = node.target if node.op == "call_function" else None
+        if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            if fn.namespace not in ("aten", "prims", "_operator"):  # a custom operator
+                names.append(str(fn))
+            continue
         module = getattr(fn, "__module__", None) or ""
-        if fn is not None and not module.startswith(("torch", "_operator", "operator", "builtins", "math")):
+        root = module.split(".")[0]
+        if fn is not None and root not in ("torch", "_operator", "operator", "builtins", "math"):
             names.append(str(getattr(fn, "__qualname__", fn)))
     return sorted(set(names))[:5]
 

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
 
@@ -43,8 +45,9 @@ class AttentionKernel:
 
     Args:
         name: a label for reports.
-        function: the Python function the model calls; the fx front end keeps each call as one
-            node (it is auto-wrapped), so the kernel itself is never traced into.
+        function: the Python function the model calls (auto-wrapped: the fx front end keeps each
+            call as one node) or a custom operator (``torch.library.custom_op``, ``torch.ops.x.y``),
+            which both front ends keep as one node.
         layout: ``"BHND"`` (heads before tokens, like sdpa) or ``"BNHD"`` (tokens before heads,
             like flash-attn / xformers); the last axis always holds the head dims.
         scale_arg: keyword through which the kernel takes its softmax scale. hiap_fx pins it to
@@ -87,11 +90,22 @@ def register_trace_hook(hook: TraceHook) -> TraceHook:
 
 
 def register_attention_kernel(kernel: AttentionKernel) -> AttentionKernel:
-    """Teach hiap_fx an attention kernel function (see :class:`AttentionKernel`)."""
-    if kernel.function not in ATTENTION_KERNELS:
+    """Teach hiap_fx an attention kernel (see :class:`AttentionKernel`): a Python function (it is
+    auto-wrapped for the fx tracer) or a custom operator (``torch.library.custom_op`` or an
+    ``torch.ops`` overload / packet: one node under both fx and torch.export)."""
+    fn = kernel.function
+    targets = [fn]
+    overload = getattr(fn, "_opoverload", None)  # torch.library.custom_op
+    if overload is not None:
+        targets.append(overload)
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        targets += [getattr(fn, name) for name in fn.overloads()]
+    is_python_function = inspect.isfunction(fn)
+    if is_python_function and fn not in ATTENTION_KERNELS:
         register_trace_hook(TraceHook(name=f"attention kernel {kernel.name}", applies=lambda m: True,
-                                      autowrap_functions=lambda: (kernel.function,)))
-    ATTENTION_KERNELS[kernel.function] = kernel
+                                      autowrap_functions=lambda: (fn,)))
+    for target in targets:
+        ATTENTION_KERNELS[target] = kernel
     return kernel
 
 

@@ -25,23 +25,33 @@ def opaque_bhnd_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return attn @ v
 
 
+@torch.fx.wrap
+def never_registered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same computation under a name no test registers."""
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
 class KernelNet(nn.Module):
-    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, registered: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.registered = heads, registered
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        x = x + self.proj(opaque_bhnd_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        kernel = opaque_bhnd_attention if self.registered else never_registered_attention
+        x = x + self.proj(kernel(q, k, v).transpose(1, 2).reshape(b, n, c))
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_unregistered_kernel_is_refused_with_its_name():
-    with pytest.raises(hiap_fx.NoAttentionError, match="opaque_bhnd_attention.*register_attention_kernel"):
-        hiap_fx.prepare(KernelNet(), torch.randn(2, 5, 24))
+def test_unregistered_python_kernel_is_traced_through_by_torch_export():
+    """fx keeps the wrapped function whole and sees no attention; prepare then retries with
+    torch.export, which inlines the function and finds the q @ k^T -> softmax -> @ v inside."""
+    prepared = hiap_fx.prepare(KernelNet(registered=False).eval(), torch.randn(2, 5, 24))
+    assert prepared.plan.frontend == "export" and len(prepared.plan.attention) == 1
+    assert any("never_registered_attention" in n and "torch.export" in n for n in prepared.plan.notes)
 
 
 def test_registered_kernel_without_scale_arg_keeps_qk_dims_whole():
@@ -74,6 +84,7 @@ def test_custom_pass_example_end_to_end():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "before registering: NoAttentionError" in done.stdout
+    assert "hiap_example.fused_attention" in done.stdout  # the refusal names the opaque operator
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sites"] == 3
     assert abs(result["compact_macs"] / result["dense_macs"] - 0.5) <= 0.01
