@@ -46,6 +46,11 @@ class FlowResult:
         return {n for n, _, _ in self.reached}
 
 
+def varies_along(index: torch.Tensor, axis: int) -> bool:
+    """Whether an index tensor holds different values at different positions along ``axis``."""
+    return not torch.equal(index, index.narrow(axis, 0, 1).expand_as(index))
+
+
 def feature_index(shape: tuple[int, ...], axis: int = -1) -> torch.Tensor:
     """A tensor of ``shape`` whose value is each element's coordinate along ``axis``."""
     axis = axis % len(shape)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from ..flow import FlowResult, IndexFlow, feature_index
+from ..flow import FlowResult, IndexFlow, feature_index, varies_along
 from ..ir import CapturedGraph
 from ..macs import graph_macs
 from ..ops import in_family, op_name
@@ -305,7 +305,7 @@ def _head_axis(idx: torch.Tensor, dim_axis: int, token_axis: int, role: str, cor
     for a in range(idx.dim()):
         if a in (dim_axis, token_axis):
             continue
-        if idx.shape[a] > 1 and not torch.equal(idx, idx.narrow(a, 0, 1).expand_as(idx)):
+        if idx.shape[a] > 1 and varies_along(idx, a):
             varying.append(a)
     if len(varying) > 1:
         raise _Reject(f"{role} of {core.nodes[0].name}: projection features spread over axes {varying}")

@@ -161,26 +161,30 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
     return None
 
 
-def _pinned_kernel(node: fx.Node, scale_arg: str) -> Optional[fx.Node]:
-    """A registered kernel's call with its scale keyword explicit (see ``_pinned_sdpa``)."""
+def _dense_scale(node: fx.Node) -> Optional[float]:
+    """1/sqrt(head dim at capture) of an attention call whose q is its first argument."""
     q = node.args[0]
     shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
-    if not shape:
+    return float(shape[-1]) ** -0.5 if shape else None
+
+
+def _pinned_kernel(node: fx.Node, scale_arg: str) -> Optional[fx.Node]:
+    """A registered kernel's call with its scale keyword explicit (see ``_pinned_sdpa``)."""
+    scale = _dense_scale(node)
+    if scale is None:
         return None
-    kwargs = {**node.kwargs, scale_arg: float(shape[-1]) ** -0.5}
-    return node.graph.call_function(node.target, tuple(node.args), kwargs)
+    return node.graph.call_function(node.target, tuple(node.args), {**node.kwargs, scale_arg: scale})
 
 
 def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
     """sdpa with ``scale`` explicit: 1/sqrt(head dim at capture), so later slicing keeps it."""
-    q = node.args[0]
-    shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
-    if not shape:
+    scale = _dense_scale(node)
+    if scale is None:
         return None
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     kwargs = dict(zip(names[3:], node.args[3:]))
     kwargs.update(node.kwargs)
-    kwargs["scale"] = float(shape[-1]) ** -0.5
+    kwargs["scale"] = scale
     return node.graph.call_function(F.scaled_dot_product_attention, tuple(node.args[:3]), kwargs)
 
 

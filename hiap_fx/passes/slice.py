@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from .fuse import fuse_sibling_linears
 from ..errors import HiapError
-from ..flow import IndexFlow, feature_index
+from ..flow import IndexFlow, feature_index, varies_along
 from ..ir import CapturedGraph
 from ..ops import in_family, op_name
 from ..plan import AttentionSite, FFNSite, Plan, Residual
@@ -304,8 +304,7 @@ def _boundary_perm(ctx: _Context, P: fx.Node, p_shape: tuple[int, ...], B: fx.No
         at = ctx.flow.run({P: feature_index(p_shape, a)}).index.get(B)
         if not isinstance(at, torch.Tensor):
             return None
-        varying = [i for i in range(len(b_shape)) if b_shape[i] > 1 and
-                   not torch.equal(at, at.narrow(i, 0, 1).expand_as(at))]
+        varying = [i for i in range(len(b_shape)) if b_shape[i] > 1 and varies_along(at, i)]
         if len(varying) != 1:
             return None
         target[a] = varying[0]
@@ -636,8 +635,7 @@ def _head_axes(ctx: "_Context", qk: fx.Node, head_axis: Optional[int], heads: in
         at, s = flow.index.get(n), _shape(n)
         if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
             continue
-        axes = [a for a in range(len(s)) if s[a] == heads and
-                not torch.equal(at, at.narrow(a, 0, 1).expand_as(at))]
+        axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
         if len(axes) == 1:
             found[n] = axes[0]
     return found
