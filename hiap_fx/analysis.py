@@ -22,8 +22,8 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     """Capture, normalise and discover; raise NoAttentionError when nothing prunable is found."""
     config = config or PruneConfig()
     cg, plan = _capture_and_discover(model, example_inputs, config, config.frontend)
-    opaque = _opaque_calls(cg)
-    if not plan.attention and config.frontend == "auto" and cg.frontend == "fx" and opaque:
+    opaque = _opaque_calls(cg) if not plan.attention else []
+    if opaque and config.frontend == "auto" and cg.frontend == "fx":
         # fx kept library functions whole (torch.fx.wrap, e.g. torchvision's shifted-window
         # attention); torch.export traces through them
         try:

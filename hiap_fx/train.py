@@ -122,12 +122,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _presharded(data: Iterable) -> bool:
-    """Whether a DataLoader's sampler already gives each rank its own part (DistributedSampler)."""
+def _distributed_sampler(data: Iterable) -> Any:
+    """The DistributedSampler of a DataLoader (it already gives each rank its own part), or None."""
     from torch.utils.data.distributed import DistributedSampler
 
-    return isinstance(getattr(data, "sampler", None), DistributedSampler) or isinstance(
-        getattr(getattr(data, "batch_sampler", None), "sampler", None), DistributedSampler)
+    for sampler in (getattr(data, "sampler", None),
+                    getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
 
 
 def _data_parallel(prepared: PreparedModel, device: torch.device) -> nn.Module:
@@ -173,9 +176,8 @@ def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Ite
     if isinstance(gen, torch.Generator):
         gen.manual_seed(epoch_seed)
     rank, world = _dist()
-    if _presharded(data):
-        sampler = getattr(data, "sampler", None)
-        sampler = sampler if hasattr(sampler, "set_epoch") else data.batch_sampler.sampler  # type: ignore[attr-defined]
+    sampler = _distributed_sampler(data)
+    if sampler is not None:
         sampler.set_epoch(epoch)
         it: Iterator = iter(data)
     elif world > 1:  # every rank walks the same seeded order and takes every world-th batch
@@ -194,7 +196,7 @@ def _length(data: Iterable) -> Optional[int]:
     except TypeError:
         return None
     rank, world = _dist()
-    if world > 1 and not _presharded(data):
+    if world > 1 and _distributed_sampler(data) is None:
         return len(range(rank, n, world))
     return n
 
