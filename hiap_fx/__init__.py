@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (CaptureError, ConfigError, DiscoveryError, HiapError, HiapWarning, InputError,
-                     NoAttentionError, StateError)
+from .errors import (BudgetError, CaptureError, ConfigError, DataError, DiscoveryError, FileError,
+                     HiapError, HiapWarning, InputError, NoAttentionError, StateError)
 
 __version__ = "0.1.0"
 
@@ -29,12 +29,13 @@ _LAZY = {
     "register_module_rewrite": ("registry", "register_module_rewrite"),
     "register_trace_hook": ("registry", "register_trace_hook"),
     "register_attention_kernel": ("registry", "register_attention_kernel"),
+    "register_safe_module": ("registry", "register_safe_module"),
     "AttentionKernel": ("registry", "AttentionKernel"),
     "register_op_family": ("ops", "register_op_family"),
 }
 
 __all__ = ["HiapError", "CaptureError", "ConfigError", "DiscoveryError", "InputError",
-           "NoAttentionError", "StateError", "HiapWarning",
+           "NoAttentionError", "StateError", "FileError", "DataError", "BudgetError", "HiapWarning",
            *_LAZY]
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .analysis import analyse
 from .config import PruneConfig
+from .ir import CapturedGraph
 from .plan import Plan
 from .passes.cost import build_cost_model
 from .passes.gate import insert_gates
@@ -28,10 +29,44 @@ def prepare(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
     """
     config = config or PruneConfig()
     cg, plan = analyse(model, example_inputs, config)
-    bundles = insert_gates(cg.gm, plan, config)
-    cost_model = build_cost_model(cg, plan, bundles).compile()
-    prepared = PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config)
+    prepared = gate_and_cost(cg, plan, config)
+    check_reachable(prepared)
     return prepared.train(model.training)
+
+
+def check_reachable(prepared: PreparedModel) -> None:
+    """Raise ``BudgetError`` when a ``target_macs`` the user set is below what closing every gate
+    reaches (the default target only warns: ``inspect`` and the own loop may not use it)."""
+    import warnings
+
+    from .errors import BudgetError, HiapWarning
+
+    config = prepared.config
+    if config.target_macs is None:
+        return
+    floor = prepared.min_macs() / prepared.dense_macs
+    if config.target_macs >= floor - 1e-9:
+        return
+    message = (f"target_macs={config.target_macs} cannot be reached: {100 * floor:.1f}% of the dense "
+               f"MACs ({prepared.min_macs():,} of {prepared.dense_macs:,}) stay whatever the gates "
+               "decide (patch embedding, classifier head and what hiap_fx cannot cut). Choose "
+               f"target_macs >= {floor:.3f}")
+    if "target_macs" in config.model_fields_set:
+        raise BudgetError(message)
+    warnings.warn(f"the default {message}", HiapWarning, stacklevel=3)
+
+
+def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
+                  record_notes: bool = True) -> PreparedModel:
+    """The last stages of ``prepare`` on an analysed graph (shapes and MACs propagated): insert
+    the gates, derive and compile the cost model. ``record_notes=False`` keeps ``plan.notes`` as
+    they are (rebuilding a stored prepared model whose plan already holds them)."""
+    notes = list(plan.notes)
+    bundles = insert_gates(cg.gm, plan, config)
+    if not record_notes:
+        plan.notes[:] = notes
+    cost_model = build_cost_model(cg, plan, bundles).compile()
+    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config)
 
 
 def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,

@@ -30,6 +30,20 @@ class ConfigError(HiapError, ValidationError):
     that is also a ``HiapError``; the message names each field, the rule and the value given."""
 
 
+class FileError(HiapError):
+    """A file could not be read as what was expected: missing, empty, truncated, of another kind,
+    or naming code that is not on the allow-list (the message names the file and the entry)."""
+
+
+class DataError(InputError):
+    """Training or evaluation data has the wrong form, is empty, or failed while being read."""
+
+
+class BudgetError(HiapError):
+    """The compute target cannot be reached by this model (the message gives the reachable
+    minimum)."""
+
+
 class StateError(HiapError):
     """A prepared model's state is unusable: non-finite gate logits, a state dict from another
     model, or a training run that diverged."""

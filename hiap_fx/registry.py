@@ -73,6 +73,10 @@ class AttentionKernel:
 
 
 MODULE_REWRITES: list[ModuleRewrite] = []
+#: functions hiap_fx itself puts into graphs (allowed in stored graphs)
+SAFE_FUNCTIONS: list[Callable] = []
+#: leaf-module classes a stored graph may instantiate, by qualified name (class or lazy loader)
+SAFE_MODULES: dict[str, Callable[[], type]] = {}
 TRACE_HOOKS: list[TraceHook] = []
 ATTENTION_KERNELS: dict[Callable, AttentionKernel] = {}
 
@@ -107,6 +111,38 @@ def register_attention_kernel(kernel: AttentionKernel) -> AttentionKernel:
     for target in targets:
         ATTENTION_KERNELS[target] = kernel
     return kernel
+
+
+def register_safe_module(cls: Any, name: Optional[str] = None) -> Any:
+    """Allow ``hiap_fx.load`` to rebuild leaf modules of class ``cls`` (an ``nn.Module`` subclass
+    whose forward is plain code and whose state is tensors plus plain attributes) from a file.
+
+    ``cls`` may also be a qualified name with a loader (``name`` given, ``cls`` a zero-argument
+    callable returning the class), so that the library defining it is imported only when a file
+    names it. Usable as a class decorator.
+    """
+    if isinstance(cls, type):
+        if not issubclass(cls, nn.Module):
+            raise TypeError(f"register_safe_module: {cls!r} is not an nn.Module subclass")
+        key = name or f"{cls.__module__}.{cls.__qualname__}"
+        SAFE_MODULES[key] = lambda: cls
+    else:
+        if name is None:
+            raise TypeError("register_safe_module: give the class, or a loader and its name")
+        SAFE_MODULES[name] = cls
+    return cls
+
+
+def safe_module_class(name: str) -> Optional[type]:
+    """The registered safe module class called ``name``, or None."""
+    ensure_builtin_handlers()
+    loader = SAFE_MODULES.get(name)
+    if loader is None:
+        return None
+    try:
+        return loader()
+    except ImportError:
+        return None
 
 
 def attention_kernel(node: Any) -> Optional[AttentionKernel]:

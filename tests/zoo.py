@@ -33,6 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+import hiap_fx
+
 __all__ = [
     "ViTSpec",
     "SpecViT",
@@ -69,6 +71,7 @@ POOL_KINDS: tuple[str, ...] = ("cls", "mean")
 # --------------------------------------------------------------------------
 
 
+@hiap_fx.register_safe_module  # a user's own leaf: hiap_fx.load may rebuild it from a file
 class DropPath(nn.Module):
     """Stochastic depth; the identity when not training or when ``rate == 0``."""
 

@@ -109,6 +109,22 @@ def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node) -> 
     user.update_arg(pos, scaled)
 
 
+def gate_nodes(graph: fx.Graph) -> tuple[set[fx.Node], dict[fx.Node, fx.Node]]:
+    """What :func:`insert_gates` added to ``graph``: every node it created (bundle calls, their
+    mask items, the mask multiplies), and for each mask multiply the node it scales."""
+    added: set[fx.Node] = set()
+    scaled: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(GATES_ATTR + "."):
+            added.add(node)
+            for item in node.users:
+                added.add(item)
+                for mul in item.users:
+                    added.add(mul)
+                    scaled[mul] = mul.args[0]
+    return added, scaled
+
+
 def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, nn.Module]:
     """Add one gate bundle per site to ``gm`` (under ``hiap_gates``) and wire its masks in.
 
