@@ -63,6 +63,8 @@ def main() -> None:
         dense, _, _ = dense_fashion_mnist_vit()
         x = torch.randn(1, 1, 28, 28)
         for path in models:
+            # whole pickled modules that benchmarks/frontier.py wrote on this machine (Torch-Pruning
+            # models are not graph modules, so not hiap_fx.save files): trusted by construction
             compact = torch.load(path, weights_only=False).eval()
             lines += rows_for(f"Fashion-MNIST ViT, {path.stem}", dense, compact, x, seconds)
             print(lines[-1], flush=True)

@@ -13,7 +13,8 @@ from .prune_report import PruneReport
 
 def write_outputs(report: PruneReport, compact: nn.Module, plan: Plan, out_dir: Union[str, Path]) -> dict[str, Path]:
     """Write the compact model, plan JSON, report (markdown and JSON) and both plots into
-    ``out_dir``; returns the paths by kind."""
+    ``out_dir`` (each file atomically); returns the paths by kind."""
+    from .files.atomic import write_text
     from .io import save
     from .plots import plot_history, plot_structure
 
@@ -23,9 +24,9 @@ def write_outputs(report: PruneReport, compact: nn.Module, plan: Plan, out_dir: 
              "report_json": out / "report.json", "structure": out / "structure.png",
              "history": out / "history.png"}
     save(compact, paths["compact"], plan)
-    paths["plan"].write_text(plan.model_dump_json(indent=2))
-    paths["report_md"].write_text(report.to_markdown())
-    paths["report_json"].write_text(report.model_dump_json(indent=2))
+    write_text(paths["plan"], plan.model_dump_json(indent=2))
+    write_text(paths["report_md"], report.to_markdown())
+    write_text(paths["report_json"], report.model_dump_json(indent=2))
     plot_structure(report, paths["structure"])
     plot_history(report, paths["history"])
     return paths

@@ -26,22 +26,30 @@ def logits_of(output: object) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, max_batches: Optional[int] = None) -> float:
-    """Top-1 accuracy (0..1) of ``model`` in eval mode over ``(inputs, targets)`` batches; the
-    model's train/eval mode is restored afterwards."""
+    """Top-1 accuracy (0..1) of ``model`` in eval mode over ``(inputs, targets)`` batches (inputs
+    as in training: a tensor, a tuple or a dict); the model's train/eval mode is restored
+    afterwards. Raises ``DataError`` when ``data`` yields no batches."""
+    from .batches import call_model, split_batch, to_device
+
     was_training = model.training
     model.eval()
     correct = total = 0
+    device = next(model.parameters()).device
     try:
-        for i, (x, y) in enumerate(data):
+        for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            device = next(model.parameters()).device
-            pred = logits_of(model(x.to(device))).argmax(-1)
-            correct += int((pred == y.to(device)).sum())
+            x, y = to_device(split_batch(batch, "eval_data"), device)
+            pred = logits_of(call_model(model, x)).argmax(-1)
+            correct += int((pred == y).sum())
             total += int(y.numel())
     finally:
         model.train(was_training)
-    return correct / max(total, 1)
+    if total == 0:
+        from .errors import DataError
+
+        raise DataError("eval_data yielded no batches (an empty dataset or loader)")
+    return correct / total
 
 
 def cosine_lr(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:

@@ -27,16 +27,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
-    import torch
-
     from .api import finalize
-    from .io import save
+    from .files.reading import load_trusted
+    from .io import load, save
     from .prepared import PreparedModel
 
-    prepared = torch.load(args.prepared, weights_only=False)  # a torch.save(prepared) file
+    try:
+        prepared = load(args.prepared, trust=args.trust_file)
+    except HiapError:
+        if not args.trust_file:
+            raise
+        prepared = load_trusted(args.prepared, "a prepared model")  # e.g. torch.save(prepared)
     if not isinstance(prepared, PreparedModel):
         raise InputError(f"{args.prepared} holds a {type(prepared).__name__}, not a PreparedModel "
-                         "(save one with torch.save(prepared, path))")
+                         "(save one with hiap_fx.save(prepared, path))")
     compact = finalize(prepared, verify=not args.no_verify)
     save(compact, args.out, prepared.plan)
     dense, hard = prepared.dense_macs, prepared.hard_macs()
@@ -53,9 +57,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     dense = load_model(args.model, parse_kwargs(args.kwargs)).eval()
     if args.weights:
-        import torch
-
-        dense.load_state_dict(torch.load(args.weights, weights_only=True))
+        dense.load_state_dict(_weights(args.weights))
     compact = load(args.compact)
     x = default_input(dense, 1, _size(args.input_size) if args.input_size else None)
     print(format_bench(bench_models(dense, compact, x, args.batches, args.seconds)))
@@ -68,40 +70,86 @@ def _is_checkpoint(spec: str) -> bool:
     return os.path.isfile(spec) and not spec.endswith(".py")
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    import torch
+def _resume_source(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint this invocation resumes (``--model FILE`` or ``--resume``), or None; refuses
+    to start over an existing run in ``--out`` without ``--resume`` / ``--overwrite``."""
+    from pathlib import Path
 
+    existing = Path(args.out, "checkpoint.pt")
+    if _is_checkpoint(args.model):
+        return args.model
+    if args.resume:
+        if not existing.is_file():
+            raise InputError(f"--resume: {args.out} holds no checkpoint.pt to resume")
+        return str(existing)
+    if existing.exists():
+        if not args.overwrite:
+            raise InputError(f"{args.out} already holds a pruning run ({existing}); pass --resume to "
+                             "continue it or --overwrite to start over")
+        existing.unlink()
+    return None
+
+
+def _check_resume_arguments(args: argparse.Namespace, source: str) -> dict:
+    from .checkpoint import checkpoint_summary
+
+    info = checkpoint_summary(source)
+    if args.target is not None and args.target != info["target_macs"]:
+        raise InputError(f"resuming {source}: it was started with --target {info['target_macs']}, "
+                         f"not {args.target}; drop --target, or start a new run (--overwrite)")
+    if args.steps is not None and args.steps != info["total"]:
+        raise InputError(f"resuming {source}: it was started for {info['total']} steps, not "
+                         f"{args.steps}; drop --steps, or start a new run (--overwrite)")
+    return info
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
     from .artifacts import write_outputs
     from .config import PruneConfig
     from .data import load_data
     from .models import default_input, load_model, parse_kwargs
     from .train import prune
 
-    resume = _is_checkpoint(args.model)
-    if resume:
-        state = torch.load(args.model, weights_only=False)  # a checkpoint written by prune (trusted)
-        size = tuple(state["prepared"].example_shapes[0][1:])
-        model = args.model
+    source = _resume_source(args)
+    if source is not None:
+        size = _check_resume_arguments(args, source)["input_shape"][1:]
+        model = source
     else:
         model = load_model(args.model, parse_kwargs(args.kwargs)).eval()
         if args.weights:
-            model.load_state_dict(torch.load(args.weights, weights_only=True))
+            model.load_state_dict(_weights(args.weights))
         size = _size(args.input_size) if args.input_size else tuple(default_input(model).shape[1:])
     train, test = load_data(args.data, size, batch_size=args.batch_size, seed=args.seed, limit=args.limit)
     config = None
-    if not resume:
-        fields = {"target_macs": args.target, "lr": args.lr, "gate_lr": args.gate_lr, "seed": args.seed,
-                  "frontend": args.frontend}
+    if source is None:
+        fields = {"target_macs": 0.5 if args.target is None else args.target, "lr": args.lr,
+                  "gate_lr": args.gate_lr, "seed": args.seed, "frontend": args.frontend}
         config = PruneConfig(**{k: v for k, v in fields.items() if v is not None})
-    result = prune(model, train, config, steps=None if resume else args.steps,
-                   epochs=None if resume or args.steps else args.epochs, eval_data=test,
+    result = prune(model, train, config, steps=None if source else args.steps,
+                   epochs=None if source or args.steps else args.epochs, eval_data=test,
                    teacher=None if args.no_teacher else "dense", checkpoint=f"{args.out}/checkpoint.pt",
                    checkpoint_every=args.checkpoint_every, eval_batches=args.eval_batches,
-                   progress=not args.quiet)
+                   progress=not args.quiet, trust=args.trust_file)
     paths = write_outputs(result.report, result.compact, result.prepared.plan, args.out)
     print(result.report.to_markdown())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _weights(path: str) -> dict:
+    """A state dict read weights-only, with the file named on failure."""
+    import torch
+
+    from .errors import FileError
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise FileError(f"--weights {path}: not a weights-only state dict ({type(exc).__name__}: "
+                        f"{str(exc)[:200]})") from None
+    if not isinstance(state, dict):
+        raise FileError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -133,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiap-fx", description="HiAP pruning of any Vision Transformer")
     sub = p.add_subparsers(dest="command", required=True)
     model_help = ("timm model name, FILE.py:FACTORY, pkg.module:factory, torchvision:NAME or "
-                  "hf:CLASS (random weights)")
+                  "hf:CLASS (random weights). FILE.py:FACTORY and pkg.module:factory import and run "
+                  "that code: it is your model's code, run by design")
     q = sub.add_parser("inspect", help="print the attention/FFN sites found and their MAC shares")
     q.add_argument("model", help=model_help)
     q.add_argument("--input-size", help="C,H,W of the example input (default: the model's)")
@@ -143,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     q.set_defaults(func=_cmd_inspect)
     f = sub.add_parser("finalize", help="slice a trained PreparedModel into a compact model")
-    f.add_argument("prepared", help="file written by torch.save(prepared) (trusted: it is unpickled)")
+    f.add_argument("prepared", help="prepared model written by hiap_fx.save(prepared, path) (read as "
+                   "data; a torch.save(prepared) pickle needs --trust-file)")
+    f.add_argument("--trust-file", action="store_true", help="also read files that need full "
+                   "unpickling or name code outside hiap_fx's allow-list (only files you trust)")
     f.add_argument("--out", required=True, help="where to write the compact model (hiap_fx.save)")
     f.add_argument("--no-verify", action="store_true", help="skip the output and MAC check")
     f.set_defaults(func=_cmd_finalize)
@@ -160,9 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "compact model, plan, report and plots")
     r.add_argument("--model", required=True, help=model_help + ", or a checkpoint written by prune "
                    "(resumes it)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out (its "
+                   "checkpoint.pt); --target / --steps, if given, must equal the run's")
+    r.add_argument("--overwrite", action="store_true", help="start over although --out holds a run")
+    r.add_argument("--trust-file", action="store_true", help="resume checkpoints of earlier "
+                   "versions, which need full unpickling (only files you wrote yourself)")
     r.add_argument("--data", required=True, help="fashion-mnist or imagefolder:PATH (class "
                    "sub-folders; train/ and val/ used when present)")
-    r.add_argument("--target", type=float, default=0.5, help="fraction of dense MACs to keep")
+    r.add_argument("--target", type=float, help="fraction of dense MACs to keep (default 0.5)")
     r.add_argument("--steps", type=int, help="training steps (default: --epochs)")
     r.add_argument("--epochs", type=float, default=1, help="epochs when --steps is not given")
     r.add_argument("--out", required=True, help="output folder")

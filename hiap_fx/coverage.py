@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from .files.atomic import write_text
+
 ModelSpec = Union[str, tuple[str, dict[str, Any]]]
 
 _SMALL_HF = dict(image_size=64, patch_size=16, hidden_size=96, num_hidden_layers=2,
@@ -251,8 +253,7 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
     rows += list(extra_rows)
     table = to_markdown(rows, details=len(rows) > 60)
     if out:
-        with open(out, "w") as fh:
-            fh.write(table + "\n")
+        write_text(out, table + "\n")
     if readme:
         with open(readme) as fh:
             text = fh.read()
@@ -260,8 +261,7 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
         if not pattern.search(text):
             raise ValueError(f"{readme} has no '<!-- coverage:start -->' ... end markers")
         text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
-        with open(readme, "w") as fh:
-            fh.write(text)
+        write_text(readme, text)
     return table
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .bench import BenchReport, bench_models
 from .classify import train_classifier
 from .data import fashion_mnist
+from .files.atomic import write_text, write_with
 from .prune_report import PruneReport
 
 DEMO_ARCH: dict[str, Any] = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
@@ -58,10 +59,7 @@ def dense_fashion_mnist_vit(train_data: Optional[DataLoader] = None, progress: b
     model = demo_model(**arch)
     train_classifier(model, train_data, epochs=cfg["epochs"], lr=cfg["lr"], seed=cfg["seed"],
                      progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval(), path, False
 
 
@@ -100,7 +98,7 @@ def run_demo(out_dir: str = "hiap_demo", target: float = 0.5, prune_epochs: floa
     bench = bench_models(dense, result.compact, train[0][0][None], [1, 256], seconds=bench_seconds)
     out = DemoResult(report=result.report, bench=bench, dense_training_seconds=dense_seconds,
                      dense_cached=cached, total_seconds=time.perf_counter() - started)
-    Path(out_dir, "demo.json").write_text(out.model_dump_json(indent=2))
+    write_text(Path(out_dir, "demo.json"), out.model_dump_json(indent=2))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from .files.atomic import write_with
 from .prune_report import PruneReport
 
 
@@ -43,7 +44,7 @@ def plot_structure(report: PruneReport, path: Union[str, Path]) -> Path:
     ax.set_title("FFN neurons kept (0 = sub-layer removed)")
     fig.suptitle(f"{report.model}: {100 * report.kept_ratio:.1f}% of dense MACs kept")
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -72,6 +73,6 @@ def plot_history(report: PruneReport, path: Union[str, Path]) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{report.model}: HiAP training")
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -18,15 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import call_model, first_inputs, split_batch, to_device
 from .budget import hard_ratio
+from .checkpoint import (CHECKPOINT_FORMAT, load_optimizer_state_by_name, optimizer_state_by_name,
+                         rng_state, set_rng_state)
 from .classify import cosine_lr, evaluate, logits_of
 from .config import PruneConfig
-from .errors import InputError, StateError
+from .errors import DataError, FileError, HiapError, InputError, StateError
 from .prepared import PreparedModel
 from .prune_report import HistoryPoint, PruneReport, site_structure
-
-CHECKPOINT_FORMAT = "hiap_fx.prune_checkpoint/1"
-
 
 @dataclass
 class PruneResult:
@@ -48,35 +47,6 @@ def distillation_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], ta
     kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
                   reduction="batchmean", log_target=True)
     return (1.0 - alpha) * ce + alpha * t * t * kl
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (nested tuples/lists/dicts) to the model's device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True) if batch.device != device else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _first_inputs(data: Iterable, n: int = 2) -> Any:
-    x, _ = next(iter(data))
-    if isinstance(x, torch.Tensor):
-        return x[:n]
-    if isinstance(x, (tuple, list)):
-        return tuple(t[:n] for t in x)
-    raise InputError("train_data must yield (inputs, targets) with tensor inputs (or a tuple of "
-                     "tensors); pass example_inputs= for anything else")
 
 
 def _one_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -154,16 +124,6 @@ def _mixed_precision(cfg: PruneConfig, device: torch.device) -> tuple[Any, Any]:
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
 def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Iterator:
     """A fresh pass over ``data`` whose order depends only on (seed, epoch): the global torch
     generator (and the loader's own generator, if it has one) are seeded before iterating, and
@@ -184,8 +144,13 @@ def _epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Ite
         it = itertools.islice(iter(data), rank, None, world)
     else:
         it = iter(data)
-    for _ in range(skip):
-        next(it)
+    for done in range(skip):
+        try:
+            next(it)
+        except StopIteration:
+            raise DataError(f"resuming at batch {skip} of epoch {epoch}, but train_data now yields "
+                            f"only {done} batches per epoch; resume with the data (and batch size) "
+                            "of the run that wrote the checkpoint") from None
     return it
 
 
@@ -201,24 +166,40 @@ def _length(data: Iterable) -> Optional[int]:
     return n
 
 
+def _draw(run: "_Run", it: Iterator) -> Any:
+    """``next(it)``; a failure of the data itself (an I/O fault, a decoding error) is re-raised as
+    ``DataError`` with the step, the epoch and the last checkpoint to resume from."""
+    try:
+        return next(it)
+    except (StopIteration, HiapError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        resume = (f"; the last checkpoint is {run.checkpoint_path} (step {run.checkpoint_step}): "
+                  f"resume with hiap_fx.prune({str(run.checkpoint_path)!r}, train_data)"
+                  if run.checkpoint_path is not None and run.checkpoint_step is not None
+                  else "; no checkpoint was written yet (pass checkpoint= and checkpoint_every=)")
+        raise DataError(f"train_data failed at step {run.step} (epoch {run.epoch}, batch "
+                        f"{run.offset + 1}): {type(exc).__name__}: {exc}{resume}") from exc
+
+
 def _next_batch(run: "_Run", data: Iterable, it: Optional[Iterator]) -> Any:
     """The next training batch; a new (seeded) epoch starts when the data is exhausted."""
     if it is not None:
         try:
-            batch = next(it)
+            batch = _draw(run, it)
             run.offset += 1
             run.iterator = it
             return batch
         except StopIteration:
             if run.offset == 0:
-                raise InputError("train_data yielded no batches") from None
+                raise DataError("train_data yielded no batches (an empty dataset or loader)") from None
     if it is not None or run.offset:
         run.epoch, run.offset = run.epoch + 1, 0
     run.iterator = _epoch_iterator(data, run.seed, run.epoch)
     try:
-        batch = next(run.iterator)
+        batch = _draw(run, run.iterator)
     except StopIteration:
-        raise InputError("train_data yielded no batches") from None
+        raise DataError("train_data yielded no batches (an empty dataset or loader)") from None
     run.offset = 1
     return batch
 
@@ -247,53 +228,97 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.rng: Optional[dict[str, Any]] = None
         self.seed = cfg.seed
+        self.checkpoint_path: Optional[Path] = None  # where and at which step the last one went
+        self.checkpoint_step: Optional[int] = None
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write a checkpoint: prepared model (weights, gates, controller), teacher, optimizer,
-        schedule position, RNG states and history."""
+        """Write a checkpoint (atomically, as data): prepared model (weights, gates, controller),
+        teacher weights, optimizer, schedule position, RNG states and history."""
+        from .files.atomic import write_with
+        from .io import prepared_payload
+
+        teacher = None
+        if self.teacher_is_dense and self.teacher is not None:
+            teacher = {k: v.detach() for k, v in self.teacher.state_dict().items()}
         state = {
-            "format": CHECKPOINT_FORMAT, "prepared": self.prepared,
-            "teacher": self.teacher if self.teacher_is_dense else None,
-            "teacher_is_dense": self.teacher_is_dense, "total": self.total, "step": self.step,
-            "epoch": self.epoch, "offset": self.offset,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(), "history": [h.model_dump() for h in self.history],
-            "seconds": self.seconds, "dense_params": self.dense_params,
-            "dense_accuracy": self.dense_accuracy,
+            "format": CHECKPOINT_FORMAT, "prepared": prepared_payload(self.prepared),
+            "teacher": teacher, "teacher_is_dense": self.teacher_is_dense, "total": self.total,
+            "step": self.step, "epoch": self.epoch, "offset": self.offset,
+            "optimizer": optimizer_state_by_name(self.optimizer, self.prepared),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "history": [h.model_dump() for h in self.history], "seconds": self.seconds,
+            "dense_params": self.dense_params, "dense_accuracy": self.dense_accuracy,
         }
         rank, world = _dist()
-        path = Path(path)
         if rank == 0:  # every rank holds the same state; one writes it
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            write_with(path, lambda tmp: torch.save(state, tmp))
+        self.checkpoint_path, self.checkpoint_step = Path(path), self.step
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
 
     @classmethod
-    def load(cls, path: Union[str, Path], teacher: Any) -> "_Run":
-        state = torch.load(path, weights_only=False)  # a checkpoint this library wrote (trusted)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"{path} is not a hiap_fx.prune checkpoint")
+    def load(cls, path: Union[str, Path], teacher: Any, trust: bool = False) -> "_Run":
+        """Resume from a checkpoint :meth:`save` wrote (read weights-only: nothing is unpickled).
+        ``trust=True`` also reads the pickled checkpoints of earlier versions."""
+        from .files.graph_data import graph_from_data
+        from .files.reading import load_trusted, read_payload
+        from .io import prepared_from_payload
+
+        what = "a hiap_fx.prune checkpoint"
+        source = str(path)
+        try:
+            state = read_payload(path, (CHECKPOINT_FORMAT,), what)
+        except FileError:
+            if not trust:
+                raise
+            return cls._load_pickled(path, load_trusted(path, what), teacher)
+        try:
+            prepared = prepared_from_payload(state["prepared"], source, trust)
+            teacher_module: Optional[nn.Module] = None
+            if state["teacher_is_dense"]:
+                tensors = {**state["prepared"]["tensors"], **state["teacher"]}
+                teacher_module = graph_from_data(state["prepared"]["graph"], tensors, source, trust)
+                teacher_module.eval().requires_grad_(False)
+            elif isinstance(teacher, nn.Module):
+                teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # the user's stays as is
+            run = cls(prepared, teacher_module, int(state["total"]), int(state["dense_params"]),
+                      bool(state["teacher_is_dense"]))
+            run.step, run.epoch, run.offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
+            load_optimizer_state_by_name(run.optimizer, prepared, state["optimizer"], source)
+            run.scheduler.load_state_dict(state["scheduler"])
+            run.rng = state["rng"]
+            run.history = [HistoryPoint(**h) for h in state["history"]]
+            run.seconds = float(state["seconds"])
+            run.dense_accuracy = state["dense_accuracy"]
+        except HiapError:
+            raise
+        except Exception as exc:  # a field missing or of the wrong kind
+            raise FileError(f"{source}: not a complete {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        run.checkpoint_path, run.checkpoint_step = Path(path), run.step
+        return run
+
+    @classmethod
+    def _load_pickled(cls, path: Union[str, Path], state: Any, teacher: Any) -> "_Run":
+        """A checkpoint of format ``prune_checkpoint/1`` (a pickled run; read with trust only)."""
+        if not isinstance(state, dict) or state.get("format") != "hiap_fx.prune_checkpoint/1":
+            raise FileError(f"{path} is not a hiap_fx.prune checkpoint")
         prepared = state["prepared"]
-        if state["teacher_is_dense"]:
-            teacher_module = state["teacher"]
-        elif isinstance(teacher, nn.Module):
-            teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # the user's stays as is
-        else:
-            teacher_module = None
-        run = cls(prepared, teacher_module, state["total"], state["dense_params"],
-                  state["teacher_is_dense"])
+        teacher_module = state["teacher"] if state["teacher_is_dense"] else (
+            copy.deepcopy(teacher).eval().requires_grad_(False) if isinstance(teacher, nn.Module) else None)
+        run = cls(prepared, teacher_module, state["total"], state["dense_params"], state["teacher_is_dense"])
         run.step, run.epoch, run.offset = state["step"], state["epoch"], state["offset"]
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
-        run.rng = state["rng"]
+        rng = state["rng"]
+        run.rng = {"torch": rng["torch"], "python": rng["python"],
+                   "numpy": [rng["numpy"][0], torch.from_numpy(rng["numpy"][1].astype(np.int64)),
+                             *rng["numpy"][2:]]}
         run.history = [HistoryPoint(**h) for h in state["history"]]
         run.seconds = state["seconds"]
         run.dense_accuracy = state["dense_accuracy"]
+        run.checkpoint_path, run.checkpoint_step = Path(path), run.step
         return run
 
 
@@ -310,6 +335,24 @@ def _log_point(run: _Run, loss: float, task: float, tau: float) -> HistoryPoint:
         neurons_kept=sum(s.neurons_kept or 0 for s in structure if s.kind == "ffn"))
 
 
+def _total_steps(train_data: Iterable, steps: Optional[int], epochs: Optional[float]) -> int:
+    """The run's length from ``steps`` or ``epochs`` (default one epoch), validated."""
+    if steps is not None and epochs is not None:
+        raise InputError("give steps= or epochs=, not both")
+    if epochs is not None and not epochs > 0:
+        raise InputError(f"epochs must be > 0, got {epochs}")
+    if steps is None:
+        length = _length(train_data)
+        if length is None:
+            raise InputError("train_data has no len(): give steps=")
+        if length == 0:
+            raise DataError("train_data yielded no batches (len(train_data) is 0)")
+        steps = max(1, int(round((epochs or 1) * length)))
+    if int(steps) != steps or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps}")
+    return int(steps)
+
+
 def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: PruneConfig,
              steps: Optional[int], epochs: Optional[float], teacher: Union[str, nn.Module, None],
              example_inputs: Any, eval_data: Optional[Iterable]) -> "_Run":
@@ -317,23 +360,15 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
     accuracy: the state of a run at step 0."""
     from .api import prepare
 
-    if steps is not None and epochs is not None:
-        raise InputError("give steps= or epochs=, not both")
-    if steps is None:
-        length = _length(train_data)
-        if length is None:
-            raise InputError("train_data has no len(): give steps=")
-        steps = max(1, int(round((epochs or 1) * length)))
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
+    steps = _total_steps(train_data, steps, epochs)
     torch.manual_seed(cfg.seed)
     if isinstance(model, PreparedModel):
         prepared = model
         dense_params = sum(p.numel() for n, p in prepared.named_parameters() if "hiap_gates" not in n)
     else:
-        x = example_inputs if example_inputs is not None else _first_inputs(train_data)
+        x = example_inputs if example_inputs is not None else first_inputs(train_data)
         first = next(model.parameters(), None)
-        x = _to_device(x, first.device) if first is not None else x
+        x = to_device(x, first.device) if first is not None else x
         prepared = prepare(model, x, cfg)
         dense_params = sum(p.numel() for p in model.parameters())
     teacher_is_dense = teacher == "dense"
@@ -347,7 +382,7 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
         raise InputError(f"teacher must be 'dense', a module or None, got {teacher!r}")
     run = _Run(prepared, teacher_module, steps, dense_params, teacher_is_dense)
     torch.manual_seed(cfg.seed)
-    run.rng = _rng_state()
+    run.rng = rng_state()
     if eval_data is not None:
         reference = teacher_module if teacher_is_dense else dense_teacher(prepared)
         run.dense_accuracy = evaluate(reference, eval_data)
@@ -388,7 +423,7 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
           checkpoint: Union[str, Path, None] = None, checkpoint_every: Optional[int] = None,
           stop_after: Optional[int] = None, eval_every: Optional[int] = None,
           eval_batches: Optional[int] = None, log_every: Optional[int] = None,
-          progress: bool = True) -> PruneResult:
+          progress: bool = True, trust: bool = False) -> PruneResult:
     """Prune ``model`` with HiAP in one training phase and return the verified compact model.
 
     Args:
@@ -409,18 +444,27 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
             (default: 8 times per run on all of ``eval_data``).
         log_every: record a history point this often (default: 100 points per run).
         progress: show a tqdm bar with loss, expected and kept MACs, live heads and neurons.
+        trust: resuming, also read checkpoints that hold pickled objects (written by earlier
+            versions). Only for files you wrote yourself: unpickling can run code.
     Returns:
         :class:`PruneResult` with ``compact``, ``prepared`` and ``report``.
     """
     if isinstance(model, (str, Path)):
         if teacher == "dense":
             teacher = None  # the checkpoint decides; a module passed here replaces a non-dense one
-        run = _Run.load(model, teacher)
+        run = _Run.load(model, teacher, trust=trust)
         prepared = run.prepared
         cfg = prepared.config
         if config is not None and config != cfg:
             raise InputError(f"resuming {model}: the checkpoint was written with another config; "
                              "resume without config= (its own is used)")
+        if steps is not None or epochs is not None:
+            asked = _total_steps(train_data, steps, epochs)
+            if asked != run.total:
+                raise InputError(f"resuming {model}: the run was started for {run.total} steps, "
+                                 f"{asked} were asked now; resume without steps=/epochs= (a run "
+                                 "keeps its length: its schedules depend on it), or start a new "
+                                 "run")
     else:
         if isinstance(model, PreparedModel) and config is not None and config != model.config:
             raise InputError("the PreparedModel was prepared with another config (its gates, cost and "
@@ -444,15 +488,15 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     if run.offset and run.offset != _length(train_data):
         # resume mid-epoch: rebuild the data position, then the RNG state of the checkpoint
         it = _epoch_iterator(train_data, run.seed, run.epoch, run.offset)
-    _set_rng_state(run.rng)
+    set_rng_state(run.rng)
     while run.step < total and (stop_after is None or run.step < stop_after):
-        x, y = _to_device(_next_batch(run, train_data, it), device)
+        x, y = to_device(split_batch(_next_batch(run, train_data, it), "train_data"), device)
         it = run.iterator
         tau = prepared.schedule(run.step, total)
         with autocast():
-            student = logits_of(_call(forward, x))
+            student = logits_of(call_model(forward, x))
             with torch.no_grad():
-                t_logits = logits_of(_call(run.teacher, x)) if run.teacher is not None else None
+                t_logits = logits_of(call_model(run.teacher, x)) if run.teacher is not None else None
         task = distillation_loss(student.float(), None if t_logits is None else t_logits.float(), y,
                                  cfg.alpha, cfg.temperature)
         loss = task + prepared.hiap_loss()  # the budget terms stay in float32
