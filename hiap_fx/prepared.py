@@ -137,6 +137,22 @@ class PreparedModel(nn.Module):
         values = [int(v) for v in self._values(hard=True).round().long().tolist()]
         return int(self.cost_model.evaluate(values))
 
+    def min_macs(self) -> int:
+        """MACs with every gate closed: what no gate decision removes (patch embedding, head,
+        norms, units hiap_fx cannot cut). The lowest reachable ``target_macs`` is this over
+        :attr:`dense_macs`."""
+        gates = list(self.gate_modules().values())
+        saved = [g.logits.detach().clone() for g in gates]
+        try:
+            with torch.no_grad():
+                for g in gates:
+                    g.logits.fill_(-1e4)
+                return self.hard_macs()
+        finally:
+            with torch.no_grad():
+                for g, logits in zip(gates, saved):
+                    g.logits.copy_(logits)
+
     @property
     def dense_macs(self) -> int:
         """MACs of the original model at the example inputs (the reference counter's count)."""
@@ -170,9 +186,22 @@ class PreparedModel(nn.Module):
         offset that lands them within it. Returns the offset (0.0 if none was needed)."""
         from .budget import land_on_budget
 
-        if self.config.target_macs is None:
+        cfg = self.config
+        if cfg.target_macs is None:
             return 0.0
-        return land_on_budget(self, self.config.target_macs, self.config.budget_tolerance)
+        shift = land_on_budget(self, cfg.target_macs, cfg.budget_tolerance)
+        gap = self.hard_macs() / self.dense_macs - cfg.target_macs
+        if abs(gap) > cfg.budget_tolerance + 1e-12:
+            import warnings
+
+            from .errors import HiapWarning
+
+            warnings.warn(f"budget missed: the kept MACs are {100 * (cfg.target_macs + gap):.1f}% of "
+                          f"dense, {100 * gap:+.1f} pp from target_macs={cfg.target_macs} (tolerance "
+                          f"{100 * cfg.budget_tolerance:.1f} pp). The gates are too undecided to land "
+                          "closer (a run too short for its target: train longer) or the units are "
+                          "too coarse (e.g. whole heads / FFN blocks only)", HiapWarning, stacklevel=2)
+        return shift
 
     def hiap_loss(self) -> torch.Tensor:
         """Budget and feasibility terms of the objective (the task loss is not included).

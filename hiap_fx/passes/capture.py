@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from ..errors import CaptureError, InputError
 from ..ir import CapturedGraph
 from ..registry import MODULE_REWRITES, TRACE_HOOKS, ensure_builtin_handlers
+from .arguments import pin_fixed_arguments
 
 _ASSERT_TARGETS = {"_assert", "_assert_is_none", "_assert_scalar", "_assert_tensor_metadata",
                    "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async"}
@@ -94,14 +95,18 @@ class HiapTracer(fx.Tracer):
 
 def default_concrete_args(model: nn.Module, n_inputs: int,
                           user: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Forward parameters not covered by the example inputs are fixed to their defaults."""
+    """The fixed forward parameters, in signature order: those the example inputs do not cover,
+    at the value ``user`` (``PruneConfig.concrete_args``) gives or else their default."""
+    user = dict(user or {})
     concrete: dict[str, Any] = {}
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for p in params[n_inputs:]:
-        if p.default is not p.empty:
+        if p.name in user:
+            concrete[p.name] = user.pop(p.name)
+        elif p.default is not p.empty:
             concrete[p.name] = p.default
-    concrete.update(user or {})
+    concrete.update(user)  # names forward does not list (e.g. taken by **kwargs)
     return concrete
 
 
@@ -136,13 +141,23 @@ def _structure_node(graph: fx.Graph, obj: Any) -> Any:
     return obj
 
 
-def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """torch.export front end, converted back into a plain, picklable fx.GraphModule."""
+class BatchSpecialised(Exception):
+    """torch.export fixed the batch size of an input (the model used it as a Python int)."""
+
+
+def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                 kwargs: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+    """torch.export front end, converted back into a plain, picklable fx.GraphModule. The batch
+    axis stays dynamic; ``BatchSpecialised`` when the model forces a fixed batch size."""
     ex = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in inputs)
     dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in ex)
+    kwargs = dict(kwargs or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, ex, dynamic_shapes=dyn, strict=False)
+        ep = torch.export.export(model, ex, kwargs=kwargs or None,
+                                 dynamic_shapes=(*dyn, *([None] * len(kwargs))) if kwargs else dyn,
+                                 strict=False)
+    _check_dynamic_batch(ep, ex)
     egm = ep.module()
     graph = copy.deepcopy(egm.graph)
     out_spec = ep.call_spec.out_spec
@@ -158,6 +173,36 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Graph
     output.args = (structured,)
     gm = fx.GraphModule(egm, graph, class_name=f"{type(model).__name__}Graph")
     return gm
+
+
+def _check_dynamic_batch(ep: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+    user = [n for n in ep.graph.nodes if n.op == "placeholder"
+            and n.name in set(ep.graph_signature.user_inputs)]
+    for i, (node, t) in enumerate(zip(user, inputs)):
+        val = node.meta.get("val")
+        size = val.shape[0] if isinstance(val, torch.Tensor) and t.dim() else None
+        # a SymInt whose expression became a number was specialised (guarded) by the trace
+        if size is not None and str(size).lstrip("-").isdigit():
+            raise BatchSpecialised(
+                f"torch.export fixed the batch size of input {i} to {size}: the model uses the "
+                "batch size as a Python int (e.g. len(x), int(x.shape[0]) or a loop over the batch), "
+                "so the captured graph would fail at every other batch size. Write x.shape[0] "
+                "instead of len(x) (e.g. cls_token.expand(x.shape[0], -1, -1)), or make the model "
+                "traceable by torch.fx")
+
+
+def restore_output_structure(gm: fx.GraphModule, reference: Any) -> bool:
+    """Give the graph's output the container types of the model's own output (a tracer may turn a
+    ``ModelOutput`` or dataclass into a plain dict). Returns whether the output was rebuilt."""
+    want = pytree.tree_structure(reference)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat, have = pytree.tree_flatten(output.args[0])
+    if type(output.args[0]) is type(reference) or len(flat) != want.num_leaves:
+        return False
+    with gm.graph.inserting_before(output):
+        output.args = (_structure_node(gm.graph, pytree.tree_unflatten(flat, want)),)
+    gm.recompile()
+    return True
 
 
 def remove_assertions(gm: fx.GraphModule) -> int:
@@ -224,9 +269,10 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
     _check_dtype_and_device(model, inputs)
     work = copy.deepcopy(model).eval()
     rewrites = apply_module_rewrites(work)
+    fixed = default_concrete_args(work, len(inputs), concrete_args)
     with torch.no_grad():
         try:
-            reference = work(*inputs)
+            reference = work(*inputs, **dict(concrete_args or {}))
         except Exception as exc:  # the model itself rejects the inputs
             raise InputError(f"the model fails on example_inputs of shapes "
                              f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: {exc}. "
@@ -235,14 +281,22 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
     for kind in (["fx", "export"] if frontend == "auto" else [frontend]):
         try:
             subject = copy.deepcopy(work).eval()  # tracing may write into module caches
-            gm = trace_fx(subject, inputs, concrete_args) if kind == "fx" else export_graph(subject, inputs)
+            gm = (trace_fx(subject, inputs, concrete_args) if kind == "fx"
+                  else export_graph(subject, inputs, concrete_args))
             remove_assertions(gm)
+            pin_fixed_arguments(gm, fixed, len(inputs))
+            restore_output_structure(gm, reference)
             gm.eval()
             if check:
                 with torch.no_grad():
-                    ok, err = outputs_match(reference, gm(*inputs))
+                    got = gm(*inputs)
+                ok, err = outputs_match(reference, got)
                 if not ok:
                     failures.append(f"{kind}: captured graph differs from the model (rel. error {err:.2e})")
+                    continue
+                if type(got) is not type(reference):
+                    failures.append(f"{kind}: the captured graph returns {type(got).__name__}, the "
+                                    f"model {type(reference).__name__}")
                     continue
             cg = CapturedGraph(gm=gm, example_inputs=inputs, frontend=kind)
             cg.notes.extend(f"rewritten before capture: {r}" for r in rewrites)
@@ -250,6 +304,8 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
             return cg
         except CaptureError:
             raise
+        except BatchSpecialised as exc:
+            failures.append(f"{kind}: {exc}")
         except Exception as exc:
             where = getattr(exc, "hiap_module", None)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

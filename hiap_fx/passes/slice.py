@@ -682,10 +682,24 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
     while changed:
         changed = False
         for node in reversed(list(gm.graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users or _mutates(node):
+            if node.op in ("placeholder", "output") or node.users or _mutates(node) or _guards(node):
                 continue
             gm.graph.erase_node(node)
             changed = True
+
+
+def _guards(node: fx.Node) -> bool:
+    """A call made for its check alone (registered with ``torch.fx.node.has_side_effect``, e.g. the
+    fixed-argument guard); runtime asserts of the tracer are removed separately."""
+    from torch.fx.node import _side_effectful_functions
+
+    return node.op == "call_function" and node.target in _side_effectful_functions \
+        and not _is_tracer_assert(node)
+
+
+def _is_tracer_assert(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", "") or ""
+    return "assert" in name or "sym_constrain" in name
 
 
 def _check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) -> None:
