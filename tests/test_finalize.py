@@ -205,7 +205,7 @@ def test_cli_finalize_and_bench(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32)
     prepared = hiap_fx.prepare(model, x).eval()
     randomise_gates(prepared, 6)
-    torch.save(prepared, tmp_path / "prepared.pt")
+    hiap_fx.save(prepared, tmp_path / "prepared.pt")  # data: hiap-fx finalize reads it without unpickling
     torch.save(model.state_dict(), tmp_path / "dense.pt")
     assert main(["finalize", str(tmp_path / "prepared.pt"), "--out", str(tmp_path / "compact.pt")]) == 0
     assert "verified" in capsys.readouterr().out
