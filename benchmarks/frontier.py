@@ -29,6 +29,7 @@ import baselines  # noqa: E402
 import hiap_fx  # noqa: E402
 from hiap_fx.classify import evaluate  # noqa: E402
 from hiap_fx.data import fashion_mnist  # noqa: E402
+from hiap_fx.files.atomic import write_text, write_with  # noqa: E402
 from hiap_fx.demo import dense_fashion_mnist_vit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,7 +75,8 @@ def run_one(method: str, target: float, seed: int, dense, train, test, steps: in
     row["seconds"] = time.perf_counter() - t0
     if seed == 0 and steps >= 100:  # kept for the speed benchmark (benchmarks/speed.py)
         (RESULTS / "models").mkdir(parents=True, exist_ok=True)
-        torch.save(model, RESULTS / "models" / f"{_slug(method)}_{int(round(100 * target))}.pt")
+        write_with(RESULTS / "models" / f"{_slug(method)}_{int(round(100 * target))}.pt",
+                   lambda tmp: torch.save(model, tmp))
     row["macs_ratio"] = hiap_fx.count_macs(model, x1) / dense_macs
     row["params"] = sum(p.numel() for p in model.parameters())
     row["accuracy"] = evaluate(model, test)
@@ -151,7 +153,7 @@ def plot(rows: list[dict], dense_acc: float, path: Path) -> None:
     ax.set_ylabel("test accuracy %")
     ax.set_title("Fashion-MNIST, 6-block ViT: accuracy vs MACs")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -184,7 +186,7 @@ def main() -> None:
                     continue
                 row = run_one(method, target, seed, dense, train, test, steps)
                 rows.append(row)
-                store.write_text(json.dumps(rows))
+                write_text(store, json.dumps(rows))  # atomic: an interrupted run keeps its cache
                 print(f"{method:22s} target {target:.2f} seed {seed}: acc {100 * row['accuracy']:.2f}% "
                       f"MACs {100 * row['macs_ratio']:.2f}% ({row['seconds']:.0f} s)", flush=True)
     print()

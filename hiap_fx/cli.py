@@ -181,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiap-fx", description="HiAP pruning of any Vision Transformer")
     sub = p.add_subparsers(dest="command", required=True)
     model_help = ("timm model name, FILE.py:FACTORY, pkg.module:factory, torchvision:NAME or "
-                  "hf:CLASS (random weights). FILE.py:FACTORY and pkg.module:factory import and run "
-                  "that code: it is your model's code, run by design")
+                  "hf:CLASS (random weights)")
+    runs_code = (". FILE.py:FACTORY and pkg.module:factory import and run that code (your model's "
+                 "code, by design)")
     q = sub.add_parser("inspect", help="print the attention/FFN sites found and their MAC shares")
-    q.add_argument("model", help=model_help)
+    q.add_argument("model", help=model_help + runs_code)
     q.add_argument("--input-size", help="C,H,W of the example input (default: the model's)")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--kwargs", help="JSON keyword arguments for the model factory")
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-verify", action="store_true", help="skip the output and MAC check")
     f.set_defaults(func=_cmd_finalize)
     b = sub.add_parser("bench", help="dense vs compact: MACs, parameters, CPU latency")
-    b.add_argument("model", help="the dense model: " + model_help)
+    b.add_argument("model", help="the dense model: " + model_help + runs_code)
     b.add_argument("--compact", required=True, help="file written by hiap-fx finalize / hiap_fx.save")
     b.add_argument("--weights", help="state dict for the dense model (weights-only torch file)")
     b.add_argument("--kwargs", help="JSON keyword arguments for the model factory")
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="train with HiAP gates on a dataset to a MAC target; write the "
                        "compact model, plan, report and plots")
     r.add_argument("--model", required=True, help=model_help + ", or a checkpoint written by prune "
-                   "(resumes it)")
+                   "(resumes it; read as data)" + runs_code)
     r.add_argument("--resume", action="store_true", help="continue the run in --out (its "
                    "checkpoint.pt); --target / --steps, if given, must equal the run's")
     r.add_argument("--overwrite", action="store_true", help="start over although --out holds a run")

@@ -68,7 +68,10 @@ def test_retired_format_with_code_is_refused_unexecuted(tmp_path, marker):
 
 @pytest.mark.parametrize("target", ["os.system", "builtins.eval", "builtins.exec", "subprocess.call",
                                     "torch.load", "torch.hub.load", "torch.save", "builtins.open",
-                                    "torch.ops.load_library", "torch.nn.functional.torch.load"])
+                                    "torch.ops.load_library", "torch.nn.functional.torch.load",
+                                    "_operator.call", "operator.methodcaller", "operator.attrgetter",
+                                    "torch.from_file", "torch.ops.aten.from_file.default",
+                                    "torch.Tensor.numpy"])
 def test_call_targets_off_the_allow_list_are_refused(tmp_path, marker, target):
     payload, _ = _payload(tmp_path)
     node = next(n for n in payload["graph"]["nodes"] if n["op"] == "call_function")
@@ -109,7 +112,8 @@ def test_module_named_by_the_file_is_never_imported(tmp_path, marker, monkeypatc
     assert marker.exists()
 
 
-@pytest.mark.parametrize("edit", ["method_dunder", "method_storage", "getattr_dunder", "name_injection",
+@pytest.mark.parametrize("edit", ["method_dunder", "method_storage", "getattr_dunder", "getattr_grad_fn",
+                                  "getattr_dynamic", "name_injection",
                                   "kwarg_injection", "placeholder_injection", "leaf_attr_method",
                                   "leaf_attr_object", "get_attr_unknown", "unknown_tag", "dtype_object"])
 def test_crafted_graph_entries_are_refused(tmp_path, marker, edit):
@@ -124,6 +128,12 @@ def test_crafted_graph_entries_are_refused(tmp_path, marker, edit):
     elif edit == "getattr_dunder":
         fn["target"] = {"function": "builtins.getattr"}
         fn["args"] = {"tuple": [fn["args"]["tuple"][0], "__globals__"]}
+    elif edit == "getattr_grad_fn":
+        fn["target"] = {"function": "builtins.getattr"}
+        fn["args"] = {"tuple": [fn["args"]["tuple"][0], "grad_fn"]}
+    elif edit == "getattr_dynamic":  # the attribute name computed by the graph itself
+        fn["target"] = {"function": "builtins.getattr"}
+        fn["args"] = {"tuple": [fn["args"]["tuple"][0], fn["args"]["tuple"][0]]}
     elif edit == "name_injection":
         fn["name"] = f"x = 1; {MARKER_CODE.format(marker=str(marker))}; y"
     elif edit == "kwarg_injection":

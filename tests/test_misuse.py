@@ -358,3 +358,51 @@ def test_a_loader_failing_mid_run_names_step_epoch_and_checkpoint(tmp_path):
     assert isinstance(info.value.__cause__, OSError)
     resumed = hiap_fx.prune(ck, _data(), progress=False)  # the named checkpoint resumes
     assert resumed.report.steps == 10
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = _vit()
+
+    def forward(self, x, *, features: bool = False):
+        return self.vit(x) * (0 if features else 1)
+
+
+class VarKeywords(KeywordOnly):
+    def forward(self, x, scale=1.0, **kwargs):
+        return self.vit(x) * scale
+
+
+class VarPositional(KeywordOnly):
+    def forward(self, x, *extra):
+        return self.vit(x)
+
+
+class OptionalMask(KeywordOnly):
+    def forward(self, x, mask=None):
+        y = self.vit(x)
+        return y if mask is None else y * mask
+
+
+@pytest.mark.parametrize("cls, bad_call", [
+    (KeywordOnly, lambda m, x: m(x, features=True)),
+    (VarKeywords, lambda m, x: m(x, 2.0)),
+    (VarPositional, None),
+    (OptionalMask, lambda m, x: m(x, torch.ones(1))),
+])
+def test_unusual_signatures_survive_prepare_finalize_save_and_load(tmp_path, cls, bad_call):
+    model = cls().eval()
+    x = example_input(SPEC, batch=2)
+    prepared = hiap_fx.prepare(model, x)
+    randomise_gates(prepared, 2, 0.3)
+    compact = hiap_fx.finalize(prepared.eval())
+    hiap_fx.save(compact, tmp_path / "c.pt")
+    loaded = hiap_fx.load(tmp_path / "c.pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), compact(x), atol=1e-6)
+        assert torch.allclose(prepared(x), compact(x), atol=1e-5)
+    for module in (prepared, compact, loaded):
+        if bad_call is not None:
+            with pytest.raises(hiap_fx.InputError, match="was fixed to"):
+                bad_call(module, x)

@@ -38,11 +38,21 @@ _PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _BUILTINS = {name: getattr(builtins, name) for name in
              ("getattr", "len", "int", "float", "bool", "abs", "min", "max", "round", "slice",
               "tuple", "list", "range", "sum", "divmod", "pow")}
+#: operator functions a graph may call: arithmetic, comparisons, indexing. Not attrgetter,
+#: methodcaller or call, which would reach attributes and callables by name.
+_OPERATORS = frozenset(
+    "add sub mul truediv floordiv mod pow neg pos abs matmul and_ or_ xor invert inv lshift rshift "
+    "eq ne lt le gt ge not_ truth is_ is_not contains index concat getitem setitem "
+    "iadd isub imul itruediv ifloordiv imod ipow imatmul iand ior ixor ilshift irshift".split())
+#: tensor operators that read or map files
+_DENIED_OPERATORS = frozenset({"from_file"})
 _SYMBOLIC = ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite", "sym_sum")
 #: Tensor methods that reach storage, files or callables: never called from a stored graph
 _DENIED_METHODS = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook",
                    "storage", "untyped_storage", "share_memory_", "set_", "numpy", "from_file",
                    "pin_memory", "record_stream"}
+#: tensor attributes that lead to autograd internals rather than data
+_DENIED_ATTRIBUTES = {"grad_fn", "_base"}
 #: libraries whose output containers (dataclasses / namedtuples, e.g. HF ModelOutput) are imported
 _CONTAINER_LIBRARIES = ("torch", "transformers", "timm", "torchvision", "hiap_fx")
 #: libraries whose parameter-free drop-path / dropout leaves (they branch on self.training) are
@@ -91,7 +101,7 @@ def tensor_method_allowed(name: str) -> bool:
 def getattr_allowed(name: Any) -> bool:
     """Whether ``getattr(value, name)`` may appear in a stored graph: a data attribute of
     ``torch.Tensor`` (``shape``, ``dtype``, ``device``, ``T``, ...), never a method."""
-    if not (is_identifier(name) and not name.startswith("_")):
+    if not (is_identifier(name) and not name.startswith("_")) or name in _DENIED_ATTRIBUTES:
         return False
     attr = getattr(torch.Tensor, name, None)
     return attr is not None and not callable(attr)
@@ -99,7 +109,7 @@ def getattr_allowed(name: Any) -> bool:
 
 def _torch_operator(name: str) -> Any:
     obj = getattr(torch, name, None)
-    if obj is None:
+    if obj is None or name in _DENIED_OPERATORS:
         return None
     if getattr(torch._C._VariableFunctions, name, None) is obj:
         return obj
@@ -122,6 +132,8 @@ def _namespace_function(module_name: str, name: str) -> Any:
 def _torch_op(path: list[str]) -> Any:
     """``torch.ops.<namespace>.<op>[.<overload>]``."""
     if len(path) not in (2, 3) or not all(is_identifier(p) for p in path):
+        return None
+    if path[1] in _DENIED_OPERATORS:
         return None
     try:
         packet = getattr(getattr(torch.ops, path[0]), path[1])
@@ -167,13 +179,13 @@ def resolve_function(name: str, trust: bool = False) -> Callable:
     elif module_name in ("torch.functional",):
         found = getattr(torch.functional, attr, None) if attr in torch.functional.__all__ else None
     elif module_name == "torch._C._VariableFunctions":
-        found = getattr(torch._C._VariableFunctions, attr, None)
+        found = _torch_operator(attr)
     elif module_name in _TORCH_SUBMODULES:
         found = _namespace_function(module_name, attr)
     elif module_name == "torch.Tensor":
         found = getattr(torch.Tensor, attr) if tensor_method_allowed(attr) else None
     elif module_name in ("operator", "_operator"):
-        found = getattr(operator, attr, None) if not attr.startswith("_") else None
+        found = getattr(operator, attr, None) if attr in _OPERATORS else None
     elif module_name == "math":
         found = getattr(math, attr, None) if not attr.startswith("_") else None
     elif module_name == "builtins":
@@ -226,7 +238,10 @@ def resolve_container(name: str, form: str, fields: list[str], trust: bool = Fal
         raise FileError(f"output container {name!r} has an invalid name or fields {fields!r}")
     if name.split(".")[0] in _CONTAINER_LIBRARIES or trust:
         cls = _import_object(name)
-        if isinstance(cls, type) and _container_fields(cls) == list(fields):
+        # constructing a namedtuple only stores its fields; of dataclasses, whose __post_init__
+        # may do anything, only HF's ModelOutput family is taken as is (without trust)
+        plain = form == "namedtuple" or trust or _is_model_output(cls)
+        if isinstance(cls, type) and plain and _container_fields(cls) == list(fields):
             return cls
     short = name.rpartition(".")[2]
     if form == "namedtuple":
@@ -234,6 +249,14 @@ def resolve_container(name: str, form: str, fields: list[str], trust: bool = Fal
     if form == "dataclass":
         return dataclasses.make_dataclass(short, [(f, Any, dataclasses.field(default=None)) for f in fields])
     raise FileError(f"output container {name}: unknown form {form!r}")
+
+
+def _is_model_output(cls: Any) -> bool:
+    import sys
+
+    utils = sys.modules.get("transformers.utils.generic")
+    base = getattr(utils, "ModelOutput", None)
+    return isinstance(cls, type) and base is not None and issubclass(cls, base)
 
 
 def _container_fields(cls: type) -> list[str] | None:

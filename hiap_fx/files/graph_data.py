@@ -239,8 +239,9 @@ def _build_node(graph: fx.Graph, spec: dict[str, Any], env: dict[str, fx.Node], 
         raise FileError(f"node {name}: arguments are not a tuple and a dict")
     if not all(is_identifier(k) for k in kwargs):
         raise FileError(f"node {name}: keyword names {list(kwargs)} are not identifiers")
-    if op == "placeholder":
-        if not is_identifier(target):
+    if op == "placeholder":  # a parameter name, or *args / **kwargs
+        if not (isinstance(target, str) and is_identifier(target.lstrip("*"))
+                and len(target) - len(target.lstrip("*")) <= 2):
             raise FileError(f"node {name}: input name {target!r} is not an identifier")
     elif op == "get_attr":
         if not is_attribute_path(target) or target not in table:
