@@ -50,6 +50,7 @@ case "$job" in
         ;;
     test)
         setup
+        "$PY" -m ruff check hiap_fx tests examples benchmarks  # pyflakes + import order (pyproject)
         "$PY" -m pytest -q -n 2 "$@"
         ;;
     *)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import hiap_fx
-from hiap_fx.budget import hard_ratio
-from hiap_fx.classify import cosine_lr, logits_of
-from hiap_fx.train import distillation_loss
+from hiap_fx.gated.budget import hard_ratio
+from hiap_fx.training.classify import cosine_lr, logits_of
+from hiap_fx.training.prune import distillation_loss
 
 ON, OFF = 5.0, -5.0
 

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import hiap_fx
-from hiap_fx.data import fashion_mnist
-from hiap_fx.demo import dense_fashion_mnist_vit
+from hiap_fx.app.data import fashion_mnist
+from hiap_fx.app.demo import dense_fashion_mnist_vit
 
 
 def main() -> None:

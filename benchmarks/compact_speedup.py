@@ -4,7 +4,7 @@
 
 The pruned network is fixed by hand: in every block the last half of the heads and every other
 FFN neuron are closed. Latency is the median of interleaved runs (dense, compact, dense, ...) in
-eval mode under ``torch.inference_mode`` (``hiap_fx.bench.bench_models``, as ``hiap-fx bench``).
+eval mode under ``torch.inference_mode`` (``hiap_fx.app.bench.bench_models``, as ``hiap-fx bench``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main() -> None:
     import timm
 
     import hiap_fx
-    from hiap_fx.bench import bench_models
+    from hiap_fx.app.bench import bench_models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deit_small_patch16_224")

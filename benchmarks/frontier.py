@@ -6,8 +6,9 @@ training steps and the same distillation loss. Several seeds; mean and standard 
     python benchmarks/frontier.py            # 3 seeds, 300 steps (0.64 epoch) per run
     python benchmarks/frontier.py --quick    # 1 seed, 40 steps per run, 2000 test images
 
-Results are cached per run in benchmarks/results/frontier[_quick].json (delete to rerun); the
-script prints the markdown tables and writes frontier.png and hiap_structure_*.png there.
+Results are cached per run in benchmarks/results/frontier[_quick].json: a run found there is not
+trained again, and the script says how many it reprints (``--rerun`` trains the selected runs
+again). It prints the markdown tables and writes frontier.png and hiap_structure_*.png there.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
 import hiap_fx  # noqa: E402
-from hiap_fx.classify import evaluate  # noqa: E402
-from hiap_fx.data import fashion_mnist  # noqa: E402
+from hiap_fx.app.data import fashion_mnist  # noqa: E402
+from hiap_fx.app.demo import dense_fashion_mnist_vit  # noqa: E402
 from hiap_fx.files.atomic import write_text, write_with  # noqa: E402
-from hiap_fx.demo import dense_fashion_mnist_vit  # noqa: E402
+from hiap_fx.training.classify import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"33% fewer MACs": 0.67, "50% fewer MACs": 0.5}
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--methods", nargs="+")
     ap.add_argument("--steps", type=int, help="training steps per run (default 300; quick: 40)")
+    ap.add_argument("--rerun", action="store_true", help="train the selected runs again even if "
+                    "their results are cached (otherwise cached results are reprinted)")
     args = ap.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = args.methods or [*HIAP_VARIANTS, *BASELINES]
@@ -177,7 +180,13 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / ("frontier_quick.json" if args.quick else "frontier.json")
     rows: list[dict] = json.loads(store.read_text()) if store.exists() else []
+    if args.rerun:
+        rows = [r for r in rows if not (r["method"] in methods and r["seed"] in seeds)]
     done = {(r["method"], r["target"], r["seed"]) for r in rows}
+    cached = sum((m, t, s) in done for s in seeds for t in TARGETS.values() for m in methods)
+    if cached:
+        print(f"reprinting {cached} cached run(s) from {store} (not trained again; --rerun trains "
+              "them again)", flush=True)
     dense_acc = evaluate(dense, test)
     for seed in seeds:
         for target in TARGETS.values():
@@ -196,8 +205,8 @@ def main() -> None:
     for label, target in TARGETS.items():
         runs = [r for r in rows if r["method"] == "HiAP (ours)" and r["target"] == target]
         if runs:
-            from hiap_fx.plots import plot_structure
-            from hiap_fx.prune_report import PruneReport
+            from hiap_fx.app.plots import plot_structure
+            from hiap_fx.training.report import PruneReport
 
             r = runs[0]
             report = PruneReport(model="6-block ViT, HiAP " + label, target_macs=target, dense_macs=1,

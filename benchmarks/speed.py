@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import hiap_fx
-from hiap_fx.bench import bench_models
-from hiap_fx.budget import land_on_budget
+from hiap_fx.app.bench import bench_models
+from hiap_fx.gated.budget import land_on_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,7 +58,7 @@ def main() -> None:
     lines = list(header)
     models = sorted((RESULTS / "models").glob("*.pt")) if (RESULTS / "models").exists() else []
     if models:
-        from hiap_fx.demo import dense_fashion_mnist_vit
+        from hiap_fx.app.demo import dense_fashion_mnist_vit
 
         dense, _, _ = dense_fashion_mnist_vit()
         x = torch.randn(1, 1, 28, 28)

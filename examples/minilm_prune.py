@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import hiap_fx
-from hiap_fx.prune_report import site_structure
+from hiap_fx.training.report import site_structure
 
 
 def stdlib_sentences(limit: int = 4000, seed: int = 0) -> list[str]:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import hiap_fx
-from hiap_fx.classify import evaluate
-from hiap_fx.data import fashion_mnist
-from hiap_fx.demo import demo_model, dense_fashion_mnist_vit
+from hiap_fx.app.data import fashion_mnist
+from hiap_fx.app.demo import demo_model, dense_fashion_mnist_vit
+from hiap_fx.training.classify import evaluate
 
 
 def main() -> None:

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (BudgetError, CaptureError, ConfigError, DataError, DiscoveryError, FileError,
-                     HiapError, HiapWarning, InputError, NoAttentionError, StateError)
+from hiap_fx.errors import (
+    BudgetError,
+    CaptureError,
+    ConfigError,
+    DataError,
+    DiscoveryError,
+    FileError,
+    HiapError,
+    HiapWarning,
+    InputError,
+    NoAttentionError,
+    StateError,
+)
 
 __version__ = "0.1.0"
 
@@ -17,21 +28,22 @@ _LAZY = {
     "prepare": ("api", "prepare"),
     "inspect": ("api", "inspect"),
     "finalize": ("api", "finalize"),
-    "prune": ("train", "prune"),
-    "PruneResult": ("train", "PruneResult"),
-    "PruneReport": ("prune_report", "PruneReport"),
+    "prune": ("training.prune", "prune"),
+    "PruneResult": ("training.prune", "PruneResult"),
+    "PruneReport": ("training.report", "PruneReport"),
     "save": ("io", "save"),
     "load": ("io", "load"),
-    "count_macs": ("counting", "count_macs"),
+    "count_macs": ("graph.counting", "count_macs"),
     "PruneConfig": ("config", "PruneConfig"),
-    "PreparedModel": ("prepared", "PreparedModel"),
+    "PreparedModel": ("gated.prepared", "PreparedModel"),
     "Plan": ("plan", "Plan"),
     "register_module_rewrite": ("registry", "register_module_rewrite"),
     "register_trace_hook": ("registry", "register_trace_hook"),
     "register_attention_kernel": ("registry", "register_attention_kernel"),
     "register_safe_module": ("registry", "register_safe_module"),
+    "register_pass": ("registry", "register_pass"),
     "AttentionKernel": ("registry", "AttentionKernel"),
-    "register_op_family": ("ops", "register_op_family"),
+    "register_op_family": ("graph.ops", "register_op_family"),
 }
 
 __all__ = ["HiapError", "CaptureError", "ConfigError", "DiscoveryError", "InputError",

@@ -6,13 +6,13 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .analysis import analyse
-from .config import PruneConfig
-from .ir import CapturedGraph
-from .plan import Plan
-from .passes.cost import build_cost_model
-from .passes.gate import insert_gates
-from .prepared import PreparedModel
+from hiap_fx.config import PruneConfig
+from hiap_fx.gated.prepared import PreparedModel
+from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.passes.cost import build_cost_model
+from hiap_fx.passes.gate import insert_gates
+from hiap_fx.passes.pipeline import analyse
+from hiap_fx.plan import Plan
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None) -> PreparedModel:
@@ -39,7 +39,7 @@ def check_reachable(prepared: PreparedModel) -> None:
     reaches (the default target only warns: ``inspect`` and the own loop may not use it)."""
     import warnings
 
-    from .errors import BudgetError, HiapWarning
+    from hiap_fx.errors import BudgetError, HiapWarning
 
     config = prepared.config
     if config.target_macs is None:
@@ -66,7 +66,7 @@ def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
     if not record_notes:
         plan.notes[:] = notes
     cost_model = build_cost_model(cg, plan, bundles).compile()
-    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config)
+    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg)
 
 
 def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,
@@ -76,7 +76,7 @@ def inspect(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
 
     Returns the :class:`Plan`; raises ``NoAttentionError`` when the model has no attention.
     """
-    from .report import format_cost
+    from hiap_fx.gated.cost_model import format_cost
 
     prepared = prepare(model, example_inputs, config)
     if show:
@@ -95,17 +95,16 @@ def finalize(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -
     ``prepared.eval()`` and its counted MACs against ``prepared.hard_macs()``; a mismatch raises
     ``HiapError``. ``prepared`` is not modified.
     """
-    from .errors import InputError
-    from .passes.slice import compile_compact
-    from .passes.verify import verify_compact
+    from hiap_fx.errors import InputError
+    from hiap_fx.passes.pipeline import compile_compact
+    from hiap_fx.passes.verify import verify_compact
 
     if not isinstance(prepared, PreparedModel):
         inner = getattr(prepared, "module", None)  # DistributedDataParallel / DataParallel
         hint = (" (unwrap it: finalize(ddp_model.module))" if isinstance(inner, PreparedModel)
                 else "; pass the model hiap_fx.prepare returned (or PruneResult.prepared)")
         raise InputError(f"finalize() needs a hiap_fx.PreparedModel, got {type(prepared).__name__}{hint}")
-    compact = compile_compact(prepared.graph_module, prepared.plan, prepared.decisions(),
-                              prepared.example_inputs)
+    compact = compile_compact(prepared.captured, prepared.decisions())
     compact.eval()
     if verify:
         verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol)

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from hiap_fx.errors import ConfigError
 
 
 def _config_error(exc: ValidationError) -> ConfigError:

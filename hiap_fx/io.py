@@ -7,7 +7,7 @@ classes and output containers are resolved against an allow-list when it is read
 imported unless the caller passes ``trust=True``. Every file is written atomically.
 
 * a compact model (from :func:`hiap_fx.finalize`): format ``hiap_fx.compact/2``;
-* a prepared model (gates and all): format ``hiap_fx.prepared/1``: the normalised graph without
+* a prepared model (gates and all): format ``hiap_fx.gated.prepared/1``: the normalised graph without
   gates, its weights, the plan, config and example inputs, and the gate logits and controller
   state; loading re-inserts the gates and re-derives the cost model from the graph.
 """
@@ -21,14 +21,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import fx
 
-from .errors import FileError, HiapError, HiapWarning, StateError
-from .files.atomic import write_with
-from .files.graph_data import graph_from_data, graph_to_data, unstorable_entries
-from .files.reading import read_payload
-from .plan import Plan
+from hiap_fx.errors import FileError, HiapError, HiapWarning, StateError
+from hiap_fx.files.atomic import write_with
+from hiap_fx.files.graph_data import graph_from_data, graph_to_data, unstorable_entries
+from hiap_fx.files.reading import read_payload
+from hiap_fx.plan import Plan
 
 COMPACT_FORMAT = "hiap_fx.compact/2"
-PREPARED_FORMAT = "hiap_fx.prepared/1"
+PREPARED_FORMAT = "hiap_fx.gated.prepared/1"
 PathLike = Union[str, os.PathLike]
 
 
@@ -36,7 +36,7 @@ def save(model: Any, path: PathLike, plan: Optional[Plan] = None) -> None:
     """Write a compact model (``fx.GraphModule`` from :func:`hiap_fx.finalize`) or a
     ``PreparedModel`` to ``path`` as data (atomically; no pickle). ``plan`` is stored with a
     compact model (a prepared model carries its own)."""
-    from .prepared import PreparedModel
+    from hiap_fx.gated.prepared import PreparedModel
 
     if isinstance(model, PreparedModel):
         payload = prepared_payload(model)
@@ -96,7 +96,7 @@ def _tensors(value: Any, path: PathLike) -> dict[str, torch.Tensor]:
 def prepared_payload(prepared: Any) -> dict[str, Any]:
     """A ``PreparedModel`` as data: its graph without gates and that graph's tensors, the gate
     and controller state, plan, config and example inputs."""
-    from .passes.gate import GATES_ATTR, gate_nodes
+    from hiap_fx.passes.gate import GATES_ATTR, gate_nodes
 
     skip, forward = gate_nodes(prepared.graph_module.graph)
     structure, tensors = graph_to_data(prepared.graph_module, skip=lambda n: n in skip,
@@ -115,10 +115,10 @@ def prepared_payload(prepared: Any) -> dict[str, Any]:
 def prepared_from_payload(payload: dict[str, Any], source: str, trust: bool = False) -> Any:
     """Rebuild the ``PreparedModel`` of :func:`prepared_payload`: the gates are inserted again and
     the cost model re-derived from the graph, then the stored gate and controller state loaded."""
-    from .api import gate_and_cost
-    from .config import PruneConfig
-    from .ir import CapturedGraph
-    from .passes.propagate import propagate
+    from hiap_fx.api import gate_and_cost
+    from hiap_fx.config import PruneConfig
+    from hiap_fx.graph.ir import CapturedGraph
+    from hiap_fx.passes.propagate import propagate
 
     tensors = _tensors(payload.get("tensors"), source)
     gm = graph_from_data(payload.get("graph"), tensors, source, trust)

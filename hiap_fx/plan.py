@@ -116,6 +116,41 @@ class Plan(_Base):
 
     def summary(self) -> str:
         """A human-readable table of the sites with their share of MACs."""
-        from .report import format_plan  # local import keeps plan.py dependency-free
-
         return format_plan(self)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _pct(part: int, total: int) -> str:
+    return f"{100.0 * part / total:.1f}%" if total else "-"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as text: attention sites, FFN sites, unclaimed structures, MAC shares."""
+    total = plan.total_macs
+    lines = [f"model {plan.model} | front end {plan.frontend} | input {plan.example_shapes} | "
+             f"{total:,} MACs"]
+    rows = [[s.name, s.kernel or s.kind, str(s.num_heads) + (f" (kv {s.num_kv_heads})" if s.num_kv_heads != s.num_heads else ""),
+             str(s.head_dim), str(s.v_dim), str(s.tokens), "yes" if s.residual else "no",
+             str(len(s.side)), _pct(s.macs, total)] for s in plan.attention]
+    lines += ["", f"attention sites: {len(plan.attention)}",
+              _table(["site", "kernel", "heads", "qk dim", "v dim", "tokens", "residual", "side", "MACs"], rows)]
+    rows = [[s.name, str(s.hidden), s.activation, "yes" if s.gated else "no",
+             "yes" if s.residual else "no", "yes" if s.hidden_norm else "no", _pct(s.macs, total)]
+            for s in plan.ffn]
+    lines += ["", f"FFN sites: {len(plan.ffn)}",
+              _table(["site", "hidden", "act", "gated", "residual", "hidden norm", "MACs"], rows)]
+    covered = sum(s.macs for s in plan.attention) + sum(s.macs for s in plan.ffn)
+    lines += ["", f"prunable share of MACs: {_pct(covered, total)}"]
+    if plan.unclaimed:
+        rows = [[u.node, u.what, u.reason] for u in plan.unclaimed]
+        lines += ["", f"left unpruned: {len(plan.unclaimed)}", _table(["node", "what", "why"], rows)]
+    if plan.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in plan.notes]
+    return "\n".join(lines)

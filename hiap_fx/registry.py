@@ -4,6 +4,8 @@
   by an equivalent module it can, before capture;
 * trace hooks: extra leaf-module predicates and autowrap functions for a model family
   (e.g. timm's helper functions that branch on shapes);
+* graph passes: a function over the captured graph run at a named point of the pipeline
+  (``hiap_fx.passes.pipeline``), the general form of the registrations below;
 * attention kernels: a function that computes attention in one call (a fused or custom kernel),
   kept as one node by the tracer and treated by discovery, gating, cost and slicing like
   ``scaled_dot_product_attention``.
@@ -72,7 +74,18 @@ class AttentionKernel:
         return -2 if self.layout == "BHND" else -3
 
 
+@dataclass(frozen=True)
+class GraphPass:
+    """A user pass ``function(captured_graph) -> captured_graph`` run after the pipeline stage
+    ``after`` (see ``hiap_fx.passes.pipeline.PASS_POINTS``)."""
+
+    name: str
+    function: Callable[[Any], Any]
+    after: str = "capture"
+
+
 MODULE_REWRITES: list[ModuleRewrite] = []
+GRAPH_PASSES: list[GraphPass] = []
 #: functions hiap_fx itself puts into graphs (allowed in stored graphs)
 SAFE_FUNCTIONS: list[Callable] = []
 #: leaf-module classes a stored graph may instantiate, by qualified name (class or lazy loader)
@@ -113,6 +126,18 @@ def register_attention_kernel(kernel: AttentionKernel) -> AttentionKernel:
     return kernel
 
 
+def register_pass(function: Callable[[Any], Any], after: str = "capture",
+                  name: Optional[str] = None) -> Callable[[Any], Any]:
+    """Run ``function`` on the shared IR (a ``CapturedGraph``: ``.gm`` is the fx.GraphModule) after
+    the pipeline stage ``after``: ``"capture"`` (the raw graph, before normalisation: the place
+    for rewriting an op or module of your own into ops discovery knows), ``"normalise"``,
+    ``"discover"`` (the plan is set), ... It may edit ``cg.gm`` in place and return ``cg`` (or
+    None); the pipeline lints and recompiles the graph after it. ``prepare`` refuses an unknown
+    point (``hiap_fx.passes.pipeline.PASS_POINTS``). Usable as a decorator."""
+    GRAPH_PASSES.append(GraphPass(name or getattr(function, "__name__", "pass"), function, after))
+    return function
+
+
 def register_safe_module(cls: Any, name: Optional[str] = None) -> Any:
     """Allow ``hiap_fx.load`` to rebuild leaf modules of class ``cls`` (an ``nn.Module`` subclass
     whose forward is plain code and whose state is tensors plus plain attributes) from a file.
@@ -135,7 +160,6 @@ def register_safe_module(cls: Any, name: Optional[str] = None) -> Any:
 
 def safe_module_class(name: str) -> Optional[type]:
     """The registered safe module class called ``name``, or None."""
-    ensure_builtin_handlers()
     loader = SAFE_MODULES.get(name)
     if loader is None:
         return None
@@ -154,18 +178,3 @@ def attention_kernel(node: Any) -> Optional[AttentionKernel]:
         return ATTENTION_KERNELS.get(target)
     except TypeError:  # an unhashable target
         return None
-
-
-def _load_builtin_handlers() -> None:
-    from .handlers import timm_hooks, torch_nn  # noqa: F401  (registration side effects)
-
-
-_load_builtin_handlers_done = False
-
-
-def ensure_builtin_handlers() -> None:
-    """Register the built-in handlers once (they import nothing heavy)."""
-    global _load_builtin_handlers_done
-    if not _load_builtin_handlers_done:
-        _load_builtin_handlers_done = True
-        _load_builtin_handlers()

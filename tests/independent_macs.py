@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from hiap_fx.macs import node_macs
-from hiap_fx.ops import op_name
+from hiap_fx.graph.node_macs import node_macs
+from hiap_fx.graph.ops import op_name
 
 
 def _decisions(prepared) -> dict[str, torch.Tensor]:
@@ -121,6 +121,6 @@ def _feeding_only(graph, sites: set[str]) -> set[str]:
 
 def randomise_gates(prepared, seed: int, p_off: float = 0.4) -> None:
     """Set every gate logit to +-3 at random (about ``p_off`` of the units off)."""
-    from hiap_fx.coverage import randomise_gates as pin
+    from hiap_fx.app.coverage import randomise_gates as pin
 
     pin(prepared, seed, p_off)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import FACTORIES, example_input
 
 import hiap_fx
-from zoo import FACTORIES, example_input
 
 
 def _model_and_data():

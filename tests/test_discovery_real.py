@@ -6,13 +6,12 @@ Expected structure is read from each model's own configuration, never from hiap_
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-
-import hiap_fx
+import transformers
 from conftest import assert_close_outputs
 
-import timm
-import transformers
+import hiap_fx
 
 
 def _timm_expected(model):

@@ -6,13 +6,24 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_close_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zoo import (
+    ATTN_KINDS,
+    EXPECTED,
+    FACTORIES,
+    FFN_KINDS,
+    NORM_KINDS,
+    POOL_KINDS,
+    QKV_KINDS,
+    SpecViT,
+    ViTSpec,
+    example_input,
+    expected_for_spec,
+)
 
 import hiap_fx
-from conftest import assert_close_outputs
-from zoo import (ATTN_KINDS, EXPECTED, FACTORIES, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS,
-                 SpecViT, ViTSpec, example_input, expected_for_spec)
 
 
 def _found(plan):

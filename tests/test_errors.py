@@ -8,9 +8,9 @@ import pydantic
 import pytest
 import torch
 from torch import nn
+from zoo import FACTORIES, example_input
 
 import hiap_fx
-from zoo import FACTORIES, example_input
 
 
 class _ConvNet(nn.Module):

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from independent_macs import independent_macs, randomise_gates
 from torch import nn
 
 import hiap_fx
-from independent_macs import independent_macs, randomise_gates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,3 +90,30 @@ def test_custom_pass_example_end_to_end():
     assert abs(result["compact_macs"] / result["dense_macs"] - 0.5) <= 0.01
     assert result["gap"] < 1e-4
     assert result["dense_accuracy"] > 0.95 and result["accuracy"] > 0.9
+
+
+def test_a_pass_at_an_unknown_point_is_refused_at_prepare():
+    from hiap_fx.registry import GRAPH_PASSES
+
+    hiap_fx.register_pass(lambda cg: cg, after="before_everything")
+    try:
+        with pytest.raises(hiap_fx.InputError, match="not a pipeline point; choose one of capture"):
+            hiap_fx.prepare(KernelNet().eval(), torch.randn(2, 5, 24))
+    finally:
+        GRAPH_PASSES.pop()
+
+
+@pytest.mark.slow
+def test_graph_pass_example_end_to_end():
+    """A fused self-attention operator: refused without the pass; with a user pass registered after
+    'capture' it becomes 3 attention sites, pruned to the 50% budget, verified, no fused call left."""
+    code = ("import json, sys; sys.path.insert(0, 'examples'); import graph_pass; "
+            "print(json.dumps(graph_pass.main(steps=60, target=0.5)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "before the pass: NoAttentionError" in done.stdout
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sites"] == 3 and result["fused_calls_left"] == 0
+    assert abs(result["compact_macs"] / result["dense_macs"] - 0.5) <= 0.01
+    assert result["gap"] < 1e-4 and result["accuracy"] > 0.9

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from independent_macs import randomise_gates
+from zoo import SpecViT, ViTSpec, example_input
 
 import hiap_fx
 from hiap_fx.files.atomic import write_with
-from independent_macs import randomise_gates
-from zoo import SpecViT, ViTSpec, example_input
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,7 +248,7 @@ def test_prepared_model_round_trips_as_data(tmp_path):
 
 
 def test_cli_finalize_reads_data_and_needs_opt_in_for_pickles(tmp_path, capsys):
-    from hiap_fx.cli import main
+    from hiap_fx.app.cli import main
 
     _, prepared, x = _compact(seed=4)
     hiap_fx.save(prepared, tmp_path / "prepared.pt")
@@ -263,7 +263,7 @@ def test_cli_finalize_reads_data_and_needs_opt_in_for_pickles(tmp_path, capsys):
 
 
 def test_cli_prune_on_a_state_dict_says_what_it_is(tmp_path, capsys):
-    from hiap_fx.cli import main
+    from hiap_fx.app.cli import main
 
     compact, _, _ = _compact()
     torch.save(compact.state_dict(), tmp_path / "weights.pth")

@@ -6,17 +6,15 @@ from __future__ import annotations
 import io
 
 import pytest
+import timm
 import torch
+from conftest import assert_close_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from independent_macs import independent_macs, randomise_gates
+from zoo import ATTN_KINDS, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS, SpecViT, ViTSpec, example_input
 
 import hiap_fx
-from conftest import assert_close_outputs
-from independent_macs import independent_macs, randomise_gates
-from zoo import (ATTN_KINDS, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS, SpecViT, ViTSpec,
-                 example_input)
-
-import timm
 
 
 def _round_trip(module):
@@ -144,15 +142,15 @@ def test_verification_catches_a_wrong_result(monkeypatch):
     x = torch.randn(2, 3, 64, 64)
     prepared = hiap_fx.prepare(model, x).eval()
     randomise_gates(prepared, 2)
-    original = slice_pass._slice_ffn
+    original = slice_pass.slice_ffn
 
     def broken(ctx, site):  # forget to slice the FFNs: closed neurons stay active
         return None
 
-    monkeypatch.setattr(slice_pass, "_slice_ffn", broken)
+    monkeypatch.setattr(slice_pass, "slice_ffn", broken)
     with pytest.raises(hiap_fx.HiapError, match="finalize check failed"):
         hiap_fx.finalize(prepared)
-    monkeypatch.setattr(slice_pass, "_slice_ffn", original)
+    monkeypatch.setattr(slice_pass, "slice_ffn", original)
     hiap_fx.finalize(prepared)
 
 
@@ -199,7 +197,7 @@ def test_save_load_without_the_model_class(tmp_path):
 
 
 def test_cli_finalize_and_bench(tmp_path, capsys):
-    from hiap_fx.cli import main
+    from hiap_fx.app.cli import main
 
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -10,14 +10,13 @@ import collections
 
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import hiap_fx
-from conftest import assert_close_outputs
 from independent_macs import randomise_gates
 from zoo import ATTN_KINDS, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS, SpecViT, ViTSpec, example_input
 
+import hiap_fx
 
 #: refusals (a HiapError instead of a compact model) allowed among the drawn examples: every
 #: ViT drawn here is legal, so almost all must finalize; a refusal must still say where and why

@@ -8,17 +8,16 @@ import io
 
 import pydantic
 import pytest
+import timm
 import torch
+from conftest import assert_close_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
-
-import hiap_fx
-from conftest import assert_close_outputs
 from independent_macs import independent_macs, randomise_gates
+from torch import nn
 from zoo import ATTN_KINDS, FFN_KINDS, QKV_KINDS, SpecViT, ViTSpec, example_input
 
-import timm
+import hiap_fx
 
 
 class _Zero(nn.Module):

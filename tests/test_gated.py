@@ -11,15 +11,14 @@ mode at another batch size too.
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-
-import hiap_fx
+import transformers
 from conftest import assert_close_outputs
 from independent_macs import independent_macs, randomise_gates
 from zoo import FACTORIES, example_input
 
-import timm
-import transformers
+import hiap_fx
 
 
 def _hf(arch: str):

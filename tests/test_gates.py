@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiap_fx.gates import Gate
+from hiap_fx.gated.gates import Gate
 
 
 def test_hard_on_frequency_matches_sigmoid_logit():

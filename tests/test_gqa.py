@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import hiap_fx
 from conftest import assert_close_outputs
 from gqa_models import GQANet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from independent_macs import independent_macs, randomise_gates
+
+import hiap_fx
 
 REPEATS = ["interleave", "expand", "sdpa"]
 

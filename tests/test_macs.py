@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-
-import hiap_fx
 from zoo import FACTORIES, SpecViT, ViTSpec, example_input
 
-import timm
+import hiap_fx
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])

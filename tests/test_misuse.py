@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import hiap_fx
 from independent_macs import randomise_gates
 from zoo import SpecViT, ViTSpec, example_input
+
+import hiap_fx
 
 SPEC = ViTSpec(depth=2, dim=16, heads=2, mlp_hidden=32, patch=4, img_size=8)
 
@@ -265,7 +265,7 @@ def test_resume_refuses_a_changed_length(tmp_path):
 
 
 def test_cli_prune_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path, capsys, monkeypatch):
-    from hiap_fx import cli
+    from hiap_fx.app import cli
 
     out = tmp_path / "run"
     calls: list = []
@@ -274,8 +274,8 @@ def test_cli_prune_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path, 
         calls.append(model)
         raise hiap_fx.InputError("stop here")
 
-    monkeypatch.setattr("hiap_fx.train.prune", fake_prune)
-    monkeypatch.setattr("hiap_fx.data.load_data", lambda *a, **k: (_data(), _data()))
+    monkeypatch.setattr("hiap_fx.training.prune.prune", fake_prune)
+    monkeypatch.setattr("hiap_fx.app.data.load_data", lambda *a, **k: (_data(), _data()))
     hiap_fx.prune(_vit(), _data(), hiap_fx.PruneConfig(target_macs=0.6), steps=6,
                   checkpoint=out / "checkpoint.pt", checkpoint_every=2, stop_after=2, progress=False)
     zoo_file = str(Path(__file__).with_name("zoo.py"))
@@ -318,7 +318,7 @@ def test_dict_batches():
     result = hiap_fx.prune(_vit(), keyword_inputs, hiap_fx.PruneConfig(target_macs=0.7), steps=4,
                            eval_data=keyword_inputs, example_inputs=data[0][0][:2], progress=False)
     assert 0.0 <= result.report.compact_accuracy <= 1.0 and result.report.dense_accuracy is not None
-    from hiap_fx.classify import evaluate  # evaluate accepts the same forms as training
+    from hiap_fx.training.classify import evaluate  # evaluate accepts the same forms as training
 
     assert evaluate(result.compact, keyword_inputs) == evaluate(result.compact, data)
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import torch
+from zoo import SpecViT, ViTSpec, example_input
 
 import hiap_fx
-from hiap_fx.cli import main
-from zoo import SpecViT, ViTSpec, example_input
+from hiap_fx.app.cli import main
 
 ZOO = os.path.join(os.path.dirname(__file__), "zoo.py")
 
@@ -72,14 +72,14 @@ def test_cli_reports_errors(capsys):
 
 
 def test_cli_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "hiap_fx.cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "hiap_fx.app.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "inspect" in out and "coverage" in out
 
 
 def test_coverage_isolated_rows(tmp_path):
     """Each model in its own process: an ok row, a refusal and a skipped row are all tabulated."""
-    from hiap_fx.coverage import run_coverage
+    from hiap_fx.app.coverage import run_coverage
 
     skipped = {"model": "vit_enormous", "status": "skipped", "reason": "5000M parameters > 700M"}
     table = run_coverage([(f"{ZOO}:tiny_vit_mha", {}), "not_a_model_name"], jobs=2, timeout=300,
@@ -90,7 +90,7 @@ def test_coverage_isolated_rows(tmp_path):
 
 
 def test_coverage_table(tmp_path):
-    from hiap_fx.coverage import run_coverage
+    from hiap_fx.app.coverage import run_coverage
 
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\ny\n")

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import hiap_fx
-from hiap_fx.budget import hard_ratio, land_on_budget
-from hiap_fx.counting import count_macs
-from hiap_fx.train import distillation_loss
+from hiap_fx.gated.budget import hard_ratio, land_on_budget
+from hiap_fx.graph.counting import count_macs
+from hiap_fx.training.prune import distillation_loss
 
 
 def tiny_vit(depth: int = 2, seed: int = 0):
@@ -150,7 +150,7 @@ def test_schedule_anneals_temperature_and_ramps_the_budget():
 
 
 def test_fashion_mnist_reads_the_debian_package():
-    from hiap_fx.data import fashion_mnist
+    from hiap_fx.app.data import fashion_mnist
 
     test = fashion_mnist(train=False)
     assert len(test) == 10000
@@ -161,7 +161,7 @@ def test_fashion_mnist_reads_the_debian_package():
 
 
 def test_cli_prune_on_fashion_mnist_writes_everything(tmp_path):
-    from hiap_fx.cli import main
+    from hiap_fx.app.cli import main
 
     out = tmp_path / "run"
     kwargs = json.dumps({"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10,
@@ -189,7 +189,7 @@ def test_cli_prune_on_fashion_mnist_writes_everything(tmp_path):
 def test_imagefolder_data(tmp_path):
     from PIL import Image
 
-    from hiap_fx.data import load_data
+    from hiap_fx.app.data import load_data
 
     for split in ("train", "val"):
         for cls in ("cat", "dog"):

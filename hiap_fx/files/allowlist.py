@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import FileError
+from hiap_fx.errors import FileError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -144,8 +144,9 @@ def _torch_op(path: list[str]) -> Any:
 
 def _vouched_functions() -> dict[str, Callable]:
     """Functions the registries of this process vouch for, by stored name."""
-    from ..passes import arguments  # noqa: F401  (registers the fixed-argument guard)
-    from ..registry import ATTENTION_KERNELS, SAFE_FUNCTIONS, TRACE_HOOKS, ensure_builtin_handlers
+    from hiap_fx.handlers import ensure_builtin_handlers
+    from hiap_fx.passes import arguments  # noqa: F401  (registers the fixed-argument guard)
+    from hiap_fx.registry import ATTENTION_KERNELS, SAFE_FUNCTIONS, TRACE_HOOKS
 
     ensure_builtin_handlers()
     found: dict[str, Callable] = {}
@@ -205,7 +206,7 @@ def resolve_function(name: str, trust: bool = False) -> Callable:
 def resolve_module_class(name: str, trust: bool = False) -> type:
     """The leaf-module class a file names: a ``torch.nn`` class, a registered safe module, or
     (with ``trust``) any importable ``nn.Module`` subclass."""
-    from ..registry import safe_module_class
+    from hiap_fx.registry import safe_module_class
 
     if not is_dotted(name):
         raise FileError(f"module class {name!r} is not a qualified name")

@@ -12,10 +12,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
-from ..errors import FileError, HiapError
-from .allowlist import (container_fields, container_form, function_name, getattr_allowed,
-                        is_attribute_path, is_identifier, resolve_container, resolve_function, resolve_module_class,
-                        tensor_method_allowed)
+from hiap_fx.errors import FileError, HiapError
+from hiap_fx.files.allowlist import (
+    container_fields,
+    container_form,
+    function_name,
+    getattr_allowed,
+    is_attribute_path,
+    is_identifier,
+    resolve_container,
+    resolve_function,
+    resolve_module_class,
+    tensor_method_allowed,
+)
 
 _PLAIN = (bool, int, float, str, type(None))
 _BOOKKEEPING = frozenset(vars(nn.Module()))  # _parameters, _buffers, hooks, training, ...

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
-from ..errors import FileError
+from hiap_fx.errors import FileError
 
 #: formats written by earlier versions, and why they are no longer read
 RETIRED_FORMATS = {

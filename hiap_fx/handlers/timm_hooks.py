@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from ..registry import TraceHook, register_trace_hook
+from hiap_fx.registry import TraceHook, register_trace_hook
 
 
 def _is_timm_model(model: nn.Module) -> bool:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CaptureError
-from ..registry import ModuleRewrite, register_module_rewrite
+from hiap_fx.errors import CaptureError
+from hiap_fx.registry import ModuleRewrite, register_module_rewrite
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:

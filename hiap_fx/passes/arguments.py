@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import InputError
-from ..registry import SAFE_FUNCTIONS
+from hiap_fx.errors import InputError
+from hiap_fx.registry import SAFE_FUNCTIONS
 
 
 @fx.node.has_side_effect

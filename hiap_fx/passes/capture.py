@@ -17,25 +17,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, InputError
-from ..ir import CapturedGraph
-from ..registry import MODULE_REWRITES, TRACE_HOOKS, ensure_builtin_handlers
-from .arguments import pin_fixed_arguments
+from hiap_fx.errors import CaptureError, InputError
+from hiap_fx.graph.ir import CapturedGraph, as_input_tuple
+from hiap_fx.handlers import ensure_builtin_handlers
+from hiap_fx.passes.arguments import pin_fixed_arguments
+from hiap_fx.registry import MODULE_REWRITES, TRACE_HOOKS
 
 _ASSERT_TARGETS = {"_assert", "_assert_is_none", "_assert_scalar", "_assert_tensor_metadata",
                    "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async"}
-
-
-def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Normalise ``example_inputs`` (a tensor or a tuple/list of tensors) to a tuple."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    for i, t in enumerate(inputs):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"example_inputs[{i}] is a {type(t).__name__}, not a tensor; pass "
-                             "a tensor or a tuple of positional tensors")
-    if not inputs:
-        raise InputError("example_inputs is empty; pass at least one tensor")
-    return inputs
 
 
 def apply_module_rewrites(model: nn.Module) -> list[str]:

@@ -21,13 +21,13 @@ from typing import Optional
 import sympy
 from torch import fx, nn
 
-from ..cost import CostModel, SymbolSource
-from ..errors import HiapError
-from ..ir import CapturedGraph
-from ..macs import node_macs
-from ..ops import op_name
-from ..plan import AttentionSite, FFNSite, Plan
-from ..site_gates import AttentionGates, FFNGates
+from hiap_fx.errors import HiapError
+from hiap_fx.gated.bundles import AttentionGates, FFNGates
+from hiap_fx.gated.cost_model import CostModel, SymbolSource
+from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.node_macs import node_macs
+from hiap_fx.graph.ops import op_name
+from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
 _PREFIX_TOKENS = 16  # rows this far below N (patches without cls/register tokens) become N - k
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hiap_fx.graph.editing import Params
+
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
 
@@ -44,9 +46,8 @@ def _register(gm: fx.GraphModule, like: str, value: torch.Tensor, requires_grad:
 def fuse_sibling_linears(gm: fx.GraphModule) -> int:
     """Fuse every group of >= 2 linears that read the same tensor and whose weights (and biases,
     all present or all absent) are parameters used nowhere else; returns the number of groups."""
-    from .slice import _Params  # slice calls this pass, so import it when run
 
-    param = _Params(gm).get
+    param = Params(gm).get
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     fused = 0

@@ -16,9 +16,9 @@ import re
 
 from torch import fx, nn
 
-from ..config import PruneConfig
-from ..plan import AttentionSite, FFNSite, Plan
-from ..site_gates import AttentionGates, FFNGates, _broadcast_shape
+from hiap_fx.config import PruneConfig
+from hiap_fx.gated.bundles import AttentionGates, FFNGates, broadcast_shape
+from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
 GATES_ATTR = "hiap_gates"
 
@@ -58,13 +58,13 @@ def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneC
         return None
     out_shape = None
     if heads or v_dims:
-        out_shape = _broadcast_shape(_rank(out_node), lay.out_head_axis, site.num_heads, -1, site.v_dim)
+        out_shape = broadcast_shape(_rank(out_node), lay.out_head_axis, site.num_heads, -1, site.v_dim)
     q_shape = k_shape = None
     k_rows_per_kv = len(site.k.index) != site.num_heads
     if qk:
-        q_shape = _broadcast_shape(_rank(core.args[0]), lay.q_head_axis, site.num_heads, -1, site.head_dim)
+        q_shape = broadcast_shape(_rank(core.args[0]), lay.q_head_axis, site.num_heads, -1, site.head_dim)
         k_heads = site.num_kv_heads if k_rows_per_kv else site.num_heads
-        k_shape = _broadcast_shape(_rank(core.args[1]), lay.k_head_axis, k_heads, lay.k_dim_axis,
+        k_shape = broadcast_shape(_rank(core.args[1]), lay.k_head_axis, k_heads, lay.k_dim_axis,
                                    site.head_dim)
     return AttentionGates(site.name, site.num_heads, site.kv_of_head, site.head_dim, site.v_dim,
                           head=heads, head_dim_gates=v_dims, qk_dim_gates=qk,
@@ -175,3 +175,16 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
     gm.recompile()
     return bundles
 
+
+def strip_gates(gm: fx.GraphModule) -> None:
+    """The inverse of :func:`insert_gates`: remove the gate bundles, their mask items and every
+    mask multiply (a kept unit's mask is 1)."""
+    added, scaled = gate_nodes(gm.graph)
+    for mul, operand in scaled.items():
+        while operand in scaled:  # a mask multiply of a mask multiply
+            operand = scaled[operand]
+        mul.replace_all_uses_with(operand)
+    for node in reversed([n for n in gm.graph.nodes if n in added]):
+        gm.graph.erase_node(node)
+    if hasattr(gm, GATES_ATTR):
+        delattr(gm, GATES_ATTR)

@@ -9,7 +9,7 @@ After this pass:
 * every view/reshape/unflatten is ``Tensor.reshape(x, *sizes)``;
 * every dropout is an ``nn.Dropout`` module call (follows ``train()`` / ``eval()``);
 * identity modules are gone.
-Other ops keep their spelling; ``hiap_fx.ops.op_name`` gives their canonical name.
+Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonical name.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ir import CapturedGraph
-from ..registry import attention_kernel
-from ..ops import op_name
+from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ops import op_name
+from hiap_fx.registry import attention_kernel
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

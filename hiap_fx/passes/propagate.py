@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph
 
 #: input-dependent tensors larger than this (elements) are recorded by shape only
 _KEEP_LIMIT = 1 << 22
@@ -58,7 +58,7 @@ def _shape_of(value: Any) -> Any:
 def propagate(cg: CapturedGraph, count: bool = False) -> CapturedGraph:
     """Record shapes, dtypes and (small or constant) values of every node on the example inputs;
     with ``count``, also each node's MACs by the reference counter in ``node.meta['hiap_macs']``."""
-    from ..counting import reference_counter
+    from hiap_fx.graph.counting import reference_counter
 
     cg.values.clear()
     cg.input_dependent.clear()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..counting import count_macs
-from ..errors import HiapError
-from .capture import outputs_match
+from hiap_fx.errors import HiapError
+from hiap_fx.graph.counting import count_macs
+from hiap_fx.passes.capture import outputs_match
 
 
 def verify_compact(compact: nn.Module, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...],

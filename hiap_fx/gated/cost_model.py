@@ -1,0 +1,178 @@
+"""The symbolic cost model: total MACs as one sympy expression in kept-unit symbols.
+
+Symbols (per site):
+  * ``<site>.h<i>``  1 if query head i is on (macro), ``<site>.z<k>`` 1 if kv head k keeps at least
+    one value dim, ``<site>.v<k>`` / ``<site>.q<k>`` kept value / q-k dims of kv head k (micro);
+  * ``<site>.on`` 1 if the FFN block is on (macro), ``<site>.n`` kept neurons (micro);
+  * ``N`` tokens per sequence (isotropic models only) and ``B`` batch.
+Every term of the expression is multilinear in quantities drawn from disjoint sets of
+independent gates, so substituting each symbol's expectation gives the exact expected MACs of
+the hardened network, and substituting the eval decisions gives its exact MACs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import sympy
+import torch
+
+from hiap_fx.errors import HiapError
+
+
+@dataclass
+class SymbolSource:
+    """How one symbol is valued from a gate's decisions.
+
+    ``reduce``: ``"unit"`` (the gate's unit ``index``), ``"any"`` (1 if any unit of group ``index``
+    is on), ``"count"`` (number of units on in group ``index``).
+    """
+
+    symbol: sympy.Symbol
+    gate: str
+    reduce: str
+    index: int
+    micro: bool
+
+
+@dataclass
+class CostModel:
+    """Total MACs of the gated model as a function of its gate decisions.
+
+    Attributes:
+        expr: sympy expression of total MACs (symbols described in the module docstring).
+        node_exprs: node name -> its MAC expression (only MAC-bearing nodes).
+        sources: how each gate-derived symbol is valued, in argument order.
+        batch, tokens: the batch symbol and the token symbol (``None`` when the model is not
+            isotropic: its attentions run over different token counts).
+        example_batch, example_tokens: their values at the example inputs.
+        group_sizes: gate key -> units per group (dims per head, neurons per FFN).
+        factored_nodes: nodes whose expression is a constant times a product over heads (a
+            site-alive factor); they hold no micro symbols and are not expanded.
+    """
+
+    expr: sympy.Expr
+    node_exprs: dict[str, sympy.Expr]
+    sources: list[SymbolSource]
+    batch: sympy.Symbol
+    tokens: Optional[sympy.Symbol]
+    example_batch: int
+    example_tokens: int
+    group_sizes: dict[str, int] = field(default_factory=dict)
+    factored_nodes: set[str] = field(default_factory=set)
+    macro_expr: sympy.Expr = field(init=False)
+    micro_expr: sympy.Expr = field(init=False)
+    _compiled: dict[str, Callable] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        micro = {s.symbol for s in self.sources if s.micro}
+        macro_terms, micro_terms = [], []
+        for name, e in self.node_exprs.items():
+            if name in self.factored_nodes:
+                macro_terms.append(e)
+                continue
+            for term in sympy.Add.make_args(sympy.expand(e)):
+                (micro_terms if term.free_symbols & micro else macro_terms).append(term)
+        self.macro_expr = sympy.Add(*macro_terms)
+        self.micro_expr = sympy.Add(*micro_terms)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_compiled"] = {}  # compiled functions are rebuilt on first use after unpickling
+        return state
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    @property
+    def arguments(self) -> list[sympy.Symbol]:
+        """Argument order of the compiled functions: gate symbols, then batch and tokens."""
+        extra = [self.batch] + ([self.tokens] if self.tokens is not None else [])
+        return [s.symbol for s in self.sources] + extra
+
+    def _function(self, which: str) -> Callable:
+        if which not in self._compiled:
+            expr = {"total": self.expr, "macro": self.macro_expr, "micro": self.micro_expr}[which]
+            # plain identifiers: lambdify would otherwise rename every dotted symbol (slow)
+            plain = [sympy.Symbol(f"x{i}") for i in range(len(self.arguments))]
+            expr = expr.xreplace(dict(zip(self.arguments, plain)))
+            self._compiled[which] = sympy.lambdify(plain, expr, modules=[{}, "math"], cse=False)
+        return self._compiled[which]
+
+    def by_site(self) -> dict[str, sympy.Expr]:
+        """The expression split by site (nodes without gate symbols under ``"fixed"``)."""
+        site_of = {s.symbol: s.gate.rsplit(".", 1)[0] for s in self.sources}
+        parts: dict[str, list[sympy.Expr]] = {}
+        for e in self.node_exprs.values():
+            sites = sorted({site_of[sym] for sym in e.free_symbols if sym in site_of})
+            parts.setdefault(sites[0] if sites else "fixed", []).append(e)
+        return {k: sympy.factor_terms(sympy.Add(*v)) for k, v in parts.items()}
+
+    def compile(self) -> "CostModel":
+        """Compile the total, macro and micro expressions to Python functions now (done once)."""
+        for which in ("total", "macro", "micro"):
+            self._function(which)
+        return self
+
+    def evaluate(self, values: Sequence, which: str = "total", batch: Optional[int] = None,
+                 tokens: Optional[int] = None):
+        """Evaluate with ``values`` for the gate symbols (numbers or tensors) at a batch size and
+        token count (defaults: the example's)."""
+        args = list(values) + [self.example_batch if batch is None else batch]
+        self._check_tokens(tokens)
+        if self.tokens is not None:
+            args.append(self.example_tokens if tokens is None else tokens)
+        return self._function(which)(*args)
+
+    def _check_tokens(self, tokens: Optional[int]) -> None:
+        if self.tokens is None and tokens is not None and tokens != self.example_tokens:
+            raise HiapError("the cost model has no token symbol: this model's attentions do not all "
+                            "run over one sequence of N tokens (windowed, pooled or class attention), "
+                            "so MACs at another token count are not defined by N alone; prepare the "
+                            "model at the resolution you want instead")
+
+    def dense_values(self) -> list[int]:
+        """Symbol values of the dense model (every unit on)."""
+        return [1 if s.reduce in ("unit", "any") else int(self.group_sizes[s.gate]) for s in self.sources]
+
+    def at(self, tokens: Optional[int] = None, batch: Optional[int] = None) -> sympy.Expr:
+        """The expression with the token count and/or batch substituted."""
+        subs = {}
+        if batch is not None:
+            subs[self.batch] = batch
+        self._check_tokens(tokens)
+        if tokens is not None and self.tokens is not None:
+            subs[self.tokens] = tokens
+        return self.expr.subs(subs)
+
+
+def symbol_values(sources: list[SymbolSource], decisions: dict[str, torch.Tensor],
+                  groups: dict[str, int]) -> torch.Tensor:
+    """Values of the gate symbols (in source order) from per-gate vectors of hard 0/1 decisions
+    or of on-probabilities: a unit's value, 1 - prod(1 - x) over a group, or the sum over a group."""
+    parts, offsets, total = [], {}, 0
+    for key, vec in decisions.items():
+        grouped = vec.reshape(-1, groups[key]) if key in groups else vec.reshape(1, -1)
+        for reduce, v in (("unit", vec), ("any", 1.0 - torch.prod(1.0 - grouped, -1)),
+                          ("count", grouped.sum(-1))):
+            offsets[(key, reduce)] = total
+            parts.append(v.reshape(-1))
+            total += v.numel()
+    flat = torch.cat(parts)
+    index = torch.tensor([offsets[(s.gate, s.reduce)] + s.index for s in sources], dtype=torch.long,
+                         device=flat.device)
+    return flat[index]
+
+
+SYMBOL_LEGEND = ("B batch, N tokens; <site>.h<i> head i on, <site>.z<k> kv head k keeps a value "
+                 "dim, <site>.v<k> / <site>.q<k> kept value / q-k dims of kv head k, <site>.on FFN "
+                 "block on, <site>.n kept neurons")
+
+
+def format_cost(cost: CostModel) -> str:
+    """The MAC formula of a prepared model, one line per site."""
+    lines = [f"MAC formula ({SYMBOL_LEGEND}):"]
+    for site, expr in cost.by_site().items():
+        lines.append(f"  {site}: {expr}")
+    lines.append(f"  total at the example input, all on: {cost.evaluate(cost.dense_values()):,}")
+    return "\n".join(lines)

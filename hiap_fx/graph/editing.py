@@ -1,0 +1,127 @@
+"""Editing a GraphModule: parameters read and replaced (``Params``), size arguments rewritten,
+dead code removed (keeping in-place ops and registered guards)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from hiap_fx.graph.ops import op_name
+
+
+def map_ints(value: Any, table: dict[int, int]) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return table.get(value, value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_ints(v, table) for v in value)
+    return value
+
+
+SIZE_ARGS = {  # op -> positions of size arguments (1: "every argument after the tensor")
+    "reshape": "rest", "view": "rest", "expand": "rest", "repeat": "rest", "_unsafe_view": "rest",
+    "unflatten": (2,), "split": (1,), "split_with_sizes": (1,), "narrow": (3,),
+    "conv1d": (6,), "conv2d": (6,), "conv3d": (6,),
+}
+
+
+SIZE_KWARGS = {"shape", "size", "sizes", "split_size_or_sections", "split_size", "length", "groups"}
+
+
+def rewrite_sizes(node: fx.Node, table: dict[int, int]) -> None:
+    """Rewrite size arguments (never axis arguments) of ``node`` whose value is in ``table``."""
+    where = SIZE_ARGS.get(op_name(node))
+    if where is None or not table:
+        return
+    args = list(node.args)
+    positions = range(1, len(args)) if where == "rest" else [p for p in where if p < len(args)]
+    for p in positions:
+        args[p] = map_ints(args[p], table)
+    node.args = tuple(args)
+    node.kwargs = {k: (map_ints(v, table) if k in SIZE_KWARGS else v) for k, v in node.kwargs.items()}
+
+
+class Params:
+    """Reads parameters of the graph module and registers sliced replacements."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.counter = 0
+
+    def get(self, target: str) -> torch.Tensor:
+        mod_path, _, name = target.rpartition(".")
+        return getattr(self.gm.get_submodule(mod_path) if mod_path else self.gm, name)
+
+    def replace(self, target: str, value: torch.Tensor) -> None:
+        mod_path, _, name = target.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        old = getattr(mod, name)
+        if isinstance(old, nn.Parameter):
+            setattr(mod, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        else:
+            mod.register_buffer(name, value.detach().clone())
+
+    def constant(self, graph: fx.Graph, name: str, value: torch.Tensor) -> fx.Node:
+        """A buffer on the root (it moves with ``.to(device)``) and a get_attr node for it."""
+        self.counter += 1
+        attr = f"{name}_{self.counter}"
+        while hasattr(self.gm, attr):
+            self.counter += 1
+            attr = f"{name}_{self.counter}"
+        self.gm.register_buffer(attr, value)
+        return graph.get_attr(attr)
+
+    def add(self, graph: fx.Graph, like: str, suffix: str, value: torch.Tensor) -> fx.Node:
+        """A new parameter next to ``like`` (same module, same kind) and a get_attr node for it."""
+        mod_path, _, name = like.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        old = getattr(mod, name)
+        new_name = f"{name}_{suffix}"
+        while hasattr(mod, new_name):
+            self.counter += 1
+            new_name = f"{name}_{suffix}{self.counter}"
+        if isinstance(old, nn.Parameter):
+            mod.register_parameter(new_name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        else:
+            mod.register_buffer(new_name, value.detach().clone())
+        return graph.get_attr(f"{mod_path}.{new_name}" if mod_path else new_name)
+
+
+def mutates(node: fx.Node) -> bool:
+    target = node.target
+    if node.op == "call_method":
+        return str(target).endswith("_") and not str(target).startswith("_")
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove unused nodes; unlike fx's own DCE this also drops ops fx calls impure only because
+    they may draw random numbers (sdpa with dropout, dropout), but keeps in-place ops."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users or mutates(node) or is_guard(node):
+                continue
+            gm.graph.erase_node(node)
+            changed = True
+
+
+def is_guard(node: fx.Node) -> bool:
+    """A call made for its check alone (registered with ``torch.fx.node.has_side_effect``, e.g. the
+    fixed-argument guard); runtime asserts of the tracer are removed separately."""
+    from torch.fx.node import _side_effectful_functions
+
+    return node.op == "call_function" and node.target in _side_effectful_functions \
+        and not is_tracer_assert(node)
+
+
+def is_tracer_assert(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", "") or ""
+    return "assert" in name or "sym_constrain" in name

@@ -1,0 +1,170 @@
+"""An attention site from a kernel: projections, output projection, per-head side tensors, GQA groups."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from hiap_fx.graph.flow import feature_index
+from hiap_fx.passes.discover.operands import operand_projection, path_events
+from hiap_fx.passes.discover.view import Core, GraphView, Reject, node_rank, node_shape
+from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
+
+
+def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int) -> Projection:
+    out_shape = node_shape(core.out)
+    if out_shape is None:
+        raise Reject(f"no shape recorded for {core.out.name}")
+    h_axis = head_axis if head_axis >= 0 else None
+    code = feature_index(out_shape, -1)
+    if h_axis is not None:
+        code = code + feature_index(out_shape, h_axis) * v_dim
+    flow = g.flow.run({core.out: code})
+    lins = [(n, pos, t) for n, pos, t in flow.reached if g.name(n) == "linear" and pos == 0]
+    others = [n for n, pos, t in flow.reached if (n, pos) not in {(l, p) for l, p, _ in lins}]
+    if len(lins) != 1 or others:
+        stops = ", ".join(sorted({f"{g.name(n)} ({n.name})" for n, _, _ in flow.reached}))
+        raise Reject(f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection")
+    lin, _, at = lins[0]
+    events = path_events(flow, g, lin)
+    if "norm" in events or "mix" in events:
+        raise Reject(f"head outputs of {core.out.name} are normalised or mixed together before "
+                      f"{lin.name}; removing a head would change the others")
+    cols = at.reshape(-1, at.shape[-1])
+    if not torch.equal(cols, cols[0].expand_as(cols)):
+        raise Reject(f"output projection {lin.name}: head layout depends on the token")
+    cols = cols[0].long()
+    total = heads * v_dim
+    if cols.numel() != total or sorted(cols.tolist()) != list(range(total)):
+        raise Reject(f"output projection {lin.name} reads {cols.numel()} features, "
+                      f"not exactly the {total} head outputs")
+    table = torch.empty(total, dtype=torch.long)
+    table[cols] = torch.arange(total)
+    weight, bias = g.linear_params(lin)
+    return Projection(node=lin.name, weight=weight, bias=bias,
+                      index=table.reshape(heads, v_dim).tolist())
+
+
+def side_tensors(g: GraphView, core: Core, heads: int, head_axis: int, logits_rank: int) -> list[SideTensor]:
+    """Parameters that carry one entry per head into the attention logits (biases, mixers)."""
+    side: list[SideTensor] = []
+    if head_axis < 0:
+        return side
+    for s in core.logits_inputs:
+        s_shape = node_shape(s)
+        if s_shape is None:
+            continue
+        axis_in_s = head_axis - (logits_rank - len(s_shape))
+        if axis_in_s < 0 or s_shape[axis_in_s] != heads or heads == 1:
+            continue
+        found = head_params(g, s, s_shape, axis_in_s, heads)
+        if not found:
+            raise Reject(f"{s.name} enters the attention with one slice per head, but hiap_fx "
+                          "cannot tell which parameters make it; heads cannot be cut safely")
+        side.extend(found)
+    for m in core.mixers:
+        w = g.cg.values.get(m.args[1].name) if isinstance(m.args[1], fx.Node) else None
+        if isinstance(w, torch.Tensor) and tuple(w.shape) == (heads, heads):
+            weight, bias = g.linear_params(m)
+            side.append(SideTensor(param=weight, axis=0, kind="head_mixing_out", index=list(range(heads))))
+            side.append(SideTensor(param=weight, axis=1, kind="head_mixing_in", index=list(range(heads))))
+            if bias and not bias.startswith("node:"):
+                side.append(SideTensor(param=bias, axis=0, kind="head_mixing_out", index=list(range(heads))))
+        else:
+            raise Reject(f"linear {m.name} mixes attention logits but is not heads x heads")
+    return side
+
+
+def head_params(g: GraphView, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: int,
+                 heads: int) -> list[SideTensor]:
+    """Parameters (or constant linears) whose axis of size ``heads`` becomes the head axis of s."""
+    found: list[SideTensor] = []
+    if g.dependent(s):
+        return found
+    want = feature_index(s_shape, axis_in_s)
+
+    def maps_heads(at: Optional[torch.Tensor]) -> bool:
+        # every position holds its head's index, or a value shared by all heads (padding)
+        if at is None or at.shape != s_shape:
+            return False
+        shared = at == at.narrow(axis_in_s, 0, 1).expand_as(at)
+        exact = at == want
+        return bool((exact | shared).all()) and bool((exact & ~shared).any())
+
+    for p in g.ancestors(s) | {s}:
+        if g.dependent(p):
+            continue
+        if p.op == "get_attr":
+            val = g.cg.values.get(p.name)
+            if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+                continue
+            axes = [a for a in range(val.dim()) if val.shape[a] == heads]
+            for axis in axes:
+                at = g.flow.run({p: feature_index(tuple(val.shape), axis)}).index.get(s)
+                if maps_heads(at):
+                    found.append(SideTensor(param=str(p.target), axis=axis, kind="head_bias",
+                                            index=list(range(heads))))
+        elif g.name(p) == "linear" and node_shape(p) and node_shape(p)[-1] == heads:
+            at = g.flow.run({p: feature_index(node_shape(p), -1)}).index.get(s)
+            if maps_heads(at):
+                weight, bias = g.linear_params(p)
+                found.append(SideTensor(param=weight, axis=0, kind="head_bias", index=list(range(heads))))
+                if bias and not bias.startswith("node:"):
+                    found.append(SideTensor(param=bias, axis=0, kind="head_bias", index=list(range(heads))))
+    return found
+
+
+def attention_site(g: GraphView, core: Core) -> AttentionSite:
+    qp, q_head_axis, q_table = operand_projection(g, core, core.q, "q", -1, core.token_axis)
+    heads, head_dim = q_table.shape
+    q_heads = (q_head_axis - node_rank(core.q), heads) if q_head_axis >= 0 else None
+    kp, k_head_axis, k_table = operand_projection(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis, q_heads)
+    vp, v_head_axis, v_table = operand_projection(g, core, core.v, "v", -1, core.token_axis, q_heads)
+    if core.kernel is not None and core.kernel.scale_arg is None:
+        # the kernel derives its scale from the head dim: cutting q/k dims would change it
+        qp, kp = qp.model_copy(update={"dims_mixed": True}), kp.model_copy(update={"dims_mixed": True})
+    if tuple(k_table.shape) != (heads, head_dim) and k_table.shape[1] != head_dim:
+        raise Reject(f"k of {core.nodes[0].name} has head dim {k_table.shape[1]}, q has {head_dim}")
+    v_dim = v_table.shape[1]
+    kv_heads = len({tuple(r) for r in k_table.tolist()})
+    # a v shared by every head (multi-query) has no head axis; the output follows q's heads
+    out_head_axis = v_head_axis if node_rank(core.out) == node_rank(core.v) and v_head_axis >= 0 \
+        else q_head_axis
+    out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim)
+    side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q))
+    q_shape, k_shape = node_shape(core.q), node_shape(core.k)
+
+    def neg(axis: int, node: fx.Node) -> Optional[int]:
+        return axis - node_rank(node) if axis >= 0 else None
+
+    layout = CoreLayout(q_head_axis=neg(q_head_axis, core.q), k_head_axis=neg(k_head_axis, core.k),
+                        k_dim_axis=core.k_dim_axis, out_head_axis=neg(out_head_axis, core.out),
+                        k_token_axis=core.k_token_axis % node_rank(core.k) - node_rank(core.k))
+    return AttentionSite(
+        name="", kind=core.kind, core_nodes=[n.name for n in core.nodes], num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, v_dim=v_dim,
+        tokens=q_shape[core.token_axis] if q_shape else 0, kernel=core.kernel.name if core.kernel else None,
+        kv_tokens=k_shape[core.k_token_axis] if k_shape else 0,
+        kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
+        q=qp, k=kp, v=vp, out=out, side=side)
+
+
+def kv_groups(core: Core, heads: int, k_table: torch.Tensor, v_table: torch.Tensor) -> list[int]:
+    """kv head of every query head, numbered by first use; k and v must group heads alike."""
+
+    def groups(table: torch.Tensor) -> list[int]:
+        rows = [tuple(r) for r in table.long().tolist()]
+        if len(rows) == heads:
+            ids: dict[tuple[int, ...], int] = {}
+            return [ids.setdefault(r, len(ids)) for r in rows]
+        if len(rows) == 0 or heads % len(rows):
+            raise Reject(f"{core.nodes[0].name}: {heads} query heads cannot share "
+                          f"{len(rows)} kv heads evenly")
+        return [h // (heads // len(rows)) for h in range(heads)]
+
+    k_groups, v_groups = groups(k_table), groups(v_table)
+    if k_groups != v_groups:
+        raise Reject(f"{core.nodes[0].name}: k and v group the query heads differently")
+    return k_groups

@@ -1,0 +1,26 @@
+"""Opaque calls: user-level functions the tracer kept whole, which may hide an attention kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from hiap_fx.graph.ir import CapturedGraph
+
+
+def opaque_calls(cg: CapturedGraph) -> list[str]:
+    """Names of user-level Python functions kept as single calls (fx.wrap / autowrap), which
+    may hide an attention kernel."""
+    names = []
+    for node in cg.gm.graph.nodes:
+        fn = node.target if node.op == "call_function" else None
+        if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            namespace = fn._qualified_op_name.split("::")[0] if isinstance(
+                fn, torch._ops.OpOverloadPacket) else fn.namespace
+            if namespace not in ("aten", "prims", "_operator"):  # a custom operator
+                names.append(str(fn))
+            continue
+        module = getattr(fn, "__module__", None) or ""
+        root = module.split(".")[0]
+        if fn is not None and root not in ("torch", "_operator", "operator", "builtins", "math"):
+            names.append(str(getattr(fn, "__qualname__", fn)))
+    return sorted(set(names))[:5]

@@ -1,0 +1,68 @@
+"""Residual branches: where a site's output joins the stream (so a closed site can leave it), and site names."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from hiap_fx.passes.discover.view import GraphView, node_shape
+from hiap_fx.plan import Residual
+
+
+def preserves_zero(g: GraphView, node: fx.Node, data: fx.Node) -> bool:
+    """Whether ``node`` maps an all-zero ``data`` operand to all zeros (others as recorded)."""
+    shape = node_shape(data)
+    if shape is None or node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if node.op == "call_module" and any(True for _ in g.modules[str(node.target)].parameters()):
+        return False
+    try:
+        out = g.flow.execute(node, {data: torch.zeros(shape, dtype=torch.float64)}, movement=False)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.numel() > 0 and not out.any()
+
+
+def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
+              zero_preserving: bool = True) -> Optional[Residual]:
+    """The add joining the branch ending at ``branch_end`` into the stream that feeds
+    ``branch_input``, reached through single-use ops that keep a zero branch zero (so closing
+    the whole site removes it); with ``zero_preserving=False`` through any single-input ops (a
+    post-norm branch, ``x + norm(f(x))``, whose units can be cut but not the whole branch)."""
+    cur = branch_end
+    for _ in range(64):
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        tensors = [a for a in u.all_input_nodes if isinstance(a.meta.get("hiap_shape"), tuple)]
+        if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
+            other = tensors[0] if tensors[1] is cur else tensors[1]
+            pos = next(i for i, a in enumerate(u.args) if a is cur)
+            if other is branch_input or other in g.ancestors(branch_input):
+                return Residual(add_node=u.name, branch_arg=pos)
+            return None
+        if g.data_inputs(u) != [cur] or (zero_preserving and not preserves_zero(g, u, cur)):
+            return None
+        cur = u
+    return None
+
+
+def site_name(paths: list[str], taken: set[str], kind: str) -> str:
+    parts = [p.split(".")[:-1] for p in paths if p and not p.startswith("node:")]
+    common: list[str] = []
+    if parts:
+        for segs in zip(*parts):
+            if len(set(segs)) != 1:
+                break
+            common.append(segs[0])
+    name = ".".join(common) or kind
+    if name in taken:
+        i = 1
+        while f"{name}[{kind}{i}]" in taken:
+            i += 1
+        name = f"{name}[{kind}{i}]" if name != kind else f"{kind}{i}"
+    taken.add(name)
+    return name

@@ -1,0 +1,225 @@
+"""The compiler's pipeline: every pass in order, in one place.
+
+A pass is a function ``CapturedGraph -> CapturedGraph`` (the shared IR: graph module, example
+inputs, recorded shapes and values, the plan once discovered). ``prepare`` runs
+
+    capture (front end: torch.fx, else torch.export)
+    -> ANALYSIS: propagate, normalise, count, discover, shared_weights, sliceable
+    -> gate (insert the HiAP gates) -> cost (derive and compile the sympy cost model)
+
+and ``finalize`` runs COMPILE on a copy of the gated graph:
+
+    strip_gates, propagate, slice, cleanup, fuse, package -> verify
+
+Users extend the pipeline at named points with :func:`hiap_fx.register_pass` (a graph rewrite
+of their own, e.g. after ``capture``: their op or module turned into the canonical ops that
+discovery knows). Module rewrites (before capture), trace hooks (during capture) and attention
+kernels / op families (read by normalise and discover) are the specialised registrations of the
+same system; see ``docs/extending.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from hiap_fx.config import PruneConfig
+from hiap_fx.errors import CaptureError, HiapWarning, NoAttentionError
+from hiap_fx.graph.editing import eliminate_dead_code
+from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.passes.capture import capture, remove_assertions
+from hiap_fx.passes.discover import discover
+from hiap_fx.passes.discover.opaque import opaque_calls
+from hiap_fx.passes.discover.shared import refuse_shared_weights
+from hiap_fx.passes.fuse import fuse_sibling_linears
+from hiap_fx.passes.gate import strip_gates
+from hiap_fx.passes.normalise import normalise
+from hiap_fx.passes.propagate import propagate
+from hiap_fx.passes.slice import slice_sites
+from hiap_fx.passes.slice.checks import drop_unsliceable
+from hiap_fx.plan import Plan
+from hiap_fx.registry import GRAPH_PASSES
+
+GraphPass = Callable[[CapturedGraph], Optional[CapturedGraph]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named pass of the pipeline."""
+
+    name: str
+    run: GraphPass
+    summary: str
+
+
+def _normalise(cg: CapturedGraph) -> CapturedGraph:
+    normalise(cg)
+    return cg
+
+
+def _discover(cg: CapturedGraph) -> CapturedGraph:
+    cg.plan = discover(cg, model_name=cg.model_name)
+    return cg
+
+
+def _shared_weights(cg: CapturedGraph) -> CapturedGraph:
+    refuse_shared_weights(cg, _plan(cg))
+    return cg
+
+
+def _sliceable(cg: CapturedGraph) -> CapturedGraph:
+    drop_unsliceable(cg, _plan(cg))
+    return cg
+
+
+def _plan(cg: CapturedGraph) -> Plan:
+    assert cg.plan is not None, "the discover stage sets the plan"
+    return cg.plan
+
+
+#: analysis, after capture: from a raw graph to the plan of sites
+ANALYSIS: tuple[Stage, ...] = (
+    Stage("propagate", propagate, "record shapes, dtypes and constant values on the example inputs"),
+    Stage("normalise", _normalise, "canonical ops: module calls to functions, pinned sdpa scales"),
+    Stage("count", lambda cg: propagate(cg, count=True), "record every node's MACs"),
+    Stage("discover", _discover, "attention and FFN sites by graph pattern and index flow"),
+    Stage("shared_weights", _shared_weights, "refuse sites whose weights are used elsewhere"),
+    Stage("sliceable", _sliceable, "report attention that finalize could not rebuild"),
+)
+
+#: the points where user passes may run (after each of these)
+PASS_POINTS: tuple[str, ...] = ("capture", *(s.name for s in ANALYSIS))
+
+
+def check_pass_points() -> None:
+    """Refuse user passes registered at a point the pipeline does not have."""
+    from hiap_fx.errors import InputError
+
+    for registered in GRAPH_PASSES:
+        if registered.after not in PASS_POINTS:
+            raise InputError(f"pass {registered.name!r} is registered after {registered.after!r}, "
+                             f"which is not a pipeline point; choose one of {', '.join(PASS_POINTS)}")
+
+
+def run_stages(stages: tuple[Stage, ...], cg: CapturedGraph) -> CapturedGraph:
+    """Run ``stages`` in order, each followed by the user passes registered after it."""
+    for stage in stages:
+        cg = stage.run(cg) or cg
+        cg = run_user_passes(stage.name, cg)
+    return cg
+
+
+def run_user_passes(point: str, cg: CapturedGraph) -> CapturedGraph:
+    """The passes registered with ``register_pass(..., after=point)``, in registration order."""
+    for registered in GRAPH_PASSES:
+        if registered.after == point:
+            cg = registered.function(cg) or cg
+            cg.gm.graph.lint()
+            cg.gm.recompile()
+    return cg
+
+
+def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig] = None,
+            require_attention: bool = True) -> tuple[CapturedGraph, Plan]:
+    """Capture, normalise and discover; raise NoAttentionError when nothing prunable is found."""
+    config = config or PruneConfig()
+    cg, plan = _capture_and_discover(model, example_inputs, config, config.frontend)
+    opaque = opaque_calls(cg) if not plan.attention else []
+    if opaque and config.frontend == "auto" and cg.frontend == "fx":
+        # fx kept library functions whole (torch.fx.wrap, e.g. torchvision's shifted-window
+        # attention); torch.export traces through them
+        try:
+            cg2, plan2 = _capture_and_discover(model, example_inputs, config, "export")
+        except CaptureError:
+            pass
+        else:
+            if plan2.attention:
+                cg, plan = cg2, plan2
+                plan.notes.append(f"fx kept {', '.join(opaque)} whole (no attention visible); "
+                                  "captured with torch.export instead")
+    rejected = [u for u in plan.unclaimed if u.what.startswith(("attention", "softmax"))]
+    if require_attention and not plan.attention and plan.ffn and rejected:
+        # the model has attention hiap_fx cannot cut exactly; its FFNs still can be: go on, loudly
+        why = "; ".join(f"{u.node}: {u.reason}" for u in rejected[:3])
+        message = (f"{type(model).__name__}: none of its {len(rejected)} attention(s) can be pruned "
+                   f"exactly ({why}); only its {len(plan.ffn)} FFN sites are gated. The reasons are "
+                   "in plan.unclaimed")
+        plan.notes.append(message)
+        warnings.warn(message, HiapWarning, stacklevel=3)
+    elif require_attention and not plan.attention:
+        first = sorted(plan.unclaimed, key=lambda u: not u.what.startswith("attention"))
+        why = "; ".join(f"{u.node}: {u.reason}" for u in first[:5])
+        raise NoAttentionError(
+            f"no prunable attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
+            f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
+            (f"; opaque calls the tracer kept whole: {', '.join(opaque)} (if one is an attention "
+             "kernel, register it with hiap_fx.register_attention_kernel)" if opaque else "") +
+            ". hiap_fx prunes attention heads; for a model without attention use a channel "
+            "pruner, or register a handler for your attention (see README, 'Extending')")
+    return cg, plan
+
+
+def _capture_and_discover(model: nn.Module, example_inputs: Any, config: PruneConfig,
+                          frontend: str) -> tuple[CapturedGraph, Plan]:
+    check_pass_points()
+    cg = capture(model, example_inputs, frontend=frontend,
+                 concrete_args=config.concrete_args, check=config.check_capture)
+    cg.model_name = type(model).__name__
+    cg = run_user_passes("capture", cg)
+    cg = run_stages(ANALYSIS, cg)
+    return cg, _plan(cg)
+
+
+# ----------------------------------------------------------------------------------------------
+# compile (finalize)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cleanup(cg: CapturedGraph) -> CapturedGraph:
+    remove_assertions(cg.gm)
+    eliminate_dead_code(cg.gm)
+    return cg
+
+
+def _fuse(cg: CapturedGraph) -> CapturedGraph:
+    fuse_sibling_linears(cg.gm)
+    return cg
+
+
+def _package(cg: CapturedGraph) -> CapturedGraph:
+    # a fresh module tree holding only what the graph uses: parameters in plain containers (no
+    # stale Linear/attention attributes such as in_features or num_heads), leaf modules as is
+    cg.gm = fx.GraphModule(cg.gm, cg.gm.graph, class_name="CompactModel")
+    cg.gm.recompile()
+    return cg
+
+
+def compile_stages(decisions: dict[str, torch.Tensor]) -> tuple[Stage, ...]:
+    """The compile pipeline for these hard decisions (``gate key -> bool per unit``)."""
+
+    def strip(cg: CapturedGraph) -> CapturedGraph:
+        strip_gates(cg.gm)
+        cg.gm.recompile()
+        return cg
+
+    return (
+        Stage("strip_gates", strip, "remove the gate bundles and mask multiplies"),
+        Stage("propagate", propagate, "shapes and values of the trained, gate-free graph"),
+        Stage("slice", lambda cg: slice_sites(cg, _plan(cg), decisions), "cut closed units out"),
+        Stage("cleanup", _cleanup, "runtime asserts and dead nodes removed (guards kept)"),
+        Stage("fuse", _fuse, "sibling linears on one input become one matmul"),
+        Stage("package", _package, "a fresh module tree with only what the graph uses"),
+    )
+
+
+def compile_compact(captured: CapturedGraph, decisions: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The compact graph module of a prepared model's captured graph (``captured.gm`` is the gated
+    graph; it is copied, never changed) for the given hard decisions."""
+    cg = CapturedGraph(gm=copy.deepcopy(captured.gm), example_inputs=captured.example_inputs,
+                       frontend=captured.frontend, model_name=captured.model_name, plan=captured.plan)
+    return run_stages(compile_stages(decisions), cg).gm

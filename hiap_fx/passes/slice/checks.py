@@ -1,0 +1,66 @@
+"""Prepare-time checks: attention that finalize could not rebuild is reported, never gated."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from hiap_fx.errors import HiapError
+from hiap_fx.graph.ir import CapturedGraph, node_shape
+from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.queries import data_ancestors, descendants
+from hiap_fx.passes.slice.attention import out_head_axis, same_lead
+from hiap_fx.passes.slice.context import SliceContext, operand_layout
+from hiap_fx.plan import AttentionSite, Plan, Unclaimed
+
+
+def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) -> None:
+    """Finalize rebuilds q/k/v from the kept rows of their projections and lets the original
+    linears die; a projection whose output also feeds something else (a parallel block fusing
+    the MLP's input into the same linear) would stay whole next to the rebuilt rows."""
+    core = [nodes[n] for n in site.core_nodes]
+    operands = [a for c in core for a in c.all_input_nodes]
+    feeding: set[fx.Node] = set()
+    for o in operands:
+        feeding |= data_ancestors(o) | {o}
+    for role in ("q", "k", "v"):
+        P = nodes[getattr(site, role).node]
+        for n in descendants(P) & feeding:
+            for u in n.users:
+                if u in feeding or u in core or not isinstance(u.meta.get("hiap_shape"), (tuple, list)):
+                    continue
+                raise HiapError(f"{site.name}: the {role} projection {P.name} also feeds {u.name} "
+                                f"({op_name(u)}), outside this attention (e.g. an MLP fused into the "
+                                "same linear); its rows cannot be cut for the attention alone")
+
+
+def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
+    """Attention sites finalize could not rebuild (site name -> reason), found before any gate
+    is inserted so that they are reported at prepare time instead of failing after training."""
+    check = SliceContext(cg, plan, {})  # reads only: nothing is cut without decisions
+    bad: dict[str, str] = {}
+    for site in plan.attention:
+        try:
+            check_private_projections(check.nodes, site)
+            for role in ("q", "k", "v"):
+                operand_layout(check, site, role)
+            out_lin = check.nodes[site.out.node]
+            av = check.nodes[site.core_nodes[-1]]
+            head = out_head_axis(site, node_shape(av), node_shape(out_lin.args[0]))
+            if not same_lead(node_shape(av), head, node_shape(out_lin.args[0])):
+                raise HiapError(f"{site.name}: the kernel output {node_shape(av)} is rearranged (e.g. "
+                                f"windows reversed) before {out_lin.name} {node_shape(out_lin.args[0])}")
+        except HiapError as exc:
+            bad[site.name] = str(exc)
+    return bad
+
+
+def drop_unsliceable(cg: CapturedGraph, plan: Plan) -> None:
+    """Report attention sites that finalize could not rebuild as unclaimed (never gate them)."""
+
+    bad = unsliceable_attention(cg, plan)
+    if not bad:
+        return
+    for site in [s for s in plan.attention if s.name in bad]:
+        plan.attention.remove(site)
+        plan.unclaimed.append(Unclaimed(node=site.core_nodes[0], what=f"attention {site.name}",
+                                        reason=f"cannot be sliced: {bad[site.name].split(': ', 1)[-1][:200]}"))

@@ -1,0 +1,157 @@
+"""The state of one slicing run and the operand layouts it rebuilds attention into."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx
+
+from hiap_fx.errors import HiapError
+from hiap_fx.graph.editing import Params
+from hiap_fx.graph.flow import IndexFlow, feature_index, varies_along
+from hiap_fx.graph.ir import CapturedGraph, node_shape
+from hiap_fx.graph.ops import in_family, op_name
+from hiap_fx.graph.queries import ancestors, data_ancestors, descendants
+from hiap_fx.plan import AttentionSite, Plan
+
+
+@dataclass
+class OperandLayout:
+    """How to build an operand at its boundary node from a linear's output [lead..., heads*dims]."""
+
+    boundary: fx.Node
+    perm: list[int]  # boundary axis i (new axes left out) <- axis perm[i] of [lead..., head, dim]
+    has_head_axis: bool
+    new_axes: list[int]  # size-1 axes of the boundary that come from no source axis
+    merges: list[tuple[int, int]]  # runs of lead axes flattened into one (last run first)
+    replay: list[fx.Node]  # original path nodes after the boundary, in graph order
+    operand: fx.Node
+
+
+class SliceContext:
+    """One slicing run over ``cg`` (shapes and values propagated) for ``decisions``; with no
+    decisions it only reads the graph (the prepare-time sliceability check)."""
+
+    def __init__(self, cg: CapturedGraph, plan: Plan, decisions: dict[str, torch.Tensor]) -> None:
+        self.cg, self.gm, self.graph = cg, cg.gm, cg.gm.graph
+        self.plan, self.decisions = plan, decisions
+        self.flow = IndexFlow(cg)
+        self.nodes = {n.name: n for n in self.graph.nodes}
+        self.params = Params(cg.gm)
+
+
+def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> OperandLayout:
+    """Find the deepest pure-movement node between a projection and the kernel operand that has
+    the operand's head/dim structure, so the operand can be rebuilt there from kept rows."""
+    proj = getattr(site, role)
+    P = ctx.nodes[proj.node]
+    core = ctx.nodes[site.core_nodes[0]]
+    O = core.args[{"q": 0, "k": 1, "v": 2}[role]] if site.kind == "sdpa" or role != "v" else \
+        ctx.nodes[site.core_nodes[-1]].args[1]
+    full_path = (descendants(P) & (data_ancestors(O) | {O})) | {O}
+    # shape queries (x.size(0), x.shape) are not data; those after the boundary are replayed
+    path = {n for n in full_path if isinstance(n.meta.get("hiap_shape"), (tuple, list))}
+    chain: list[fx.Node] = []
+    cur = P
+    while True:
+        nxt = [u for u in cur.users if u in path]
+        if len(nxt) != 1 or not in_family(op_name(nxt[0]), "movement"):
+            break
+        cur = nxt[0]
+        chain.append(cur)
+    p_shape = node_shape(P)
+    table = torch.tensor(proj.index, dtype=torch.float64)
+    order = {n: i for i, n in enumerate(ctx.graph.nodes)}
+    for B in reversed(chain):
+        perm = boundary_perm(ctx, P, p_shape, B, table)
+        if perm is None:
+            continue
+        after = descendants(B) & full_path
+        before = ancestors(B)
+        if any(n not in after and n is not B and n not in before for n in path):
+            continue
+        return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], sorted(after, key=order.__getitem__), O)
+    raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
+                    f"point between {P.name} and the kernel holds its heads and dims as separate "
+                    "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
+                    "attention whole, or report the model")
+
+
+def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx.Node,
+                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int], list[tuple[int, int]]]]:
+    b_shape = node_shape(B)
+    if b_shape is None or p_shape is None:
+        return None
+    idx = ctx.flow.run({P: feature_index(p_shape, -1)}).index.get(B)
+    if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != b_shape:
+        return None
+    lead_axes = len(p_shape) - 1
+    target: dict[int, int] = {}  # lead axis of P (size > 1) -> the axis of B it lands on
+    for a in range(lead_axes):
+        if p_shape[a] == 1:
+            continue
+        at = ctx.flow.run({P: feature_index(p_shape, a)}).index.get(B)
+        if not isinstance(at, torch.Tensor):
+            return None
+        varying = [i for i in range(len(b_shape)) if b_shape[i] > 1 and varies_along(at, i)]
+        if len(varying) != 1:
+            return None
+        target[a] = varying[0]
+    # consecutive lead axes landing on one axis of B were merged (e.g. windows): flatten them
+    merges: list[tuple[int, int]] = []
+    for b_axis in set(target.values()):
+        group = sorted(a for a, t in target.items() if t == b_axis)
+        if group != list(range(group[0], group[-1] + 1)) or \
+                math.prod(p_shape[a] for a in group) != b_shape[b_axis]:
+            return None
+        if len(group) > 1:
+            code = torch.zeros(p_shape, dtype=torch.float64)
+            for a in group:
+                code = code * p_shape[a] + feature_index(p_shape, a)
+            at = ctx.flow.run({P: code}).index.get(B)
+            if not isinstance(at, torch.Tensor) or not torch.equal(
+                    at, feature_index(b_shape, b_axis)):
+                return None
+            merges.append((group[0], group[-1]))
+    merged_index = {}  # original lead axis -> lead axis after the merges
+    shift = 0
+    for a in range(lead_axes):
+        inside = next((m for m in merges if m[0] < a <= m[1]), None)
+        if inside is not None:
+            shift += 1
+        merged_index[a] = a - shift
+    lead = lead_axes - shift
+    source = {t: merged_index[a] for a, t in target.items()}
+    rest = [i for i in range(len(b_shape)) if i not in source]
+    heads, dims = table.shape
+    options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
+    unplaced = sorted({merged_index[a] for a in range(lead_axes)} - set(source.values()))  # size 1
+    for head_axis, dim_axis in options:
+        ones = [i for i in rest if i not in (head_axis, dim_axis)]
+        if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced):
+            continue
+        t = idx.movedim(dim_axis, -1)
+        if head_axis is None:
+            t = t.unsqueeze(-2)
+        else:
+            t = t.movedim(head_axis if head_axis < dim_axis else head_axis - 1, -2)
+        if tuple(t.shape[-2:]) != (heads, dims):
+            continue
+        flat = t.reshape(-1, heads, dims)
+        if not torch.equal(flat, table.expand_as(flat)):
+            continue
+        # size-1 lead axes take the first size-1 axes of B, in order; the rest are new axes
+        placed = dict(source)
+        placed.update(zip(ones, unplaced))
+        new_axes = [i for i in ones if i not in placed]
+        # source axes: [lead..., head, dim] (or [lead..., dim] without a head axis)
+        dim_src = lead + 1 if head_axis is not None else lead
+        perm = [placed[i] if i in placed else (lead if i == head_axis else dim_src)
+                for i in range(len(b_shape)) if i not in new_axes]
+        if sorted(perm) != list(range(dim_src + 1)):
+            continue
+        return perm, head_axis is not None, new_axes, sorted(merges, reverse=True)
+    return None

@@ -1,0 +1,128 @@
+"""The attention kernel of a width group: sdpa or q@k^T / softmax / p@v, with logits-side tensors cut to the live heads."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from hiap_fx.graph.editing import rewrite_sizes
+from hiap_fx.graph.flow import feature_index, varies_along
+from hiap_fx.graph.ir import node_shape
+from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.queries import ancestors, descendants
+from hiap_fx.passes.slice.context import SliceContext
+from hiap_fx.passes.slice.operands import select_heads
+from hiap_fx.plan import AttentionSite
+
+
+def width_runs(items: list[int], key) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for h in items:
+        if runs and key(runs[-1][0]) == key(h):
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    return runs
+
+
+def narrow_heads(g: fx.Graph, t: fx.Node, head_axis: Optional[int], off: int, n: int, total: int) -> fx.Node:
+    if head_axis is None or (off == 0 and n == total):
+        return t
+    return g.call_method("narrow", (t, head_axis, off, n))
+
+
+def group_sdpa(ctx: SliceContext, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
+          head_axis: Optional[int]) -> fx.Node:
+    rank = len(node_shape(core.args[0]))
+    mapping: dict[Any, Any] = {core.args[0]: q, core.args[1]: k, core.args[2]: v}
+    mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and head_axis is not None:
+        total = node_shape(core.args[0])[head_axis]
+        mapping[mask] = select_heads(ctx, mask, head_axis % rank, rank, total, heads)
+    return ctx.graph.node_copy(core, lambda a: mapping.get(a, a))
+
+
+def manual_logits(ctx: SliceContext, site: AttentionSite, qk: fx.Node, av: fx.Node, q: fx.Node,
+                   k: fx.Node, heads: list[int]) -> fx.Node:
+    """q @ k^T and the ops up to the probabilities, replayed for ``heads``."""
+    g = ctx.graph
+    probs = av.args[0]
+    region = (descendants(qk) & (ancestors(probs) | {probs})) | {probs}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    rank = len(node_shape(qk))
+    H = site.num_heads
+    head_axis = site.layout.q_head_axis % rank if site.layout.q_head_axis is not None else None
+    mapping: dict[Any, Any] = {qk: g.node_copy(qk, lambda a: {qk.args[0]: q, qk.args[1]: k}.get(a, a))}
+    mixer_axes: dict[str, list[int]] = {}
+    for t in site.side:
+        if t.kind.startswith("head_mixing"):
+            mixer_axes.setdefault(t.param, []).append(t.axis)
+    selected: dict[str, fx.Node] = {}
+    head_axes = logits_head_axes(ctx, qk, head_axis, H, region)
+    for n in sorted(region, key=order.__getitem__):
+        if n is qk:
+            continue
+
+        def arg(a: Any) -> Any:
+            if a in mapping:
+                return mapping[a]
+            if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in mixer_axes:
+                target = str(a.target)
+                if target not in selected:
+                    value = ctx.params.get(target)
+                    for axis in mixer_axes[target]:
+                        value = value.index_select(axis, torch.tensor(heads))
+                    selected[target] = ctx.params.add(g, target, "heads", value)
+                return selected[target]
+            if isinstance(a, fx.Node) and head_axis is not None and a not in region:
+                return select_heads(ctx, a, head_axis, rank, H, heads)
+            return a
+
+        new = g.node_copy(n, arg)
+        if n in head_axes and op_name(n) in ("reshape", "view", "_unsafe_view", "expand"):
+            rewrite_axis_size(new, head_axes[n], H, len(heads))
+        else:
+            rewrite_sizes(new, {H: len(heads)})
+        mapping[n] = new
+    return mapping[probs]
+
+
+def logits_head_axes(ctx: "SliceContext", qk: fx.Node, head_axis: Optional[int], heads: int,
+               region: set[fx.Node]) -> dict[fx.Node, int]:
+    """For nodes of the logits region: the output axis that holds the heads (by index flow), so a
+    reshape like ``(-1, windows, heads, N, N)`` has only its heads entry rewritten even when
+    ``windows == heads``."""
+    shape = node_shape(qk)
+    if head_axis is None or shape is None:
+        return {}
+    flow = ctx.flow.run({qk: feature_index(shape, head_axis)})
+    found: dict[fx.Node, int] = {}
+    for n in region:
+        at, s = flow.index.get(n), node_shape(n)
+        if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
+            continue
+        axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
+        if len(axes) == 1:
+            found[n] = axes[0]
+    return found
+
+
+def rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
+    """Set the size argument of output ``axis`` of a reshape/view/expand node from old to new."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+        if sizes[axis] == old:
+            sizes[axis] = new
+        args[1] = type(args[1])(sizes)
+    elif 1 + axis < len(args) and args[1 + axis] == old:
+        args[1 + axis] = new
+    elif "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        sizes = list(node.kwargs[key])
+        if sizes[axis] == old:
+            sizes[axis] = new
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    node.args = tuple(args)

@@ -1,0 +1,137 @@
+"""What a pruning run produced, as a pydantic report (JSON and markdown), and the per-site
+structure eval mode selects."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from hiap_fx.gated.prepared import PreparedModel
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SiteStructure(_Base):
+    """What is kept of one site."""
+
+    site: str
+    kind: Literal["attention", "ffn"]
+    heads: Optional[int] = Field(None, description="attention: heads before pruning")
+    heads_kept: Optional[int] = Field(None, description="attention: live heads")
+    head_dims: Optional[int] = Field(None, description="attention: value dims per head before")
+    head_dims_kept: Optional[list[int]] = Field(None, description="attention: value dims kept by "
+                                                "each live head")
+    qk_dims_kept: Optional[list[int]] = Field(None, description="attention: q/k dims kept by each "
+                                              "live head (when q/k dims are gated)")
+    neurons: Optional[int] = Field(None, description="FFN: hidden neurons before pruning")
+    neurons_kept: Optional[int] = Field(None, description="FFN: hidden neurons kept")
+    removed: bool = Field(description="the whole sub-layer is gone")
+
+
+class HistoryPoint(_Base):
+    """One logged training step."""
+
+    step: int
+    tau: float
+    loss: float
+    task_loss: float
+    expected_ratio: float = Field(description="expected MACs / dense MACs")
+    hard_ratio: float = Field(description="MACs eval mode selects / dense MACs")
+    multiplier: float = Field(description="budget controller's cost weight")
+    heads_kept: int
+    neurons_kept: int
+    accuracy: Optional[float] = Field(None, description="eval-mode top-1 on eval data, when measured")
+
+
+class PruneReport(_Base):
+    """Result of ``hiap_fx.prune``: compute, size, accuracy, structure and training history."""
+
+    model: str
+    target_macs: Optional[float]
+    dense_macs: int = Field(description="MACs of the dense model for one input example (count_macs)")
+    compact_macs: int = Field(description="MACs of the compact model for one input example (count_macs)")
+    kept_ratio: float = Field(description="compact_macs / dense_macs")
+    target_gap_pp: Optional[float] = Field(None, description="100 * (kept_ratio - target)")
+    dense_params: int
+    compact_params: int
+    dense_accuracy: Optional[float] = None
+    compact_accuracy: Optional[float] = None
+    steps: int
+    seconds: float
+    trained_ratio: float = Field(description="kept MACs / dense MACs when training ended, before "
+                                 "the end-of-run landing")
+    budget_shift: float = Field(0.0, description="logit offset applied at the end to land within "
+                                "the budget tolerance (0: training hit it by itself)")
+    sites: list[SiteStructure]
+    removed_sublayers: list[str]
+    history: list[HistoryPoint] = []
+
+    def to_markdown(self) -> str:
+        """The report as markdown: a summary table then one row per site."""
+        def pct(v: Optional[float]) -> str:
+            return "-" if v is None else f"{100 * v:.2f}%"
+
+        lines = [f"# HiAP pruning report: {self.model}", "",
+                 "| | dense | compact |", "|---|---:|---:|",
+                 f"| MACs | {self.dense_macs:,} | {self.compact_macs:,} ({pct(self.kept_ratio)}) |",
+                 f"| parameters | {self.dense_params:,} | {self.compact_params:,} "
+                 f"({pct(self.compact_params / max(self.dense_params, 1))}) |",
+                 f"| accuracy | {pct(self.dense_accuracy)} | {pct(self.compact_accuracy)} |", ""]
+        if self.target_macs is not None:
+            lines.append(f"Target {pct(self.target_macs)} of dense MACs, reached {pct(self.kept_ratio)} "
+                         f"({self.target_gap_pp:+.2f} pp); training ended at {pct(self.trained_ratio)}, "
+                         f"end-of-run logit shift {self.budget_shift:+.3f}.")
+        lines += [f"{self.steps} training steps in {self.seconds:.0f} s.", "",
+                  f"Removed sub-layers: {', '.join(self.removed_sublayers) or 'none'}", "",
+                  "| site | kind | heads | value dims per live head | neurons |",
+                  "|---|---|---|---|---|"]
+        for s in self.sites:
+            if s.kind == "attention":
+                heads = f"{s.heads_kept}/{s.heads}"
+                dims = ", ".join(map(str, s.head_dims_kept or [])) + f" (of {s.head_dims})"
+                lines.append(f"| {s.site} | attention{' (removed)' if s.removed else ''} | {heads} | "
+                             f"{dims if s.heads_kept else '-'} | |")
+            else:
+                lines.append(f"| {s.site} | FFN{' (removed)' if s.removed else ''} | | | "
+                             f"{s.neurons_kept}/{s.neurons} |")
+        return "\n".join(lines) + "\n"
+
+
+def site_structure(prepared: "PreparedModel") -> list[SiteStructure]:
+    """The structure eval mode selects for every site (what ``finalize`` keeps)."""
+    decisions = prepared.decisions()
+    out: list[SiteStructure] = []
+    for site in prepared.plan.attention:
+        head = decisions.get(f"{site.name}.head")
+        live = head.clone() if head is not None else _ones(site.num_heads)
+        kv = site.kv_of_head
+        dims = decisions.get(f"{site.name}.head_dim")
+        per_kv = (dims.view(site.num_kv_heads, site.v_dim).sum(-1).tolist() if dims is not None
+                  else [site.v_dim] * site.num_kv_heads)
+        qk = decisions.get(f"{site.name}.qk_dim")
+        qk_per_kv = qk.view(site.num_kv_heads, site.head_dim).sum(-1).tolist() if qk is not None else None
+        live_heads = [h for h in range(site.num_heads) if bool(live[h]) and per_kv[kv[h]] > 0]
+        out.append(SiteStructure(
+            site=site.name, kind="attention", heads=site.num_heads, heads_kept=len(live_heads),
+            head_dims=site.v_dim, head_dims_kept=[int(per_kv[kv[h]]) for h in live_heads],
+            qk_dims_kept=[int(qk_per_kv[kv[h]]) for h in live_heads] if qk_per_kv is not None else None,
+            removed=not live_heads))
+    for site in prepared.plan.ffn:
+        block = decisions.get(f"{site.name}.ffn")
+        neurons = decisions.get(f"{site.name}.neuron")
+        on = block is None or bool(block.all())
+        kept = int(neurons.sum()) if neurons is not None else site.hidden
+        removed = not on or kept == 0
+        out.append(SiteStructure(site=site.name, kind="ffn", neurons=site.hidden,
+                                 neurons_kept=0 if removed else kept, removed=removed))
+    return out
+
+
+def _ones(n: int):
+    import torch
+
+    return torch.ones(n, dtype=torch.bool)

@@ -1,0 +1,161 @@
+"""The state of one pruning run (model, teacher, optimizer, schedule, position, history) and its checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from hiap_fx.config import PruneConfig
+from hiap_fx.errors import FileError, HiapError
+from hiap_fx.gated.prepared import PreparedModel
+from hiap_fx.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    rng_state,
+)
+from hiap_fx.training.classify import cosine_lr
+from hiap_fx.training.epochs import rank_and_world
+from hiap_fx.training.report import HistoryPoint
+
+
+def build_optimizer(prepared: PreparedModel, cfg: PruneConfig, total: int) -> torch.optim.AdamW:
+    gate_ids = {id(g.logits) for g in prepared.gate_modules().values()}
+    decay, no_decay, gates = [], [], []
+    for p in prepared.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in gate_ids:
+            gates.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else 10.0 * max(cfg.gate_init, 1.0) / max(total, 1)
+    groups = [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
+              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "weights_no_decay"},
+              {"params": gates, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+class PruneRun:
+    """State of one pruning run (everything a checkpoint holds)."""
+
+    def __init__(self, prepared: PreparedModel, teacher: Optional[nn.Module], total: int,
+                 dense_params: int, teacher_is_dense: bool) -> None:
+        self.prepared = prepared
+        self.teacher = teacher
+        self.teacher_is_dense = teacher_is_dense
+        self.total = total
+        self.dense_params = dense_params
+        self.step = 0
+        self.epoch = 0  # data position: epoch and batches consumed in it
+        self.offset = 0
+        self.iterator: Optional[Iterator] = None
+        self.history: list[HistoryPoint] = []
+        self.seconds = 0.0
+        self.dense_accuracy: Optional[float] = None
+        self.optimizer = build_optimizer(prepared, prepared.config, total)
+        cfg = prepared.config
+        lambdas = [(lambda s: cosine_lr(s, total)) if g.get("name") != "gates" else (lambda s: 1.0)
+                   for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
+        self.rng: Optional[dict[str, Any]] = None
+        self.seed = cfg.seed
+        self.checkpoint_path: Optional[Path] = None  # where and at which step the last one went
+        self.checkpoint_step: Optional[int] = None
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write a checkpoint (atomically, as data): prepared model (weights, gates, controller),
+        teacher weights, optimizer, schedule position, RNG states and history."""
+        from hiap_fx.files.atomic import write_with
+        from hiap_fx.io import prepared_payload
+
+        teacher = None
+        if self.teacher_is_dense and self.teacher is not None:
+            teacher = {k: v.detach() for k, v in self.teacher.state_dict().items()}
+        state = {
+            "format": CHECKPOINT_FORMAT, "prepared": prepared_payload(self.prepared),
+            "teacher": teacher, "teacher_is_dense": self.teacher_is_dense, "total": self.total,
+            "step": self.step, "epoch": self.epoch, "offset": self.offset,
+            "optimizer": optimizer_state_by_name(self.optimizer, self.prepared),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "history": [h.model_dump() for h in self.history], "seconds": self.seconds,
+            "dense_params": self.dense_params, "dense_accuracy": self.dense_accuracy,
+        }
+        rank, world = rank_and_world()
+        if rank == 0:  # every rank holds the same state; one writes it
+            write_with(path, lambda tmp: torch.save(state, tmp))
+        self.checkpoint_path, self.checkpoint_step = Path(path), self.step
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    @classmethod
+    def load(cls, path: Union[str, Path], teacher: Any, trust: bool = False) -> "PruneRun":
+        """Resume from a checkpoint :meth:`save` wrote (read weights-only: nothing is unpickled).
+        ``trust=True`` also reads the pickled checkpoints of earlier versions."""
+        from hiap_fx.files.graph_data import graph_from_data
+        from hiap_fx.files.reading import load_trusted, read_payload
+        from hiap_fx.io import prepared_from_payload
+
+        what = "a hiap_fx.prune checkpoint"
+        source = str(path)
+        try:
+            state = read_payload(path, (CHECKPOINT_FORMAT,), what)
+        except FileError:
+            if not trust:
+                raise
+            return cls._load_pickled(path, load_trusted(path, what), teacher)
+        try:
+            prepared = prepared_from_payload(state["prepared"], source, trust)
+            teacher_module: Optional[nn.Module] = None
+            if state["teacher_is_dense"]:
+                tensors = {**state["prepared"]["tensors"], **state["teacher"]}
+                teacher_module = graph_from_data(state["prepared"]["graph"], tensors, source, trust)
+                teacher_module.eval().requires_grad_(False)
+            elif isinstance(teacher, nn.Module):
+                teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # the user's stays as is
+            run = cls(prepared, teacher_module, int(state["total"]), int(state["dense_params"]),
+                      bool(state["teacher_is_dense"]))
+            run.step, run.epoch, run.offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
+            load_optimizer_state_by_name(run.optimizer, prepared, state["optimizer"], source)
+            run.scheduler.load_state_dict(state["scheduler"])
+            run.rng = state["rng"]
+            run.history = [HistoryPoint(**h) for h in state["history"]]
+            run.seconds = float(state["seconds"])
+            run.dense_accuracy = state["dense_accuracy"]
+        except HiapError:
+            raise
+        except Exception as exc:  # a field missing or of the wrong kind
+            raise FileError(f"{source}: not a complete {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        run.checkpoint_path, run.checkpoint_step = Path(path), run.step
+        return run
+
+    @classmethod
+    def _load_pickled(cls, path: Union[str, Path], state: Any, teacher: Any) -> "PruneRun":
+        """A checkpoint of format ``prune_checkpoint/1`` (a pickled run; read with trust only)."""
+        if not isinstance(state, dict) or state.get("format") != "hiap_fx.prune_checkpoint/1":
+            raise FileError(f"{path} is not a hiap_fx.prune checkpoint")
+        prepared = state["prepared"]
+        teacher_module = state["teacher"] if state["teacher_is_dense"] else (
+            copy.deepcopy(teacher).eval().requires_grad_(False) if isinstance(teacher, nn.Module) else None)
+        run = cls(prepared, teacher_module, state["total"], state["dense_params"], state["teacher_is_dense"])
+        run.step, run.epoch, run.offset = state["step"], state["epoch"], state["offset"]
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        run.rng = {"torch": rng["torch"], "python": rng["python"],
+                   "numpy": [rng["numpy"][0], torch.from_numpy(rng["numpy"][1].astype(np.int64)),
+                             *rng["numpy"][2:]]}
+        run.history = [HistoryPoint(**h) for h in state["history"]]
+        run.seconds = state["seconds"]
+        run.dense_accuracy = state["dense_accuracy"]
+        run.checkpoint_path, run.checkpoint_step = Path(path), run.step
+        return run
