@@ -274,10 +274,10 @@ def test_cli_prune_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path, 
         calls.append(model)
         raise hiap_fx.InputError("stop here")
 
-    monkeypatch.setattr("hiap_fx.training.prune.prune", fake_prune)
-    monkeypatch.setattr("hiap_fx.app.data.load_data", lambda *a, **k: (_data(), _data()))
     hiap_fx.prune(_vit(), _data(), hiap_fx.PruneConfig(target_macs=0.6), steps=6,
                   checkpoint=out / "checkpoint.pt", checkpoint_every=2, stop_after=2, progress=False)
+    monkeypatch.setattr("hiap_fx.training.prune.prune", fake_prune)
+    monkeypatch.setattr("hiap_fx.app.data.load_data", lambda *a, **k: (_data(), _data()))
     zoo_file = str(Path(__file__).with_name("zoo.py"))
     base = ["prune", "--model", f"{zoo_file}:tiny_vit_separate", "--data", "fashion-mnist", "--out", str(out),
             "--quiet"]
