@@ -51,6 +51,7 @@ case "$job" in
     test)
         setup
         "$PY" -m ruff check hiap_fx tests examples benchmarks  # pyflakes + import order (pyproject)
+        "$PY" -m mypy  # type check of hiap_fx/ (settings in pyproject)
         "$PY" -m pytest -q -n 2 "$@"
         ;;
     *)

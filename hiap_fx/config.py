@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -10,7 +10,8 @@ from hiap_fx.errors import ConfigError
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
-    return ConfigError.from_exception_data(exc.title, exc.errors())
+    # the details pydantic reported are valid init details for the same error types
+    return ConfigError.from_exception_data(exc.title, cast(Any, exc.errors()))
 
 
 class PruneConfig(BaseModel):

@@ -69,7 +69,7 @@ def load(path: PathLike, with_plan: bool = False, trust: bool = False, map_locat
     if payload["format"] == PREPARED_FORMAT:
         prepared = prepared_from_payload(payload, str(path), trust)
         return (prepared, prepared.plan) if with_plan else prepared
-    gm = graph_from_data(payload.get("graph"), _tensors(payload.get("tensors"), path), str(path), trust)
+    gm = graph_from_data(_structure(payload, path), _tensors(payload.get("tensors"), path), str(path), trust)
     return (gm, plan) if with_plan else gm
 
 
@@ -80,6 +80,13 @@ def _plan(text: Any, path: PathLike) -> Optional[Plan]:
         return Plan.model_validate_json(text)
     except Exception as exc:
         raise FileError(f"{path}: the stored plan is not valid ({str(exc)[:200]})") from None
+
+
+def _structure(payload: dict[str, Any], path: PathLike) -> dict[str, Any]:
+    graph = payload.get("graph")
+    if not isinstance(graph, dict):
+        raise FileError(f"{path}: the graph entry is missing or not a node list")
+    return graph
 
 
 def _tensors(value: Any, path: PathLike) -> dict[str, torch.Tensor]:
@@ -96,7 +103,8 @@ def _tensors(value: Any, path: PathLike) -> dict[str, torch.Tensor]:
 def prepared_payload(prepared: Any) -> dict[str, Any]:
     """A ``PreparedModel`` as data: its graph without gates and that graph's tensors, the gate
     and controller state, plan, config and example inputs."""
-    from hiap_fx.passes.gate import GATES_ATTR, gate_nodes
+    from hiap_fx.gated.bundles import GATES_ATTR
+    from hiap_fx.passes.gate import gate_nodes
 
     skip, forward = gate_nodes(prepared.graph_module.graph)
     structure, tensors = graph_to_data(prepared.graph_module, skip=lambda n: n in skip,
@@ -121,7 +129,7 @@ def prepared_from_payload(payload: dict[str, Any], source: str, trust: bool = Fa
     from hiap_fx.passes.propagate import propagate
 
     tensors = _tensors(payload.get("tensors"), source)
-    gm = graph_from_data(payload.get("graph"), tensors, source, trust)
+    gm = graph_from_data(_structure(payload, source), tensors, source, trust)
     plan = _plan(payload.get("plan"), source)
     if plan is None:
         raise FileError(f"{source}: no plan stored with the prepared model")

@@ -27,7 +27,7 @@ class ModuleRewrite:
 
     name: str
     matches: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module], nn.Module]
+    build: Callable[[Any], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def register_pass(function: Callable[[Any], Any], after: str = "capture",
     ``"discover"`` (the plan is set), ... It may edit ``cg.gm`` in place and return ``cg`` (or
     None); the pipeline lints and recompiles the graph after it. ``prepare`` refuses an unknown
     point (``hiap_fx.passes.pipeline.PASS_POINTS``). Usable as a decorator."""
-    GRAPH_PASSES.append(GraphPass(name or getattr(function, "__name__", "pass"), function, after))
+    GRAPH_PASSES.append(GraphPass(str(name or getattr(function, "__name__", "pass")), function, after))
     return function
 
 
@@ -175,6 +175,6 @@ def attention_kernel(node: Any) -> Optional[AttentionKernel]:
     if getattr(node, "op", None) != "call_function":
         return None
     try:
-        return ATTENTION_KERNELS.get(target)
+        return ATTENTION_KERNELS.get(target) if target is not None else None
     except TypeError:  # an unhashable target
         return None

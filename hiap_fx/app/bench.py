@@ -52,7 +52,8 @@ def bench_models(dense: nn.Module, compact: nn.Module, example: torch.Tensor, ba
             for _ in range(2):
                 dense(x)
                 compact(x)
-            td, tc = [], []
+            td: list[float] = []
+            tc: list[float] = []
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline or len(td) < 5:
                 td.append(_once(dense, x))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hiap_fx.errors import HiapError, InputError
 
@@ -111,6 +111,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from hiap_fx.training.prune import prune
 
     source = _resume_source(args)
+    model: Any
     if source is not None:
         size = _check_resume_arguments(args, source)["input_shape"][1:]
         model = source

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Sized, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class _Resized(Dataset):
         self.base, self.size = base, size
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # torchvision datasets are sized
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.base[i]
@@ -130,8 +130,8 @@ def load_data(spec: str, image_size: Sequence[int], batch_size: int = 64, seed: 
     else:
         raise InputError(f"unknown data spec {spec!r}: use fashion-mnist or imagefolder:PATH")
     if limit is not None:
-        train = torch.utils.data.Subset(train, range(min(limit, len(train))))
-        test = torch.utils.data.Subset(test, range(min(limit, len(test))))
+        train = torch.utils.data.Subset(train, range(min(limit, len(cast(Sized, train)))))
+        test = torch.utils.data.Subset(test, range(min(limit, len(cast(Sized, test)))))
     gen = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True),
             DataLoader(test, batch_size=256, shuffle=False))

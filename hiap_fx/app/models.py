@@ -26,9 +26,11 @@ def load_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
             if not os.path.exists(target):
                 raise InputError(f"model file {target!r} does not exist")
             mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+            if mod_spec is None or mod_spec.loader is None:
+                raise InputError(f"model file {target!r} cannot be loaded as a Python module")
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules.setdefault(mod_spec.name, module)  # dataclasses and pickling look it up
-            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
         fn = getattr(module, factory, None)

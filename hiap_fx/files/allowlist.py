@@ -84,8 +84,9 @@ def function_name(fn: Any) -> str:
         return f"torch.ops.{fn.namespace}.{fn._schema.name.split('::')[-1]}.{fn._overloadname}"
     if isinstance(fn, torch._ops.OpOverloadPacket):
         return f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
-    if getattr(builtins, getattr(fn, "__name__", ""), None) is fn:
-        return f"builtins.{fn.__name__}"
+    name = getattr(fn, "__name__", "")
+    if fn is not None and getattr(builtins, name, None) is fn:
+        return f"builtins.{name}"
     from torch.fx.node import _get_qualified_name
 
     return _get_qualified_name(fn)
@@ -246,7 +247,7 @@ def resolve_container(name: str, form: str, fields: list[str], trust: bool = Fal
             return cls
     short = name.rpartition(".")[2]
     if form == "namedtuple":
-        return collections.namedtuple(short, fields)  # type: ignore[return-value]
+        return collections.namedtuple(short, fields)
     if form == "dataclass":
         return dataclasses.make_dataclass(short, [(f, Any, dataclasses.field(default=None)) for f in fields])
     raise FileError(f"output container {name}: unknown form {form!r}")

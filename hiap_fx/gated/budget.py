@@ -12,7 +12,9 @@ from hiap_fx.gated.gates import Gate
 class GatedModel(Protocol):
     """What landing needs of a prepared model (``PreparedModel`` is one)."""
 
-    dense_macs: int
+    @property
+    def dense_macs(self) -> int: ...
+
 
     def gate_modules(self) -> dict[str, Gate]: ...
 
@@ -50,7 +52,7 @@ def land_on_budget(prepared: GatedModel, target: float, tolerance: float) -> flo
             best = (shift, ratio, subset)
         if abs(ratio - target) <= tolerance:
             break
-    shift, _, subset = best  # type: ignore[misc]
+    shift, _, subset = best  # type: ignore[misc]  # set in the first iteration
     for g in subset:
         g.logits.add_(shift)
     return float(shift)

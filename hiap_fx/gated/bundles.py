@@ -16,6 +16,9 @@ from torch import nn
 
 from hiap_fx.gated.gates import Gate
 
+#: attribute of the prepared graph module that holds the per-site gate bundles
+GATES_ATTR = "hiap_gates"
+
 
 def broadcast_shape(rank: int, head_axis: Optional[int], heads: int, dim_axis: int, dims: int) -> list[int]:
     shape = [1] * rank
@@ -27,7 +30,21 @@ def broadcast_shape(rank: int, head_axis: Optional[int], heads: int, dim_axis: i
     return shape
 
 
-class AttentionGates(nn.Module):
+class SiteGates(nn.Module):
+    """The gates of one site, drawn once per forward; ``forward`` returns the masks by key."""
+
+    site: str
+
+    def gates(self) -> dict[str, Gate]:
+        """The site's gates by kind."""
+        raise NotImplementedError
+
+    def mask_keys(self) -> list[str]:
+        """Keys of the masks ``forward`` returns."""
+        raise NotImplementedError
+
+
+class AttentionGates(SiteGates):
     """Head, value-dim and (optional) q/k-dim gates of one attention site.
 
     Args:
@@ -49,6 +66,7 @@ class AttentionGates(nn.Module):
         self.head_dim = Gate(kv * v_dim, "head_dim", site, init, groups=kv, align=align) if head_dim_gates else None
         self.qk_dim = Gate(kv * head_dim, "qk_dim", site, init, groups=kv, align=align) if qk_dim_gates else None
         self.emit_branch = branch
+        self.kv_of_head: torch.Tensor
         self.register_buffer("kv_of_head", torch.tensor(kv_of_head, dtype=torch.long), persistent=False)
         self.out_shape, self.q_shape, self.k_shape = out_shape, q_shape, k_shape
         self.k_rows_per_kv = k_rows_per_kv
@@ -84,7 +102,7 @@ class AttentionGates(nn.Module):
         return masks
 
 
-class FFNGates(nn.Module):
+class FFNGates(SiteGates):
     """Block and neuron gates of one FFN site."""
 
     def __init__(self, site: str, hidden: int, *, block: bool, neurons: bool, init: float,

@@ -67,7 +67,8 @@ class CostModel:
 
     def __post_init__(self) -> None:
         micro = {s.symbol for s in self.sources if s.micro}
-        macro_terms, micro_terms = [], []
+        macro_terms: list[sympy.Expr] = []
+        micro_terms: list[sympy.Expr] = []
         for name, e in self.node_exprs.items():
             if name in self.factored_nodes:
                 macro_terms.append(e)

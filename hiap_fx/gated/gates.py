@@ -20,11 +20,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the exact hard value. Backward: the gradient goes to the relaxed sample."""
 
     @staticmethod
-    def forward(ctx, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         return hard.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return None, grad
 
 
@@ -41,6 +41,8 @@ class Gate(nn.Module):
             ``align`` by also keeping the closed units with the highest logits (a group with
             nothing kept stays empty).
     """
+
+    tau: torch.Tensor
 
     def __init__(self, size: int, kind: GateKind, site: str, init: float = 3.0,
                  groups: int = 1, align: int = 1) -> None:

@@ -23,6 +23,14 @@ class BudgetController(nn.Module):
     buffers (saved with the model's state_dict).
     """
 
+    integral: torch.Tensor
+    multiplier: torch.Tensor
+    steps: torch.Tensor
+    use_hard: torch.Tensor
+    reference: torch.Tensor
+    start: torch.Tensor
+    last_ratio: torch.Tensor
+
     def __init__(self, target: Optional[float], lr: float, kp: float = 0.0, floor: float = -1.0) -> None:
         super().__init__()
         self.target = target

@@ -9,11 +9,12 @@ from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
 from hiap_fx.errors import StateError
+from hiap_fx.gated.bundles import GATES_ATTR, SiteGates
 from hiap_fx.gated.cost_model import CostModel, symbol_values
+from hiap_fx.gated.decisions import gate_key
 from hiap_fx.gated.gates import Gate
 from hiap_fx.gated.objective import BudgetController, feasibility
 from hiap_fx.graph.ir import CapturedGraph
-from hiap_fx.passes.gate import GATES_ATTR
 from hiap_fx.plan import Plan
 
 
@@ -60,14 +61,14 @@ class PreparedModel(nn.Module):
         """Shapes of the example inputs."""
         return [tuple(t.shape) for t in self._example_inputs]
 
-    def site_gates(self) -> dict[str, nn.Module]:
+    def site_gates(self) -> dict[str, SiteGates]:
         """The gate bundle of every gated site, by site name."""
         container = getattr(self.graph_module, GATES_ATTR, None)
         return {m.site: m for m in container.values()} if container is not None else {}
 
     def gate_modules(self) -> dict[str, Gate]:
         """Every gate, keyed ``"<site>.<kind>"`` (kind: head, head_dim, qk_dim, ffn, neuron)."""
-        return {f"{site}.{kind}": g for site, bundle in self.site_gates().items()
+        return {gate_key(site, kind): g for site, bundle in self.site_gates().items()
                 for kind, g in bundle.gates().items()}
 
     def set_temperature(self, tau: float) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.ops import SIZE_ARGS, SIZE_KWARGS, op_name
 
 
 def map_ints(value: Any, table: dict[int, int]) -> Any:
@@ -21,23 +21,13 @@ def map_ints(value: Any, table: dict[int, int]) -> Any:
     return value
 
 
-SIZE_ARGS = {  # op -> positions of size arguments (1: "every argument after the tensor")
-    "reshape": "rest", "view": "rest", "expand": "rest", "repeat": "rest", "_unsafe_view": "rest",
-    "unflatten": (2,), "split": (1,), "split_with_sizes": (1,), "narrow": (3,),
-    "conv1d": (6,), "conv2d": (6,), "conv3d": (6,),
-}
-
-
-SIZE_KWARGS = {"shape", "size", "sizes", "split_size_or_sections", "split_size", "length", "groups"}
-
-
 def rewrite_sizes(node: fx.Node, table: dict[int, int]) -> None:
     """Rewrite size arguments (never axis arguments) of ``node`` whose value is in ``table``."""
     where = SIZE_ARGS.get(op_name(node))
     if where is None or not table:
         return
     args = list(node.args)
-    positions = range(1, len(args)) if where == "rest" else [p for p in where if p < len(args)]
+    positions = range(1, len(args)) if where == "rest" else [p for p in where if isinstance(p, int) and p < len(args)]
     for p in positions:
         args[p] = map_ints(args[p], table)
     node.args = tuple(args)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import fx
 from torch.fx.node import map_aggregate
 
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import SHAPE_KEY, CapturedGraph
 from hiap_fx.graph.ops import in_family, op_name
 
 SENTINEL = -1.0
@@ -72,7 +72,7 @@ class IndexFlow:
         """Recorded value of an off-path node (float tensors become sentinels in movement ops)."""
         if node.name in self.cg.values:
             return self.cg.values[node.name]
-        shape = node.meta.get("hiap_shape")
+        shape = node.meta.get(SHAPE_KEY)
         if isinstance(shape, tuple):
             return torch.full(shape, SENTINEL, dtype=torch.float64)
         raise KeyError(f"no recorded value for node {node.name}")
@@ -93,7 +93,7 @@ class IndexFlow:
         args = map_aggregate(node.args, arg)
         kwargs = map_aggregate(node.kwargs, arg)
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return cast(Callable[..., Any], node.target)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "call_module":
@@ -180,7 +180,7 @@ class IndexFlow:
             return stop_here()
         if in_family(name, "channel_norm") or self.is_channel_conv(node, name):
             x = node.args[0]
-            if isinstance(x, fx.Node) and on_path == [x] and node.meta.get("hiap_shape") == x.meta.get("hiap_shape"):
+            if isinstance(x, fx.Node) and on_path == [x] and node.meta.get(SHAPE_KEY) == x.meta.get(SHAPE_KEY):
                 events.append(FlowEvent("channel_op", node))
                 return index[x]
             return stop_here()
@@ -189,7 +189,7 @@ class IndexFlow:
         return self._opaque(node, on_path, index, stop_here)
 
     def _binary(self, node, name, on_path, index, data_binary, events, stop_here) -> Any:
-        out_shape = node.meta.get("hiap_shape")
+        out_shape = node.meta.get(SHAPE_KEY)
         if not isinstance(out_shape, tuple):
             return stop_here()
         data_args = [a for a in node.all_input_nodes if a.name in self.cg.input_dependent and a not in index]
@@ -216,7 +216,7 @@ class IndexFlow:
         w = node.args[1] if len(node.args) > 1 else None
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         wv = self.cg.values.get(w.name) if isinstance(w, fx.Node) else None
-        return isinstance(wv, torch.Tensor) and wv.shape[1] == 1 and groups == wv.shape[0]
+        return bool(isinstance(wv, torch.Tensor) and wv.shape[1] == 1 and groups == wv.shape[0])
 
     def _opaque(self, node: fx.Node, on_path: list, index: dict, stop_here) -> Any:
         """An op hiap_fx has no name for: accept it only if it provably just moves indices."""

@@ -49,9 +49,7 @@ class CapturedGraph:
 
     def shape(self, node: fx.Node) -> Optional[tuple[int, ...]]:
         """Shape the node's value had on the example inputs (None for non-tensors)."""
-        meta = node.meta.get("hiap_shape")
-        return tuple(meta) if isinstance(meta, (tuple, torch.Size)) and all(
-            isinstance(s, int) for s in meta) else None
+        return node_shape(node)
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -66,7 +64,75 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
+# ----------------------------------------------------------------------------------------------
+# node facts recorded by the propagate pass: the only place that knows their meta keys
+# ----------------------------------------------------------------------------------------------
+
+SHAPE_KEY, DTYPE_KEY, MACS_KEY = "hiap_shape", "hiap_dtype", "hiap_macs"
+
+
+def record_facts(node: fx.Node, shape: Any, dtype: Optional[torch.dtype], macs: Optional[int] = None) -> None:
+    """Record what a node produced on the example inputs (called by the propagate pass)."""
+    node.meta[SHAPE_KEY] = shape
+    node.meta[DTYPE_KEY] = dtype
+    if macs is not None:
+        node.meta[MACS_KEY] = macs
+
+
+def copy_facts(src: fx.Node, dst: fx.Node, macs: Optional[int] = None) -> None:
+    """Give ``dst`` the recorded shape and dtype of ``src`` (and ``macs``, if given)."""
+    for key in (SHAPE_KEY, DTYPE_KEY):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    if macs is not None:
+        dst.meta[MACS_KEY] = macs
+
+
 def node_shape(node: Any) -> Optional[tuple[int, ...]]:
-    """Shape a node's value had on the example inputs (None for non-tensors and unrecorded nodes)."""
-    s = node.meta.get("hiap_shape") if isinstance(node, fx.Node) else None
+    """Shape of a node's tensor value on the example inputs (None for anything else)."""
+    s = node.meta.get(SHAPE_KEY) if isinstance(node, fx.Node) else None
     return tuple(s) if isinstance(s, tuple) else None
+
+
+def tensor_shape(node: Any) -> tuple[int, ...]:
+    """Shape of a node that must have produced a tensor (``HiapError`` naming it otherwise)."""
+    shape = node_shape(node)
+    if shape is None:
+        from hiap_fx.errors import HiapError
+
+        raise HiapError(f"internal: node {getattr(node, 'name', node)} has no recorded tensor shape "
+                        "(the propagate pass did not see a tensor there); please report this model")
+    return shape
+
+
+def arg_node(node: fx.Node, index: int) -> fx.Node:
+    """The ``index``-th positional argument of ``node``, which the caller knows is a node."""
+    value = node.args[index]
+    if not isinstance(value, fx.Node):
+        from hiap_fx.errors import HiapError
+
+        raise HiapError(f"internal: argument {index} of node {node.name} is {value!r}, not a node; "
+                        "please report this model")
+    return value
+
+
+def is_tensor_node(node: Any) -> bool:
+    """Whether a node produced a tensor, or a tuple/list of tensors, on the example inputs."""
+    return isinstance(node, fx.Node) and isinstance(node.meta.get(SHAPE_KEY), (tuple, list))
+
+
+def node_rank(node: Any) -> int:
+    """Rank of a node's tensor value (-1 when it is not a tensor)."""
+    shape = node_shape(node)
+    return len(shape) if shape is not None else -1
+
+
+def node_dtype(node: Any) -> Optional[torch.dtype]:
+    """dtype of a node's tensor value on the example inputs."""
+    return node.meta.get(DTYPE_KEY) if isinstance(node, fx.Node) else None
+
+
+def recorded_macs(node: fx.Node) -> Optional[int]:
+    """MACs the reference counter measured for a node (``propagate(count=True)``), if any."""
+    value = node.meta.get(MACS_KEY)
+    return int(value) if value is not None else None

@@ -156,3 +156,17 @@ def op_name(node: fx.Node, modules: Optional[dict[str, nn.Module]] = None) -> st
 def in_family(name: str, family: str) -> bool:
     """Whether canonical op ``name`` belongs to ``family`` (see module docstring)."""
     return name in _FAMILIES[family]
+
+
+# ----------------------------------------------------------------------------------------------
+# size arguments (rewritten when a cut changes a size; axis arguments never are)
+# ----------------------------------------------------------------------------------------------
+
+SIZE_ARGS = {  # op -> positions of size arguments (1: "every argument after the tensor")
+    "reshape": "rest", "view": "rest", "expand": "rest", "repeat": "rest", "_unsafe_view": "rest",
+    "unflatten": (2,), "split": (1,), "split_with_sizes": (1,), "narrow": (3,),
+    "conv1d": (6,), "conv2d": (6,), "conv3d": (6,),
+}
+
+
+SIZE_KWARGS = {"shape", "size", "sizes", "split_size_or_sections", "split_size", "length", "groups"}

@@ -18,6 +18,7 @@ def _timm_autowrap_functions() -> Iterable[Callable]:
     fx_mod = sys.modules.get("timm.layers._fx")
     if fx_mod is None:
         import timm.layers._fx as fx_mod  # the model is a timm model, so timm is importable
+    assert fx_mod is not None
     return list(fx_mod.get_notrace_functions())
 
 

@@ -73,7 +73,7 @@ class HiapTracer(fx.Tracer):
                     path = self.path_of_module(m)
                 except Exception:
                     path = "?"
-                exc.hiap_module = f"{path or '<root>'} ({type(m).__name__})"  # type: ignore[attr-defined]
+                exc.hiap_module = f"{path or '<root>'} ({type(m).__name__})"  # type: ignore[attr-defined]  # tagging the exception for the message
             raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

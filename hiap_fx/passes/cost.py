@@ -24,7 +24,7 @@ from torch import fx, nn
 from hiap_fx.errors import HiapError
 from hiap_fx.gated.bundles import AttentionGates, FFNGates
 from hiap_fx.gated.cost_model import CostModel, SymbolSource
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, arg_node, node_shape, recorded_macs, tensor_shape
 from hiap_fx.graph.node_macs import node_macs
 from hiap_fx.graph.ops import op_name
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
@@ -45,7 +45,7 @@ class _Builder:
         # (param, axis) -> list of (role size, kept expression)
         self.cuts: dict[tuple[str, int], list[tuple[int, sympy.Expr]]] = defaultdict(list)
         # kernel node -> (heads, sum over heads of kept dims, role "sdpa" | "qk" | "av")
-        self.kernels: dict[str, tuple[int, sympy.Expr, str]] = {}
+        self.kernels: dict[str, tuple[int, sympy.Expr, str, int]] = {}
         self.site_alive: dict[str, sympy.Expr] = {}  # 1 while any head of the attention is live
 
     # --- symbols -----------------------------------------------------------------------------
@@ -64,7 +64,7 @@ class _Builder:
         t0 = sites[0].tokens
         for s in sites:
             q = self.nodes[s.core_nodes[0]].args[0]
-            shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
+            shape = node_shape(q)
             if not isinstance(shape, tuple) or s.tokens != t0 or s.kv_tokens != t0:
                 return None, t0
             if math.prod(shape[:-1]) != self.b0 * s.num_heads * t0:
@@ -161,7 +161,7 @@ class _Builder:
             return None
         name = op_name(n)
         dep = n.name in self.cg.input_dependent
-        out = n.meta["hiap_shape"]
+        out = tensor_shape(n)
         if node_macs(n) != dense:  # an op whose MACs we do not model: a constant term
             if n.name in self.kernels or self._weight_is_cut(n):
                 raise HiapError(f"internal: node {n.name} of a gated site has {dense} MACs by the "
@@ -170,8 +170,8 @@ class _Builder:
         if n.name in self.kernels:
             return self._kernel_expr(n, dep)
         if name in ("linear", "conv1d", "conv2d", "conv3d"):
-            w = n.args[1]
-            w_shape = w.meta["hiap_shape"]
+            w = arg_node(n, 1)
+            w_shape = tensor_shape(w)
             rows = math.prod(out[:-1]) if name == "linear" else out[0] * math.prod(out[2:])
             param = str(w.target) if w.op == "get_attr" else None
             factors = []
@@ -183,7 +183,7 @@ class _Builder:
                 expr = self._idempotent(sympy.expand(expr))
             return expr
         if name == "matmul":
-            a = n.args[0].meta["hiap_shape"]
+            a = tensor_shape(n.args[0])
             return self.rows(math.prod(out[:-1]), dep) * out[-1] * a[-1]
         return self.rows(dense, dep)  # other MAC ops: fixed per sample
 
@@ -194,11 +194,11 @@ class _Builder:
 
     def _kernel_expr(self, n: fx.Node, dep: bool) -> sympy.Expr:
         heads, head_sum, role, key_axis = self.kernels[n.name]
-        a = n.args[0].meta["hiap_shape"]
+        a = tensor_shape(n.args[0])
         if role == "sdpa":  # rows of q per head x key tokens
-            rows, keys = math.prod(a[:-1]), n.args[1].meta["hiap_shape"][key_axis]
+            rows, keys = math.prod(a[:-1]), tensor_shape(n.args[1])[key_axis]
         else:
-            out = n.meta["hiap_shape"]  # q @ k^T: key tokens are out[-1]; p @ v: they are contracted
+            out = tensor_shape(n)  # q @ k^T: key tokens are out[-1]; p @ v: they are contracted
             rows, keys = math.prod(out[:-1]), (out[-1] if role == "qk" else a[-1])
         return self.rows(rows // heads, dep) * self.tok(keys) * head_sum
 
@@ -211,7 +211,8 @@ class _Builder:
 def measured_macs(n: fx.Node) -> int:
     """MACs of a node as the reference counter measured them (propagate with ``count=True``),
     or from its shapes when it was not measured."""
-    return int(n.meta.get("hiap_macs", node_macs(n)))
+    measured = recorded_macs(n)
+    return measured if measured is not None else node_macs(n)
 
 
 def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module]) -> CostModel:
@@ -219,8 +220,8 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module
     b = _Builder(cg, plan, bundles)
     for site in plan.attention:
         b.attention(site)
-    for site in plan.ffn:
-        b.ffn(site)
+    for ffn_site in plan.ffn:
+        b.ffn(ffn_site)
     node_exprs: dict[str, sympy.Expr] = {}
     owner = _exclusive_nodes(cg, plan)
     for n in cg.gm.graph.nodes:

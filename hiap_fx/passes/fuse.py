@@ -77,8 +77,8 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
                 w_node = graph.get_attr(_register(gm, str(members[0][1].target), torch.cat(weights), requires_grad))
                 b_node = None
                 if has_bias:
-                    biases = [param(str(b.target)).detach() for _, _, b in members]  # type: ignore[union-attr]
-                    b_node = graph.get_attr(_register(gm, str(members[0][2].target), torch.cat(biases),  # type: ignore[union-attr]
+                    biases = [param(str(b.target)).detach() for _, _, b in members]  # type: ignore[union-attr]  # members with a bias
+                    b_node = graph.get_attr(_register(gm, str(members[0][2].target), torch.cat(biases),  # type: ignore[union-attr]  # members with a bias
                                                       requires_grad))
                 lin = graph.call_function(torch._C._nn.linear, (node, w_node, b_node))
                 parts = graph.call_function(torch.split, (lin, [int(w.shape[0]) for w in weights]), {"dim": -1})

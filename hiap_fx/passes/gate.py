@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import Any
 
 from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
-from hiap_fx.gated.bundles import AttentionGates, FFNGates, broadcast_shape
+from hiap_fx.gated.bundles import GATES_ATTR, AttentionGates, FFNGates, SiteGates, broadcast_shape
+from hiap_fx.graph.ir import arg_node, copy_facts, node_rank
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
-GATES_ATTR = "hiap_gates"
 
-
-def _rank(node: fx.Node) -> int:
-    return len(node.meta["hiap_shape"])
+def _rank(node: Any) -> int:
+    return node_rank(node)
 
 
 def _module_key(name: str, taken: set[str]) -> str:
@@ -90,9 +90,7 @@ def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
     """A mask multiply keeps its operand's shape and dtype (masks broadcast into it)."""
-    for key in ("hiap_shape", "hiap_dtype", "hiap_macs"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key] if key != "hiap_macs" else 0
+    copy_facts(src, dst, macs=0)
 
 
 def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node) -> None:
@@ -105,7 +103,7 @@ def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node) -> None:
 def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node) -> None:
     with graph.inserting_before(user):
         scaled = graph.call_function(operator.mul, (user.args[pos], factor))
-    _copy_meta(user.args[pos], scaled)
+    _copy_meta(arg_node(user, pos), scaled)
     user.update_arg(pos, scaled)
 
 
@@ -138,7 +136,7 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
     bundles: dict[str, nn.Module] = {}
     taken: set[str] = set()
 
-    def masks_of(site_name: str, bundle: nn.Module) -> dict[str, fx.Node]:
+    def masks_of(site_name: str, bundle: SiteGates) -> dict[str, fx.Node]:
         key = _module_key(site_name, taken)
         container[key] = bundle
         with graph.inserting_before(first):
@@ -160,13 +158,13 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
             _multiply_output(graph, out, m["out"])
         if "branch" in m:
             _multiply_output(graph, nodes[site.out.node], m["branch"])
-    for site in plan.ffn:
-        bundle = _ffn_gates(site, cfg, plan.notes)
-        if bundle is None:
+    for ffn_site in plan.ffn:
+        ffn_bundle = _ffn_gates(ffn_site, cfg, plan.notes)
+        if ffn_bundle is None:
             continue
-        bundles[site.name] = bundle
-        m = masks_of(site.name, bundle)
-        out = nodes[site.out.node]
+        bundles[ffn_site.name] = ffn_bundle
+        m = masks_of(ffn_site.name, ffn_bundle)
+        out = nodes[ffn_site.out.node]
         if "hidden" in m:
             _multiply_arg(graph, out, 0, m["hidden"])
         if "branch" in m:

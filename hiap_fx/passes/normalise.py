@@ -15,13 +15,13 @@ Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonic
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, node_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.registry import attention_kernel
 
@@ -66,7 +66,7 @@ def _module_node(node: fx.Node, mod: nn.Module) -> Optional[fx.Node]:
         if isinstance(mod, nn.Softmax):
             return g.call_function(F.softmax, (x,), {"dim": mod.dim})
         if isinstance(mod, nn.Identity):
-            return x
+            return cast(fx.Node, x)
     return None
 
 
@@ -75,7 +75,7 @@ def _aten_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
     if not isinstance(node.target, torch._ops.OpOverload):
         return None
     name = node.target._schema.name.split("::")[-1]
-    g, a = node.graph, node.args
+    g, a = node.graph, cast(tuple[Any, ...], node.args)  # fx arguments: dynamically typed
     with g.inserting_before(node):
         if name == "linear":
             return g.call_function(F.linear, (a[0], a[1], a[2] if len(a) > 2 else None))
@@ -116,7 +116,7 @@ _POSITIONAL = {
 
 def _positional(node: fx.Node) -> None:
     """Move leading keyword arguments of known functions into positions (``F.linear(input=x)``)."""
-    names = _POSITIONAL.get(node.target) if node.op == "call_function" else None
+    names = _POSITIONAL.get(cast(Any, node.target)) if node.op == "call_function" else None
     if not names or not node.kwargs:
         return
     args, kwargs = list(node.args), dict(node.kwargs)
@@ -151,7 +151,7 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
             return _unflatten(node)
         if name == "dropout" and node.op == "call_function":
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            return _dropout_module(cg, node, args[0], float(p))
+            return _dropout_module(cg, node, args[0], float(cast(Any, p)))
         if name == "scaled_dot_product_attention" and node.op == "call_function" and (
                 kwargs.get("scale") is None and (len(args) < 7 or args[6] is None)):
             return _pinned_sdpa(node)
@@ -164,7 +164,7 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
 def _dense_scale(node: fx.Node) -> Optional[float]:
     """1/sqrt(head dim at capture) of an attention call whose q is its first argument."""
     q = node.args[0]
-    shape = q.meta.get("hiap_shape") if isinstance(q, fx.Node) else None
+    shape = node_shape(q)
     return float(shape[-1]) ** -0.5 if shape else None
 
 
@@ -173,7 +173,7 @@ def _pinned_kernel(node: fx.Node, scale_arg: str) -> Optional[fx.Node]:
     scale = _dense_scale(node)
     if scale is None:
         return None
-    return node.graph.call_function(node.target, tuple(node.args), {**node.kwargs, scale_arg: scale})
+    return node.graph.call_function(cast(Any, node.target), tuple(node.args), {**node.kwargs, scale_arg: scale})
 
 
 def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
@@ -190,9 +190,9 @@ def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
 
 def _unflatten(node: fx.Node) -> Optional[fx.Node]:
     x = node.args[0]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
-    shape = x.meta.get("hiap_shape") if isinstance(x, fx.Node) else None
+    dim: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    sizes: Any = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
+    shape = node_shape(x)
     if shape is None or dim is None or sizes is None:
         return None
     rank = len(shape)

@@ -1,6 +1,7 @@
 """Propagate: run the example inputs through the graph and record what every node produced.
 
-Shapes go into ``node.meta['hiap_shape']``; values that do not depend on the model input
+Shapes, dtypes and MACs are recorded on each node (``hiap_fx.graph.ir.record_facts``; read them
+with ``node_shape`` / ``node_dtype`` / ``recorded_macs``); values that do not depend on the model input
 (constants, buffers, index tables, sizes) and small input-dependent values go into
 ``CapturedGraph.values`` for the passes that need concrete arguments.
 """
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, record_facts
 
 #: input-dependent tensors larger than this (elements) are recorded by shape only
 _KEEP_LIMIT = 1 << 22
@@ -27,14 +28,12 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops() if self.counter is not None else 0
         out = super().run_node(n)
-        if self.counter is not None:
-            n.meta["hiap_macs"] = int(self.counter.get_total_flops() - before) // 2
+        macs = int(self.counter.get_total_flops() - before) // 2 if self.counter is not None else None
         dependent = n.op == "placeholder" or (not _is_size(n, out) and any(
             a.name in self.cg.input_dependent for a in n.all_input_nodes))
         if dependent:
             self.cg.input_dependent.add(n.name)
-        n.meta["hiap_shape"] = _shape_of(out)
-        n.meta["hiap_dtype"] = out.dtype if isinstance(out, torch.Tensor) else None
+        record_facts(n, _shape_of(out), out.dtype if isinstance(out, torch.Tensor) else None, macs)
         if not isinstance(out, torch.Tensor) or not dependent or out.numel() <= _KEEP_LIMIT:
             self.cg.values[n.name] = out
         return out
@@ -57,7 +56,7 @@ def _shape_of(value: Any) -> Any:
 
 def propagate(cg: CapturedGraph, count: bool = False) -> CapturedGraph:
     """Record shapes, dtypes and (small or constant) values of every node on the example inputs;
-    with ``count``, also each node's MACs by the reference counter in ``node.meta['hiap_macs']``."""
+    with ``count``, also each node's MACs by the reference counter (``recorded_macs``)."""
     from hiap_fx.graph.counting import reference_counter
 
     cg.values.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ from hiap_fx.graph.counting import count_macs
 from hiap_fx.passes.capture import outputs_match
 
 
-def verify_compact(compact: nn.Module, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...],
+def verify_compact(compact: nn.Module, prepared: Any, example_inputs: tuple[torch.Tensor, ...],
                    rtol: float = 1e-4) -> None:
     """Raise ``HiapError`` unless ``compact`` equals ``prepared.eval()`` on ``example_inputs``
     (max abs diff <= rtol x max abs output) and its counted MACs equal ``prepared.hard_macs()``."""

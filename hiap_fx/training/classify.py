@@ -4,7 +4,7 @@ benchmarks' baselines use these; ``prune`` uses ``evaluate``)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sized, cast
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ def logits_of(output: object) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
-        return output.logits  # type: ignore[no-any-return]
+        return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     if isinstance(output, dict) and "logits" in output:
@@ -69,7 +69,7 @@ def train_classifier(model: nn.Module, data: Iterable, epochs: int = 3, lr: floa
     torch generator seeded here, so a run is reproducible)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total = epochs * len(data)  # type: ignore[arg-type]
+    total = epochs * len(cast(Sized, data))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     model.train()

@@ -78,7 +78,7 @@ def epoch_iterator(data: Iterable, seed: int, epoch: int, skip: int = 0) -> Iter
 def batches_per_epoch(data: Iterable) -> Optional[int]:
     """Batches per epoch on this rank."""
     try:
-        n = len(data)  # type: ignore[arg-type]
+        n = len(data)  # type: ignore[arg-type]  # probing: TypeError means no len()
     except TypeError:
         return None
     rank, world = rank_and_world()

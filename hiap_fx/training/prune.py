@@ -128,7 +128,7 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
     torch.manual_seed(cfg.seed)
     run.rng = rng_state()
     if eval_data is not None:
-        reference = teacher_module if teacher_is_dense else dense_teacher(prepared)
+        reference = teacher_module if teacher_is_dense and teacher_module is not None else dense_teacher(prepared)
         run.dense_accuracy = evaluate(reference, eval_data)
     return run
 
@@ -145,7 +145,8 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
     compact = finalize(prepared)
     one = _one_example(prepared.example_inputs)
     compact_macs = count_macs(compact, one)
-    dense_macs = count_macs(run.teacher if run.teacher_is_dense else dense_teacher(prepared), one)
+    dense_macs = count_macs(run.teacher if run.teacher_is_dense and run.teacher is not None
+                            else dense_teacher(prepared), one)
     structure = site_structure(prepared)
     ratio = compact_macs / dense_macs
     report = PruneReport(
@@ -232,7 +233,8 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     if run.offset and run.offset != batches_per_epoch(train_data):
         # resume mid-epoch: rebuild the data position, then the RNG state of the checkpoint
         it = epoch_iterator(train_data, run.seed, run.epoch, run.offset)
-    set_rng_state(run.rng)
+    if run.rng is not None:
+        set_rng_state(run.rng)
     while run.step < total and (stop_after is None or run.step < stop_after):
         x, y = to_device(split_batch(next_batch(run, train_data, it), "train_data"), device)
         it = run.iterator
@@ -281,6 +283,6 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     if checkpoint is not None:
         run.save(checkpoint)
     if run.step < total:
-        return None  # type: ignore[return-value]
+        return None  # type: ignore[return-value]  # stop_after: documented, no result yet
 
     return _finish(run, eval_data)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hiap_fx.gated.decisions import Decisions
+
 if TYPE_CHECKING:
     from hiap_fx.gated.prepared import PreparedModel
 
@@ -103,35 +105,22 @@ class PruneReport(_Base):
 
 def site_structure(prepared: "PreparedModel") -> list[SiteStructure]:
     """The structure eval mode selects for every site (what ``finalize`` keeps)."""
-    decisions = prepared.decisions()
+    decisions = Decisions(prepared.decisions())
     out: list[SiteStructure] = []
     for site in prepared.plan.attention:
-        head = decisions.get(f"{site.name}.head")
-        live = head.clone() if head is not None else _ones(site.num_heads)
+        per_kv = decisions.value_dims(site).sum(-1).tolist()
+        qk_per_kv = (decisions.qk_dims(site).sum(-1).tolist() if decisions.has(site.name, "qk_dim")
+                     else None)
+        live_heads = decisions.live_heads(site)
         kv = site.kv_of_head
-        dims = decisions.get(f"{site.name}.head_dim")
-        per_kv = (dims.view(site.num_kv_heads, site.v_dim).sum(-1).tolist() if dims is not None
-                  else [site.v_dim] * site.num_kv_heads)
-        qk = decisions.get(f"{site.name}.qk_dim")
-        qk_per_kv = qk.view(site.num_kv_heads, site.head_dim).sum(-1).tolist() if qk is not None else None
-        live_heads = [h for h in range(site.num_heads) if bool(live[h]) and per_kv[kv[h]] > 0]
         out.append(SiteStructure(
             site=site.name, kind="attention", heads=site.num_heads, heads_kept=len(live_heads),
             head_dims=site.v_dim, head_dims_kept=[int(per_kv[kv[h]]) for h in live_heads],
             qk_dims_kept=[int(qk_per_kv[kv[h]]) for h in live_heads] if qk_per_kv is not None else None,
             removed=not live_heads))
-    for site in prepared.plan.ffn:
-        block = decisions.get(f"{site.name}.ffn")
-        neurons = decisions.get(f"{site.name}.neuron")
-        on = block is None or bool(block.all())
-        kept = int(neurons.sum()) if neurons is not None else site.hidden
-        removed = not on or kept == 0
-        out.append(SiteStructure(site=site.name, kind="ffn", neurons=site.hidden,
-                                 neurons_kept=0 if removed else kept, removed=removed))
+    for ffn_site in prepared.plan.ffn:
+        removed = decisions.ffn_removed(ffn_site)
+        out.append(SiteStructure(site=ffn_site.name, kind="ffn", neurons=ffn_site.hidden,
+                                 neurons_kept=0 if removed else int(decisions.neurons(ffn_site).sum()),
+                                 removed=removed))
     return out
-
-
-def _ones(n: int):
-    import torch
-
-    return torch.ones(n, dtype=torch.bool)

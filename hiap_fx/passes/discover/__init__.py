@@ -55,29 +55,29 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
         if g.name(node) != "linear" or node.name in claimed:
             continue
         try:
-            site = ffn_site(g, node, claimed)
+            found = ffn_site(g, node, claimed)
         except NotCandidate:
             continue
         except Reject as exc:
             unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear", reason=str(exc)))
             continue
-        branch_input = node_by_name[site.inputs[0].node].args[0]
-        site.residual = residual_of(g, node, branch_input)
-        if site.residual is None:
+        branch_input = node_by_name[found.inputs[0].node].args[0]
+        found.residual = residual_of(g, node, branch_input)
+        if found.residual is None:
             if residual_of(g, node, branch_input, zero_preserving=False) is None:
                 unclaimed.append(Unclaimed(node=node.name, what="linear-activation-linear",
                                            reason="not on a residual branch (classifier or embedding MLP?)"))
                 continue
-        owned = {p.node for p in site.inputs} | {site.out.node}
+        owned = {p.node for p in found.inputs} | {found.out.node}
         claimed |= owned
-        site.macs = sum(macs.get(n, 0) for n in owned)
-        site.name = site_name([p.weight for p in site.inputs] + [site.out.weight], taken, "ffn")
-        if site.residual is None:
-            notes.append(f"{site.name}: the FFN joins the residual stream through a norm "
+        found.macs = sum(macs.get(n, 0) for n in owned)
+        found.name = site_name([p.weight for p in found.inputs] + [found.out.weight], taken, "ffn")
+        if found.residual is None:
+            notes.append(f"{found.name}: the FFN joins the residual stream through a norm "
                          "(post-norm); its neurons are gated, the whole block is not")
-        ffn.append(site)
+        ffn.append(found)
     unclaimed.extend(_opaque_modules(g))
-    return Plan(model=model_name, frontend=cg.frontend,  # type: ignore[arg-type]
+    return Plan(model=model_name, frontend=cg.frontend,
                 example_shapes=[list(t.shape) for t in cg.example_inputs],
                 total_macs=sum(macs.values()), attention=attention, ffn=ffn,
                 unclaimed=unclaimed, notes=list(cg.notes) + notes)

@@ -8,8 +8,9 @@ import torch
 from torch import fx
 
 from hiap_fx.graph.flow import feature_index
+from hiap_fx.graph.ir import node_rank, node_shape, tensor_shape
 from hiap_fx.passes.discover.operands import operand_projection, path_events
-from hiap_fx.passes.discover.view import Core, GraphView, Reject, node_rank, node_shape
+from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
 
 
@@ -106,8 +107,8 @@ def head_params(g: GraphView, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: i
                 if maps_heads(at):
                     found.append(SideTensor(param=str(p.target), axis=axis, kind="head_bias",
                                             index=list(range(heads))))
-        elif g.name(p) == "linear" and node_shape(p) and node_shape(p)[-1] == heads:
-            at = g.flow.run({p: feature_index(node_shape(p), -1)}).index.get(s)
+        elif g.name(p) == "linear" and node_shape(p) is not None and tensor_shape(p)[-1] == heads:
+            at = g.flow.run({p: feature_index(tensor_shape(p), -1)}).index.get(s)
             if maps_heads(at):
                 weight, bias = g.linear_params(p)
                 found.append(SideTensor(param=weight, axis=0, kind="head_bias", index=list(range(heads))))

@@ -6,8 +6,9 @@ from collections import deque
 
 from torch import fx
 
+from hiap_fx.graph.ir import arg_node, node_rank, node_shape
 from hiap_fx.graph.ops import in_family
-from hiap_fx.passes.discover.view import Core, GraphView, Reject, node_rank
+from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import Unclaimed
 from hiap_fx.registry import attention_kernel
 
@@ -24,7 +25,8 @@ def find_cores(g: GraphView) -> tuple[list[Core], list[Unclaimed]]:
                                            reason="q, k, v are not its first three positional arguments"))
                 continue
             t = kernel.token_axis
-            cores.append(Core("sdpa", [node], *node.args[:3], node, -1, t, [], token_axis=t, kernel=kernel))
+            q, k, v = (arg_node(node, i) for i in range(3))
+            cores.append(Core("sdpa", [node], q, k, v, node, -1, t, [], token_axis=t, kernel=kernel))
         elif name == "scaled_dot_product_attention":
             args = list(node.args) + [None] * 4
             q = node.kwargs.get("query", args[0])
@@ -73,8 +75,8 @@ def _manual_core(g: GraphView, softmax: fx.Node) -> Core:
     if qk is None:
         raise Reject("no q @ k^T matmul found before this softmax")
     av = _find_av(g, softmax, mixers, logits_inputs)
-    q, kt = qk.args[0], qk.args[1]
-    v = av.args[1]
+    q, kt = arg_node(qk, 0), arg_node(qk, 1)
+    v = arg_node(av, 1)
     if node_rank(q) < 2 or node_rank(kt) != node_rank(q) or node_rank(v) < 2:
         raise Reject(f"q/k/v of {qk.name} are not batched matrices")
     return Core("manual", [qk, softmax, av], q, kt, v, av, -2, -1, logits_inputs, mixers)
@@ -112,7 +114,7 @@ def _find_av(g: GraphView, softmax: fx.Node, mixers: list[fx.Node],
                 todo.append((u, depth + 1))
             elif g.passes_back(u) and not in_family(name, "norm"):
                 side_inputs.extend(a for a in u.all_input_nodes
-                                   if a is not n and isinstance(a.meta.get("hiap_shape"), tuple))
+                                   if a is not n and node_shape(a) is not None)
                 todo.append((u, depth + 1))
     if len(found) != 1:
         raise Reject(f"softmax {softmax.name} feeds {len(found)} probability @ v matmuls, expected 1")

@@ -6,9 +6,10 @@ import torch
 from torch import fx
 
 from hiap_fx.graph.flow import FlowResult, feature_index
+from hiap_fx.graph.ir import tensor_shape
 from hiap_fx.graph.ops import in_family
 from hiap_fx.passes.discover.operands import source_linears
-from hiap_fx.passes.discover.view import GraphView, NotCandidate, Reject, node_shape
+from hiap_fx.passes.discover.view import GraphView, NotCandidate, Reject
 from hiap_fx.plan import FFNSite, Projection, SideTensor
 
 
@@ -32,12 +33,12 @@ def ffn_site(g: GraphView, out_lin: fx.Node, claimed: set[str]) -> FFNSite:
         raise Reject(f"hidden units come from {len(sources)} linears")
     if any(s.name in claimed for s in sources):
         raise Reject("input projection already belongs to an attention")
-    hidden = node_shape(x)[-1]
+    hidden = tensor_shape(x)[-1]
     inputs: list[Projection] = []
     hidden_norm = False
     side: list[SideTensor] = []
     for src in sources:
-        flow = g.flow.run({src: feature_index(node_shape(src), -1)}, data_binary=("mul",))
+        flow = g.flow.run({src: feature_index(tensor_shape(src), -1)}, data_binary=("mul",))
         bad = [n for n, pos, _ in flow.reached if not (n is out_lin and pos == 0)]
         if bad:
             raise Reject(f"hidden units of {src.name} also reach {bad[0].name}")
@@ -71,7 +72,7 @@ def _ffn_tables(flow: FlowResult, x: fx.Node, at: torch.Tensor, src: fx.Node) ->
         return [first]
     e = mixes[-1]
     a, b = e.detail["a"].reshape(-1), e.detail["b"].reshape(-1)
-    pair = {}
+    pair: dict[int, int] = {}
     for ra, rb in zip(a.long().tolist(), b.long().tolist()):
         if pair.setdefault(ra, rb) != rb:
             raise Reject(f"hidden units of {src.name} pair inconsistently at {e.node.name}")

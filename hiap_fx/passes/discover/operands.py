@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from hiap_fx.graph.flow import FlowResult, feature_index, varies_along
-from hiap_fx.passes.discover.view import Core, GraphView, Reject, node_shape
+from hiap_fx.graph.ir import is_tensor_node, tensor_shape
+from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import Projection
 
 
@@ -28,7 +29,7 @@ def source_linears(g: GraphView, start: fx.Node) -> list[fx.Node]:
         if not g.passes_back(n):
             raise Reject(f"operand {start.name} comes from {name} ({n.name}), not a linear projection")
         inputs = g.data_inputs(n) or [a for a in n.all_input_nodes if a.op != "get_attr"
-                                      and isinstance(a.meta.get("hiap_shape"), (tuple, list))]
+                                      and is_tensor_node(a)]
         for a in inputs:
             if a not in seen:
                 seen.add(a)
@@ -52,8 +53,7 @@ def operand_projection(g: GraphView, core: Core, operand: fx.Node, role: str, di
     if len(lins) != 1:
         raise Reject(f"{role} of {core.nodes[0].name} comes from {len(lins)} linears, expected 1")
     lin = lins[0]
-    shape = node_shape(lin)
-    flow = g.flow.run({lin: feature_index(shape, -1)})
+    flow = g.flow.run({lin: feature_index(tensor_shape(lin), -1)})
     if operand not in flow.index:
         raise Reject(f"could not follow {lin.name} to the {role} operand of {core.nodes[0].name}")
     idx = flow.index[operand]

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from hiap_fx.passes.discover.view import GraphView, node_shape
+from hiap_fx.graph.ir import node_shape
+from hiap_fx.passes.discover.view import GraphView
 from hiap_fx.plan import Residual
 
 
@@ -37,7 +38,7 @@ def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
         if len(users) != 1:
             return None
         u = users[0]
-        tensors = [a for a in u.all_input_nodes if isinstance(a.meta.get("hiap_shape"), tuple)]
+        tensors = [a for a in u.all_input_nodes if node_shape(a) is not None]
         if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
             other = tensors[0] if tensors[1] is cur else tensors[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)

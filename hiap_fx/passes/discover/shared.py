@@ -31,6 +31,7 @@ def refuse_shared_weights(cg: CapturedGraph, plan: Plan) -> None:
     for node in cg.gm.graph.nodes:
         if node.op != "get_attr":
             continue
+        tensor: torch.Tensor
         try:
             tensor = cg.gm.get_parameter(str(node.target))
         except (AttributeError, KeyError):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from torch import fx
 
 from hiap_fx.graph.flow import IndexFlow
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, is_tensor_node
 from hiap_fx.graph.ops import in_family, op_name
 from hiap_fx.graph.queries import ancestors
 from hiap_fx.registry import AttentionKernel
@@ -40,16 +40,6 @@ class Core:
     kernel: Optional[AttentionKernel] = None  # a registered attention kernel
 
 
-def node_rank(node: Any) -> int:
-    s = node.meta.get("hiap_shape") if isinstance(node, fx.Node) else None
-    return len(s) if isinstance(s, tuple) else -1
-
-
-def node_shape(node: Any) -> Optional[tuple[int, ...]]:
-    s = node.meta.get("hiap_shape") if isinstance(node, fx.Node) else None
-    return s if isinstance(s, tuple) else None
-
-
 def attribute_path(node: Any) -> Optional[str]:
     return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
@@ -72,7 +62,7 @@ class GraphView:
         if self.name(node) == "type_as" and isinstance(node.args[0], fx.Node):
             return [node.args[0]]  # x.type_as(other) reads only the dtype of other
         return [a for a in node.all_input_nodes
-                if self.dependent(a) and isinstance(a.meta.get("hiap_shape"), (tuple, list))]
+                if self.dependent(a) and is_tensor_node(a)]
 
     def passes_back(self, node: fx.Node) -> bool:
         name = self.name(node)
@@ -96,6 +86,6 @@ class GraphView:
         if w is None:
             raise Reject(f"linear {lin.name} has a computed weight ({lin.args[1]}), not a parameter")
         b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        if b is None:
+        if not isinstance(b, fx.Node):
             return w, None
         return w, attribute_path(b) or f"node:{b.name}"

@@ -24,7 +24,7 @@ def slice_sites(cg: CapturedGraph, plan: Plan, decisions: dict[str, torch.Tensor
     ctx = SliceContext(cg, plan, decisions)
     for site in plan.ffn:
         slice_ffn(ctx, site)
-    for site in plan.attention:
-        rebuild_attention(ctx, site)
+    for attention_site in plan.attention:
+        rebuild_attention(ctx, attention_site)
     ctx.graph.lint()
     return cg

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.ir import node_shape
+from hiap_fx.graph.ir import node_shape, tensor_shape
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import group_sdpa, manual_logits, narrow_heads, width_runs
@@ -18,16 +18,12 @@ from hiap_fx.plan import AttentionSite
 
 
 def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
-    dec, H = ctx.decisions, site.num_heads
-    g_on = dec.get(f"{site.name}.head", torch.ones(H, dtype=torch.bool))
-    d_on = dec.get(f"{site.name}.head_dim", torch.ones(site.num_kv_heads * site.v_dim, dtype=torch.bool))
-    q_on = dec.get(f"{site.name}.qk_dim", torch.ones(site.num_kv_heads * site.head_dim, dtype=torch.bool))
-    d_on = d_on.view(site.num_kv_heads, site.v_dim)
-    q_on = q_on.view(site.num_kv_heads, site.head_dim)
-    if bool(g_on.all()) and bool(d_on.all()) and bool(q_on.all()):
+    dec = ctx.decisions
+    if dec.attention_untouched(site):
         return
+    d_on, q_on = dec.value_dims(site), dec.qk_dims(site)
     kv = site.kv_of_head
-    live = [h for h in range(H) if g_on[h] and bool(d_on[kv[h]].any())]
+    live = dec.live_heads(site)
     if not live:
         if site.residual is not None:
             remove_branch(ctx.graph, ctx.nodes, site.residual, site.name)
@@ -44,7 +40,7 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
     lays = {r: operand_layout(ctx, site, r) for r in ("q", "k", "v")}
     g = ctx.graph
     outs: list[tuple[fx.Node, list[int]]] = []
-    out_head = out_head_axis(site, node_shape(av), node_shape(out_lin.args[0]))
+    out_head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
     qk_runs = width_runs(live, lambda h: len(qdims[h]))
     if len(qk_runs) > 1 and any(t.kind.startswith("head_mixing") for t in site.side):
         raise HiapError(f"{site.name}: talking-heads mixing needs every live head at one q/k width, "
@@ -67,7 +63,7 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
                 else:
                     p = narrow_heads(g, probs, site.layout.q_head_axis, off, n, len(qk_heads))
                     out = g.node_copy(av, lambda a: {av.args[0]: p, av.args[1]: v}.get(a, a))
-                outs.append((to_projection_input(out, out_head, len(node_shape(av)), g), v_heads))
+                outs.append((to_projection_input(out, out_head, len(tensor_shape(av)), g), v_heads))
         x = outs[0][0] if len(outs) == 1 else g.call_function(torch.cat, ([o for o, _ in outs], -1))
         cols = [site.out.index[h][j] for _, heads in outs for h in heads for j in vdims[h]]
         w = ctx.params.get(site.out.weight)[:, cols]
@@ -94,7 +90,8 @@ def bias_only(ctx: SliceContext, site: AttentionSite) -> None:
     """A closed attention off the residual stream still adds its output bias: keep just that."""
     out_lin = ctx.nodes[site.out.node]
     x = ctx.nodes[site.q.node].args[0]
-    if node_shape(x) is None or node_shape(x)[:-1] != node_shape(out_lin.args[0])[:-1]:
+    x_shape = node_shape(x)
+    if x_shape is None or x_shape[:-1] != tensor_shape(out_lin.args[0])[:-1]:
         raise HiapError(f"{site.name}: every head is closed and the attention is not on a residual "
                         "branch, so its output bias would remain, but its input and output "
                         "layouts differ; keep at least one head open")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.ir import CapturedGraph, node_shape
+from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
 from hiap_fx.passes.slice.attention import out_head_axis, same_lead
@@ -26,7 +26,7 @@ def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) ->
         P = nodes[getattr(site, role).node]
         for n in descendants(P) & feeding:
             for u in n.users:
-                if u in feeding or u in core or not isinstance(u.meta.get("hiap_shape"), (tuple, list)):
+                if u in feeding or u in core or not is_tensor_node(u):
                     continue
                 raise HiapError(f"{site.name}: the {role} projection {P.name} also feeds {u.name} "
                                 f"({op_name(u)}), outside this attention (e.g. an MLP fused into the "
@@ -45,8 +45,8 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
                 operand_layout(check, site, role)
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
-            head = out_head_axis(site, node_shape(av), node_shape(out_lin.args[0]))
-            if not same_lead(node_shape(av), head, node_shape(out_lin.args[0])):
+            head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
+            if not same_lead(tensor_shape(av), head, tensor_shape(out_lin.args[0])):
                 raise HiapError(f"{site.name}: the kernel output {node_shape(av)} is rearranged (e.g. "
                                 f"windows reversed) before {out_lin.name} {node_shape(out_lin.args[0])}")
         except HiapError as exc:

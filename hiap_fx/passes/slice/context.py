@@ -10,9 +10,10 @@ import torch
 from torch import fx
 
 from hiap_fx.errors import HiapError
+from hiap_fx.gated.decisions import Decisions
 from hiap_fx.graph.editing import Params
 from hiap_fx.graph.flow import IndexFlow, feature_index, varies_along
-from hiap_fx.graph.ir import CapturedGraph, node_shape
+from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import in_family, op_name
 from hiap_fx.graph.queries import ancestors, data_ancestors, descendants
 from hiap_fx.plan import AttentionSite, Plan
@@ -37,7 +38,7 @@ class SliceContext:
 
     def __init__(self, cg: CapturedGraph, plan: Plan, decisions: dict[str, torch.Tensor]) -> None:
         self.cg, self.gm, self.graph = cg, cg.gm, cg.gm.graph
-        self.plan, self.decisions = plan, decisions
+        self.plan, self.decisions = plan, Decisions(decisions)
         self.flow = IndexFlow(cg)
         self.nodes = {n.name: n for n in self.graph.nodes}
         self.params = Params(cg.gm)
@@ -53,7 +54,7 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
         ctx.nodes[site.core_nodes[-1]].args[1]
     full_path = (descendants(P) & (data_ancestors(O) | {O})) | {O}
     # shape queries (x.size(0), x.shape) are not data; those after the boundary are replayed
-    path = {n for n in full_path if isinstance(n.meta.get("hiap_shape"), (tuple, list))}
+    path = {n for n in full_path if is_tensor_node(n)}
     chain: list[fx.Node] = []
     cur = P
     while True:
@@ -62,7 +63,7 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
             break
         cur = nxt[0]
         chain.append(cur)
-    p_shape = node_shape(P)
+    p_shape = tensor_shape(P)
     table = torch.tensor(proj.index, dtype=torch.float64)
     order = {n: i for i, n in enumerate(ctx.graph.nodes)}
     for B in reversed(chain):

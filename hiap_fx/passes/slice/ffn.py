@@ -9,6 +9,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_sizes
+from hiap_fx.graph.ir import arg_node
 from hiap_fx.graph.queries import ancestors, descendants
 from hiap_fx.passes.slice.context import SliceContext
 from hiap_fx.plan import FFNSite, Residual
@@ -19,18 +20,18 @@ def remove_branch(graph: fx.Graph, nodes: dict[str, fx.Node], residual: Optional
         raise HiapError(f"{site}: every unit is closed but the site is not on a residual branch, "
                         "so it cannot be removed; keep at least one unit open (e.g. raise its logit)")
     add = nodes[residual.add_node]
-    other = add.args[1 - residual.branch_arg]
+    other = arg_node(add, 1 - residual.branch_arg)
     add.replace_all_uses_with(other)
     graph.erase_node(add)
 
 
 def slice_ffn(ctx: SliceContext, site: FFNSite) -> None:
     dec = ctx.decisions
-    block = bool(dec.get(f"{site.name}.ffn", torch.ones(1, dtype=torch.bool))[0])
+    block = dec.ffn_on(site)
     if not block:
         remove_branch(ctx.graph, ctx.nodes, site.residual, site.name)
         return
-    alive = dec.get(f"{site.name}.neuron", torch.ones(site.hidden, dtype=torch.bool))
+    alive = dec.neurons(site)
     if bool(alive.all()):
         return
     kept = int(alive.sum())

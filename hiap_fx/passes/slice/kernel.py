@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import fx
 
 from hiap_fx.graph.editing import rewrite_sizes
 from hiap_fx.graph.flow import feature_index, varies_along
-from hiap_fx.graph.ir import node_shape
+from hiap_fx.graph.ir import arg_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import ancestors, descendants
 from hiap_fx.passes.slice.context import SliceContext
@@ -35,11 +35,11 @@ def narrow_heads(g: fx.Graph, t: fx.Node, head_axis: Optional[int], off: int, n:
 
 def group_sdpa(ctx: SliceContext, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
           head_axis: Optional[int]) -> fx.Node:
-    rank = len(node_shape(core.args[0]))
+    rank = len(tensor_shape(core.args[0]))
     mapping: dict[Any, Any] = {core.args[0]: q, core.args[1]: k, core.args[2]: v}
     mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
     if isinstance(mask, fx.Node) and head_axis is not None:
-        total = node_shape(core.args[0])[head_axis]
+        total = tensor_shape(core.args[0])[head_axis]
         mapping[mask] = select_heads(ctx, mask, head_axis % rank, rank, total, heads)
     return ctx.graph.node_copy(core, lambda a: mapping.get(a, a))
 
@@ -48,10 +48,10 @@ def manual_logits(ctx: SliceContext, site: AttentionSite, qk: fx.Node, av: fx.No
                    k: fx.Node, heads: list[int]) -> fx.Node:
     """q @ k^T and the ops up to the probabilities, replayed for ``heads``."""
     g = ctx.graph
-    probs = av.args[0]
+    probs = arg_node(av, 0)
     region = (descendants(qk) & (ancestors(probs) | {probs})) | {probs}
     order = {n: i for i, n in enumerate(g.nodes)}
-    rank = len(node_shape(qk))
+    rank = len(tensor_shape(qk))
     H = site.num_heads
     head_axis = site.layout.q_head_axis % rank if site.layout.q_head_axis is not None else None
     mapping: dict[Any, Any] = {qk: g.node_copy(qk, lambda a: {qk.args[0]: q, qk.args[1]: k}.get(a, a))}
@@ -121,7 +121,7 @@ def rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
         args[1 + axis] = new
     elif "shape" in node.kwargs or "size" in node.kwargs:
         key = "shape" if "shape" in node.kwargs else "size"
-        sizes = list(node.kwargs[key])
+        sizes = list(cast(Any, node.kwargs[key]))
         if sizes[axis] == old:
             sizes[axis] = new
         node.kwargs = {**node.kwargs, key: tuple(sizes)}

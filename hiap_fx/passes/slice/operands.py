@@ -10,7 +10,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_sizes
-from hiap_fx.graph.ir import node_shape
+from hiap_fx.graph.ir import node_dtype, node_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext
 from hiap_fx.plan import AttentionSite
@@ -74,10 +74,11 @@ def build_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         return a
 
     for n in lay.replay:
-        rank = len(node_shape(n)) if node_shape(n) is not None else None
+        shape = node_shape(n)
+        rank = len(shape) if shape is not None else None
         new = g.node_copy(n, arg)
         if op_name(new) == "type_as" and isinstance(n.args[1], fx.Node) and n.args[1] not in mapping:
-            new.target, new.args = "to", (new.args[0], n.args[1].meta.get("hiap_dtype"))
+            new.target, new.args = "to", (new.args[0], node_dtype(n.args[1]))
         rewrite_sizes(new, ints)
         mapping[n] = new
     return mapping[lay.operand]
