@@ -123,9 +123,9 @@ def prepared_payload(prepared: Any) -> dict[str, Any]:
 def prepared_from_payload(payload: dict[str, Any], source: str, trust: bool = False) -> Any:
     """Rebuild the ``PreparedModel`` of :func:`prepared_payload`: the gates are inserted again and
     the cost model re-derived from the graph, then the stored gate and controller state loaded."""
-    from hiap_fx.api import gate_and_cost
     from hiap_fx.config import PruneConfig
     from hiap_fx.graph.ir import CapturedGraph
+    from hiap_fx.passes.pipeline import gate_and_cost
     from hiap_fx.passes.propagate import propagate
 
     tensors = _tensors(payload.get("tensors"), source)

@@ -24,6 +24,7 @@ from torch import fx, nn
 from hiap_fx.errors import HiapError
 from hiap_fx.gated.bundles import AttentionGates, FFNGates
 from hiap_fx.gated.cost_model import CostModel, SymbolSource
+from hiap_fx.gated.decisions import gate_key
 from hiap_fx.graph.ir import CapturedGraph, arg_node, node_shape, recorded_macs, tensor_shape
 from hiap_fx.graph.node_macs import node_macs
 from hiap_fx.graph.ops import op_name
@@ -99,14 +100,14 @@ class _Builder:
         if isinstance(bundle, AttentionGates):
             key = f"{site.name}."
             if bundle.head is not None:
-                g = [self._symbol(f"{key}h{h}", key + "head", "unit", h, False) for h in range(H)]
+                g = [self._symbol(f"{key}h{h}", gate_key(site.name, "head"), "unit", h, False) for h in range(H)]
             if bundle.head_dim is not None:
-                self.group_sizes[key + "head_dim"] = dv
-                z = [self._symbol(f"{key}z{k}", key + "head_dim", "any", k, False) for k in range(K)]
-                Dv = [self._symbol(f"{key}v{k}", key + "head_dim", "count", k, True) for k in range(K)]
+                self.group_sizes[gate_key(site.name, "head_dim")] = dv
+                z = [self._symbol(f"{key}z{k}", gate_key(site.name, "head_dim"), "any", k, False) for k in range(K)]
+                Dv = [self._symbol(f"{key}v{k}", gate_key(site.name, "head_dim"), "count", k, True) for k in range(K)]
             if bundle.qk_dim is not None:
-                self.group_sizes[key + "qk_dim"] = dq
-                Dq = [self._symbol(f"{key}q{k}", key + "qk_dim", "count", k, True) for k in range(K)]
+                self.group_sizes[gate_key(site.name, "qk_dim")] = dq
+                Dq = [self._symbol(f"{key}q{k}", gate_key(site.name, "qk_dim"), "count", k, True) for k in range(K)]
         live = [g[h] * z[kv_of[h]] for h in range(H)]
         group_on = [one - sympy.Mul(*[one - g[h] for h in range(H) if kv_of[h] == k]) for k in range(K)]
         self._cut(site.q.weight, 0, H * dq, sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)]))
@@ -134,10 +135,10 @@ class _Builder:
         if isinstance(bundle, FFNGates):
             key = f"{site.name}."
             if bundle.block is not None:
-                b = self._symbol(f"{key}on", key + "ffn", "unit", 0, False)
+                b = self._symbol(f"{key}on", gate_key(site.name, "ffn"), "unit", 0, False)
             if bundle.neuron is not None:
-                self.group_sizes[key + "neuron"] = site.hidden
-                M = self._symbol(f"{key}n", key + "neuron", "count", 0, True)
+                self.group_sizes[gate_key(site.name, "neuron")] = site.hidden
+                M = self._symbol(f"{key}n", gate_key(site.name, "neuron"), "count", 0, True)
         self.site_alive[site.name] = b
         for p in site.inputs:
             self._cut(p.weight, 0, site.hidden, b * M)

@@ -30,18 +30,21 @@ from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
 from hiap_fx.errors import CaptureError, HiapWarning, NoAttentionError
+from hiap_fx.gated.prepared import PreparedModel
 from hiap_fx.graph.editing import eliminate_dead_code
 from hiap_fx.graph.ir import CapturedGraph
 from hiap_fx.passes.capture import capture, remove_assertions
+from hiap_fx.passes.cost import build_cost_model
 from hiap_fx.passes.discover import discover
 from hiap_fx.passes.discover.opaque import opaque_calls
 from hiap_fx.passes.discover.shared import refuse_shared_weights
 from hiap_fx.passes.fuse import fuse_sibling_linears
-from hiap_fx.passes.gate import strip_gates
+from hiap_fx.passes.gate import insert_gates, strip_gates
 from hiap_fx.passes.normalise import normalise
 from hiap_fx.passes.propagate import propagate
 from hiap_fx.passes.slice import slice_sites
 from hiap_fx.passes.slice.checks import drop_unsliceable
+from hiap_fx.passes.verify import verify_compact
 from hiap_fx.plan import Plan
 from hiap_fx.registry import GRAPH_PASSES
 
@@ -176,6 +179,54 @@ def _capture_and_discover(model: nn.Module, example_inputs: Any, config: PruneCo
 
 
 # ----------------------------------------------------------------------------------------------
+# prepare: analysis, then gate and cost
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_model(model: nn.Module, example_inputs: Any, config: PruneConfig) -> PreparedModel:
+    """capture -> ANALYSIS -> gate -> cost, and the budget check: the ``PreparedModel``."""
+    cg, plan = analyse(model, example_inputs, config)
+    prepared = gate_and_cost(cg, plan, config)
+    check_reachable(prepared)
+    return prepared
+
+
+def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
+                  record_notes: bool = True) -> PreparedModel:
+    """The last stages of ``prepare`` on an analysed graph (shapes and MACs propagated): insert
+    the gates, derive and compile the cost model. ``record_notes=False`` keeps ``plan.notes`` as
+    they are (rebuilding a stored prepared model whose plan already holds them)."""
+    notes = list(plan.notes)
+    bundles = insert_gates(cg.gm, plan, config)
+    if not record_notes:
+        plan.notes[:] = notes
+    cost_model = build_cost_model(cg, plan, bundles).compile()
+    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg)
+
+
+def check_reachable(prepared: PreparedModel) -> None:
+    """Raise ``BudgetError`` when a ``target_macs`` the user set is below what closing every gate
+    reaches (the default target only warns: ``inspect`` and the own loop may not use it)."""
+    import warnings
+
+    from hiap_fx.errors import BudgetError, HiapWarning
+
+    config = prepared.config
+    if config.target_macs is None:
+        return
+    floor = prepared.min_macs() / prepared.dense_macs
+    if config.target_macs >= floor - 1e-9:
+        return
+    message = (f"target_macs={config.target_macs} cannot be reached: {100 * floor:.1f}% of the dense "
+               f"MACs ({prepared.min_macs():,} of {prepared.dense_macs:,}) stay whatever the gates "
+               "decide (patch embedding, classifier head and what hiap_fx cannot cut). Choose "
+               f"target_macs >= {floor:.3f}")
+    if "target_macs" in config.model_fields_set:
+        raise BudgetError(message)
+    warnings.warn(f"the default {message}", HiapWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------
 # compile (finalize)
 # ----------------------------------------------------------------------------------------------
 
@@ -223,3 +274,12 @@ def compile_compact(captured: CapturedGraph, decisions: dict[str, torch.Tensor])
     cg = CapturedGraph(gm=copy.deepcopy(captured.gm), example_inputs=captured.example_inputs,
                        frontend=captured.frontend, model_name=captured.model_name, plan=captured.plan)
     return run_stages(compile_stages(decisions), cg).gm
+
+
+def finalize_model(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
+    """COMPILE on a copy of the prepared model's IR, then verify (output and MACs) unless told not to."""
+    compact = compile_compact(prepared.captured, prepared.decisions())
+    compact.eval()
+    if verify:
+        verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol)
+    return compact
