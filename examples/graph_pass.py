@@ -33,7 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 import hiap_fx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from custom_pass import accuracy_of, quadrant_batch, train_dense  # noqa: E402  (shared task)
+from custom_pass import accuracy_of, quadrant_batch, train_and_finalize, train_dense  # noqa: E402
 
 
 def reference_self_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
@@ -146,28 +146,8 @@ def main(steps: int = 60, target: float = 0.5) -> dict:
     prepared = hiap_fx.prepare(model, example, config)
     print(prepared.plan.summary())
 
-    # 3. Train a few steps: task loss + HiAP loss, the own-loop path.
-    gates = [g.logits for g in prepared.gate_modules().values()]
-    gate_ids = {id(g) for g in gates}
-    weights = [p for p in prepared.parameters() if id(p) not in gate_ids]
-    optimizer = torch.optim.AdamW([{"params": weights, "lr": 1e-3},
-                                   {"params": gates, "lr": 10 * config.gate_init / steps,
-                                    "weight_decay": 0.0}])
-    prepared.train()
-    for step in range(steps):
-        prepared.schedule(step, steps)
-        x, y = quadrant_batch(64, gen)
-        loss = F.cross_entropy(prepared(x), y) + prepared.hiap_loss()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    prepared.land_on_budget()
-
-    # 4. Finalize: sliced and verified (output equal to the hard-gated model, MACs as predicted).
-    compact = hiap_fx.finalize(prepared)
-    x, _ = quadrant_batch(256, gen)
-    with torch.no_grad():
-        gap = (compact(x) - prepared.eval()(x)).abs().max().item()
+    # 3. Train a few steps in an own loop, land on the budget, finalize (sliced and verified).
+    compact, gap = train_and_finalize(prepared, gen, steps)
     dense_accuracy, accuracy = accuracy_of(model, gen), accuracy_of(compact, gen)
     dense, kept = hiap_fx.count_macs(model, example), hiap_fx.count_macs(compact, example)
     fused_left = sum(n.target in FUSED for n in compact.graph.nodes)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hiap_fx.graph.ops import SIZE_ARGS, SIZE_KWARGS, op_name
+from hiap_fx.graph.ops import SIZE_KWARGS, op_kind, op_name
 
 
 def map_ints(value: Any, table: dict[int, int]) -> Any:
@@ -23,7 +23,7 @@ def map_ints(value: Any, table: dict[int, int]) -> Any:
 
 def rewrite_sizes(node: fx.Node, table: dict[int, int]) -> None:
     """Rewrite size arguments (never axis arguments) of ``node`` whose value is in ``table``."""
-    where = SIZE_ARGS.get(op_name(node))
+    where = op_kind(op_name(node)).size_args
     if where is None or not table:
         return
     args = list(node.args)

@@ -7,11 +7,16 @@ The families are plain sets and can be extended by registering names (see `regis
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+
+from hiap_fx.graph.ir import node_shape
 
 # ----------------------------------------------------------------------------------------------
 # families
@@ -159,14 +164,71 @@ def in_family(name: str, family: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# size arguments (rewritten when a cut changes a size; axis arguments never are)
+# the op table: what the passes know of one canonical op beyond its family
 # ----------------------------------------------------------------------------------------------
 
-SIZE_ARGS = {  # op -> positions of size arguments (1: "every argument after the tensor")
-    "reshape": "rest", "view": "rest", "expand": "rest", "repeat": "rest", "_unsafe_view": "rest",
-    "unflatten": (2,), "split": (1,), "split_with_sizes": (1,), "narrow": (3,),
-    "conv1d": (6,), "conv2d": (6,), "conv3d": (6,),
+
+def _linear_macs(node: fx.Node) -> int:
+    out, w = node_shape(node), node_shape(node.args[1])
+    return math.prod(out) * w[1] if out is not None and w else 0
+
+
+def _matmul_macs(node: fx.Node) -> int:
+    out = node_shape(node)
+    a = node_shape(node.args[-2] if op_name(node) in ("baddbmm", "addmm") else node.args[0])
+    return math.prod(out) * a[-1] if out and a else 0
+
+
+def _conv_macs(node: fx.Node) -> int:
+    out, w = node_shape(node), node_shape(node.args[1])
+    return math.prod(out) * math.prod(w[1:]) if out is not None and w else 0
+
+
+def attention_macs(node: fx.Node, token_axis: int = -2) -> int:
+    """rows x key tokens x (q/k dim + v dim) of an attention kernel call (sdpa or registered)."""
+    q, k, v = (node_shape(a) for a in node.args[:3])
+    if q is None or k is None or v is None:
+        return 0
+    return math.prod(q[:-1]) * k[token_axis] * (q[-1] + v[-1])
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """One canonical op as the passes see it.
+
+    Attributes:
+        macs: its multiply-accumulates from the shapes the propagate pass recorded (node_macs).
+        size_args: positions of its size arguments (``"rest"``: every argument after the tensor),
+            rewritten when a cut changes a size (never its axis arguments).
+        function: the functional form normalisation writes for it (module calls, aten spellings).
+    """
+
+    macs: Optional[Callable[[fx.Node], int]] = None
+    size_args: Union[str, tuple[int, ...], None] = None
+    function: Optional[Callable[..., Any]] = None
+
+
+OP_KINDS: dict[str, OpKind] = {
+    "linear": OpKind(macs=_linear_macs, function=F.linear),
+    **{f"conv{d}d": OpKind(macs=_conv_macs, size_args=(6,), function=f)
+       for d, f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d))},
+    **{n: OpKind(macs=_matmul_macs, function=torch.matmul) for n in ("matmul", "bmm", "mm")},
+    **{n: OpKind(macs=_matmul_macs) for n in ("baddbmm", "addmm")},
+    "scaled_dot_product_attention": OpKind(macs=attention_macs),
+    "layer_norm": OpKind(function=F.layer_norm),
+    "softmax": OpKind(function=F.softmax),
+    **{n: OpKind(size_args="rest") for n in ("reshape", "view", "expand", "repeat", "_unsafe_view")},
+    "unflatten": OpKind(size_args=(2,)), "split": OpKind(size_args=(1,)),
+    "split_with_sizes": OpKind(size_args=(1,)), "narrow": OpKind(size_args=(3,)),
 }
 
-
+#: keyword arguments that hold sizes, for every op
 SIZE_KWARGS = {"shape", "size", "sizes", "split_size_or_sections", "split_size", "length", "groups"}
+
+
+def op_kind(name: str) -> OpKind:
+    """The table entry of canonical op ``name`` (an empty one for ops the table does not list)."""
+    return OP_KINDS.get(name, _NO_KIND)
+
+
+_NO_KIND = OpKind()

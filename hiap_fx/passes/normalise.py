@@ -15,17 +15,21 @@ Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonic
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from hiap_fx.graph.ir import CapturedGraph, node_shape
-from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.ops import op_kind, op_name
 from hiap_fx.registry import attention_kernel
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+def _conv_function(nd: int) -> Callable[..., Any]:
+    function = op_kind(f"conv{nd}d").function
+    assert function is not None
+    return function
 
 
 def _get_attr(graph: fx.Graph, path: str) -> fx.Node:
@@ -55,7 +59,7 @@ def _module_node(node: fx.Node, mod: nn.Module) -> Optional[fx.Node]:
                                               _param_node(g, path, mod, "bias")))
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
             nd = len(mod.kernel_size)
-            return g.call_function(_CONV_FN[nd], (
+            return g.call_function(_conv_function(nd), (
                 x, _param_node(g, path, mod, "weight"), _param_node(g, path, mod, "bias"),
                 tuple(mod.stride), mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
                 tuple(mod.dilation), mod.groups))
@@ -82,7 +86,7 @@ def _aten_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
         if name in ("conv1d", "conv2d", "conv3d"):
             nd = int(name[-2])
             stride, padding, dilation, groups = (list(a[3:]) + [None] * 4)[:4]
-            return g.call_function(_CONV_FN[nd], (
+            return g.call_function(_conv_function(nd), (
                 a[0], a[1], a[2] if len(a) > 2 else None, tuple(stride or (1,) * nd),
                 padding if isinstance(padding, str) else tuple(padding or (0,) * nd),
                 tuple(dilation or (1,) * nd), groups or 1))
