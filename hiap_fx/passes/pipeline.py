@@ -163,7 +163,8 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
             (f"; opaque calls the tracer kept whole: {', '.join(opaque)} (if one is an attention "
              "kernel, register it with hiap_fx.register_attention_kernel)" if opaque else "") +
             ". hiap_fx prunes attention heads; for a model without attention use a channel "
-            "pruner, or register a handler for your attention (see README, 'Extending')")
+            "pruner, or teach hiap_fx your attention with a registered kernel or a graph pass of "
+            "your own (hiap_fx.register_pass; see docs/extending.md)")
     return cg, plan
 
 
