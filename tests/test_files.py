@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from independent_macs import randomise_gates
-from zoo import SpecViT, ViTSpec, example_input
+from zoo import ATTN_KINDS, FFN_KINDS, NORM_KINDS, POOL_KINDS, QKV_KINDS, SpecViT, ViTSpec, example_input
 
 import hiap_fx
 from hiap_fx.files.atomic import write_with
@@ -312,3 +314,28 @@ def test_killed_writer_leaves_a_complete_file(tmp_path):
         proc.wait()
         loaded = hiap_fx.load(path)  # complete: the old or a new version, never a torn file
         assert torch.allclose(loaded(x), compact(x), atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(qkv=st.sampled_from(QKV_KINDS), attn=st.sampled_from(ATTN_KINDS), norm=st.sampled_from(NORM_KINDS),
+       ffn=st.sampled_from(FFN_KINDS), pool=st.sampled_from(POOL_KINDS), heads=st.integers(1, 3),
+       qk_dims=st.booleans(), p_off=st.sampled_from([0.0, 0.4, 1.0]), seed=st.integers(0, 100))
+def test_random_vits_round_trip_as_data(tmp_path, qkv, attn, norm, ffn, pool, heads, qk_dims, p_off, seed):
+    """Any zoo ViT x any decisions: the compact and the prepared model survive save -> load exactly."""
+    spec = ViTSpec(qkv=qkv, attn=attn, norm=norm, ffn=ffn, pool=pool, heads=heads, head_dim=4,
+                   mlp_hidden=12, depth=2, dim=4 * heads, patch=4, img_size=8)
+    torch.manual_seed(seed)
+    x = example_input(spec, batch=2)
+    prepared = hiap_fx.prepare(SpecViT(spec).eval(), x, hiap_fx.PruneConfig(qk_dims=qk_dims, target_macs=None))
+    randomise_gates(prepared, seed, p_off)
+    compact = hiap_fx.finalize(prepared.eval())
+    hiap_fx.save(compact, tmp_path / "c.pt", prepared.plan)
+    hiap_fx.save(prepared, tmp_path / "p.pt")
+    loaded, plan = hiap_fx.load(tmp_path / "c.pt", with_plan=True)
+    again = hiap_fx.load(tmp_path / "p.pt")
+    x3 = example_input(spec, batch=3, seed=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x3), compact(x3))
+        assert torch.equal(again.eval()(x3), prepared(x3))
+    assert plan == prepared.plan and again.hard_macs() == prepared.hard_macs()
+    assert hiap_fx.count_macs(loaded, x) == prepared.hard_macs()
