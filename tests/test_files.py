@@ -339,3 +339,18 @@ def test_random_vits_round_trip_as_data(tmp_path, qkv, attn, norm, ffn, pool, he
         assert torch.equal(again.eval()(x3), prepared(x3))
     assert plan == prepared.plan and again.hard_macs() == prepared.hard_macs()
     assert hiap_fx.count_macs(loaded, x) == prepared.hard_macs()
+
+
+def test_custom_operators_resolve_only_when_registered():
+    from hiap_fx.files.allowlist import resolve_function
+
+    lib = torch.library.Library("hiap_test_files", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: 2 * x, "CompositeExplicitAutograd")
+    for name in ("torch.ops.hiap_test_files.twice", "torch.ops.hiap_test_files.twice.default"):
+        with pytest.raises(hiap_fx.FileError, match="not on hiap_fx's allow-list"):
+            resolve_function(name)  # a custom operator nobody registered
+    assert resolve_function("torch.ops.aten.linear.default") is torch.ops.aten.linear.default
+    assert resolve_function("torch.ops.aten.linear") is torch.ops.aten.linear
+    with pytest.raises(hiap_fx.FileError):
+        resolve_function("torch.ops.no_such_namespace.op")

@@ -172,9 +172,9 @@ def resolve_function(name: str, trust: bool = False) -> Callable:
     module_name, _, attr = name.rpartition(".")
     found: Any = None
     if name.startswith("torch.ops."):
-        found = _torch_op(name.split(".")[2:])
-        if found is not None and found.namespace not in ("aten", "prims") \
-                and name not in _vouched_functions():
+        path = name.split(".")[2:]
+        found = _torch_op(path)
+        if found is not None and path[0] not in ("aten", "prims") and name not in _vouched_functions():
             found = None  # a custom operator: only registered attention kernels
     elif module_name == "torch":
         found = _torch_operator(attr)
