@@ -23,7 +23,7 @@ from hiap_fx.training.checkpoint import rng_state, set_rng_state
 from hiap_fx.training.classify import evaluate, logits_of
 from hiap_fx.training.epochs import batches_per_epoch, epoch_iterator, next_batch, rank_and_world, total_steps
 from hiap_fx.training.report import HistoryPoint, PruneReport, site_structure
-from hiap_fx.training.run import PruneRun
+from hiap_fx.training.run import PruneRun, frozen_copy
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
     if teacher_is_dense:
         teacher_module: Optional[nn.Module] = dense_teacher(prepared)
     elif isinstance(teacher, nn.Module):
-        teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # never the user's own
+        teacher_module = frozen_copy(teacher)  # never the user's own
     elif teacher is None:
         teacher_module = None
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -120,42 +120,48 @@ class PruneRun:
                 tensors = {**state["prepared"]["tensors"], **state["teacher"]}
                 teacher_module = graph_from_data(state["prepared"]["graph"], tensors, source, trust)
                 teacher_module.eval().requires_grad_(False)
-            elif isinstance(teacher, nn.Module):
-                teacher_module = copy.deepcopy(teacher).eval().requires_grad_(False)  # the user's stays as is
-            run = cls(prepared, teacher_module, int(state["total"]), int(state["dense_params"]),
-                      bool(state["teacher_is_dense"]))
-            run.step, run.epoch, run.offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
-            load_optimizer_state_by_name(run.optimizer, prepared, state["optimizer"], source)
-            run.scheduler.load_state_dict(state["scheduler"])
-            run.rng = state["rng"]
-            run.history = [HistoryPoint(**h) for h in state["history"]]
-            run.seconds = float(state["seconds"])
-            run.dense_accuracy = state["dense_accuracy"]
+            else:
+                teacher_module = frozen_copy(teacher)
+            return cls._restore(path, state, prepared, teacher_module, state["rng"],
+                                lambda run: load_optimizer_state_by_name(run.optimizer, prepared,
+                                                                         state["optimizer"], source))
         except HiapError:
             raise
         except Exception as exc:  # a field missing or of the wrong kind
             raise FileError(f"{source}: not a complete {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
-        run.checkpoint_path, run.checkpoint_step = Path(path), run.step
-        return run
 
     @classmethod
     def _load_pickled(cls, path: Union[str, Path], state: Any, teacher: Any) -> "PruneRun":
         """A checkpoint of format ``prune_checkpoint/1`` (a pickled run; read with trust only)."""
         if not isinstance(state, dict) or state.get("format") != "hiap_fx.prune_checkpoint/1":
             raise FileError(f"{path} is not a hiap_fx.prune checkpoint")
-        prepared = state["prepared"]
-        teacher_module = state["teacher"] if state["teacher_is_dense"] else (
-            copy.deepcopy(teacher).eval().requires_grad_(False) if isinstance(teacher, nn.Module) else None)
-        run = cls(prepared, teacher_module, state["total"], state["dense_params"], state["teacher_is_dense"])
-        run.step, run.epoch, run.offset = state["step"], state["epoch"], state["offset"]
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
-        run.rng = {"torch": rng["torch"], "python": rng["python"],
-                   "numpy": [rng["numpy"][0], torch.from_numpy(rng["numpy"][1].astype(np.int64)),
-                             *rng["numpy"][2:]]}
+        numpy_state = [rng["numpy"][0], torch.from_numpy(rng["numpy"][1].astype(np.int64)), *rng["numpy"][2:]]
+        teacher_module = state["teacher"] if state["teacher_is_dense"] else frozen_copy(teacher)
+        return cls._restore(path, state, state["prepared"], teacher_module,
+                            {"torch": rng["torch"], "python": rng["python"], "numpy": numpy_state},
+                            lambda run: run.optimizer.load_state_dict(state["optimizer"]))
+
+    @classmethod
+    def _restore(cls, path: Union[str, Path], state: dict[str, Any], prepared: PreparedModel,
+                 teacher: Optional[nn.Module], rng: dict[str, Any],
+                 load_optimizer: Callable[["PruneRun"], None]) -> "PruneRun":
+        """The run a checkpoint describes (either format): position, optimizer, schedule, RNG,
+        history."""
+        run = cls(prepared, teacher, int(state["total"]), int(state["dense_params"]),
+                  bool(state["teacher_is_dense"]))
+        run.step, run.epoch, run.offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
+        load_optimizer(run)
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.rng = rng
         run.history = [HistoryPoint(**h) for h in state["history"]]
-        run.seconds = state["seconds"]
+        run.seconds = float(state["seconds"])
         run.dense_accuracy = state["dense_accuracy"]
         run.checkpoint_path, run.checkpoint_step = Path(path), run.step
         return run
+
+
+def frozen_copy(teacher: Any) -> Optional[nn.Module]:
+    """A frozen eval-mode copy of a user's teacher module (the user's own is never touched), or
+    None when ``teacher`` is not a module."""
+    return copy.deepcopy(teacher).eval().requires_grad_(False) if isinstance(teacher, nn.Module) else None
