@@ -165,8 +165,8 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
 
 def _check_dynamic_batch(ep: Any, inputs: tuple[torch.Tensor, ...]) -> None:
-    user = [n for n in ep.graph.nodes if n.op == "placeholder"
-            and n.name in set(ep.graph_signature.user_inputs)]
+    names = set(ep.graph_signature.user_inputs)
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
     for i, (node, t) in enumerate(zip(user, inputs)):
         val = node.meta.get("val")
         size = val.shape[0] if isinstance(val, torch.Tensor) and t.dim() else None
@@ -185,7 +185,7 @@ def restore_output_structure(gm: fx.GraphModule, reference: Any) -> bool:
     ``ModelOutput`` or dataclass into a plain dict). Returns whether the output was rebuilt."""
     want = pytree.tree_structure(reference)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    flat, have = pytree.tree_flatten(output.args[0])
+    flat, _ = pytree.tree_flatten(output.args[0])
     if type(output.args[0]) is type(reference) or len(flat) != want.num_leaves:
         return False
     with gm.graph.inserting_before(output):

@@ -9,6 +9,7 @@ from torch import fx
 
 from hiap_fx.graph.flow import feature_index
 from hiap_fx.graph.ir import node_rank, node_shape, tensor_shape
+from hiap_fx.graph.queries import ancestors
 from hiap_fx.passes.discover.operands import operand_projection, path_events
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
@@ -94,7 +95,7 @@ def head_params(g: GraphView, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: i
         exact = at == want
         return bool((exact | shared).all()) and bool((exact & ~shared).any())
 
-    for p in g.ancestors(s) | {s}:
+    for p in ancestors(s) | {s}:
         if g.dependent(p):
             continue
         if p.op == "get_attr":

@@ -8,6 +8,7 @@ from torch import fx
 from hiap_fx.graph.flow import FlowResult, feature_index
 from hiap_fx.graph.ir import tensor_shape
 from hiap_fx.graph.ops import in_family
+from hiap_fx.graph.queries import ancestors
 from hiap_fx.passes.discover.operands import source_linears
 from hiap_fx.passes.discover.view import GraphView, NotCandidate, Reject
 from hiap_fx.plan import FFNSite, Projection, SideTensor
@@ -23,9 +24,9 @@ def ffn_site(g: GraphView, out_lin: fx.Node, claimed: set[str]) -> FFNSite:
         raise NotCandidate(str(exc)) from exc
     if not sources:
         raise NotCandidate("no input linear")
-    region = (g.ancestors(x) | {x})
+    region = (ancestors(x) | {x})
     for s in sources:
-        region -= g.ancestors(s) | {s}
+        region -= ancestors(s) | {s}
     acts = [g.name(n) for n in region if in_family(g.name(n), "activation")]
     if not acts:
         raise NotCandidate(f"no activation between the linears feeding {out_lin.name}")

@@ -10,6 +10,7 @@ from torch import fx
 
 from hiap_fx.graph.flow import FlowResult, feature_index, varies_along
 from hiap_fx.graph.ir import is_tensor_node, tensor_shape
+from hiap_fx.graph.queries import ancestors
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import Projection
 
@@ -38,7 +39,7 @@ def source_linears(g: GraphView, start: fx.Node) -> list[fx.Node]:
 
 
 def path_events(flow: FlowResult, g: GraphView, target: fx.Node) -> list[str]:
-    anc = g.ancestors(target) | {target}
+    anc = ancestors(target) | {target}
     return [e.kind for e in flow.events if e.node in anc]
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from hiap_fx.graph.ir import node_shape
+from hiap_fx.graph.queries import ancestors
 from hiap_fx.passes.discover.view import GraphView
 from hiap_fx.plan import Residual
 
@@ -42,7 +43,7 @@ def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
         if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
             other = tensors[0] if tensors[1] is cur else tensors[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)
-            if other is branch_input or other in g.ancestors(branch_input):
+            if other is branch_input or other in ancestors(branch_input):
                 return Residual(add_node=u.name, branch_arg=pos)
             return None
         if g.data_inputs(u) != [cur] or (zero_preserving and not preserves_zero(g, u, cur)):

@@ -10,7 +10,6 @@ from torch import fx
 from hiap_fx.graph.flow import IndexFlow
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node
 from hiap_fx.graph.ops import in_family, op_name
-from hiap_fx.graph.queries import ancestors
 from hiap_fx.registry import AttentionKernel
 
 PASS_BACK = ("movement", "cast", "unary", "binary", "norm")
@@ -76,10 +75,6 @@ class GraphView:
             return True
         return node.op == "call_function" and name not in ("linear",) and not in_family(
             name, "matmul_like") and not in_family(name, "softmax")
-
-    def ancestors(self, node: fx.Node) -> set[fx.Node]:
-        """Every node ``node`` depends on."""
-        return ancestors(node)
 
     def linear_params(self, lin: fx.Node) -> tuple[str, Optional[str]]:
         w = attribute_path(lin.args[1])
