@@ -94,14 +94,16 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Patch embedding, a class token, ``depth`` blocks of the attention above, a linear head."""
+    """Patch embedding, a class token, ``depth`` blocks (of the attention above unless another
+    ``block`` class is given), a linear head."""
 
-    def __init__(self, dim: int = 48, heads: int = 4, depth: int = 3, classes: int = 4) -> None:
+    def __init__(self, dim: int = 48, heads: int = 4, depth: int = 3, classes: int = 4,
+                 block: type[nn.Module] = Block) -> None:
         super().__init__()
         self.embed = nn.Conv2d(1, dim, 4, 4)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(dim, heads) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

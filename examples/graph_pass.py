@@ -33,7 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 import hiap_fx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from custom_pass import accuracy_of, quadrant_batch, train_and_finalize, train_dense  # noqa: E402
+from custom_pass import Block, TinyViT, accuracy_of, quadrant_batch, train_and_finalize, train_dense  # noqa: E402
 
 
 def reference_self_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
@@ -63,13 +63,13 @@ def _flops(x_shape, qkv_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * b * n * (3 * c * c + 2 * n * c + c * c)  # projections + q@k^T + p@v + output
 
 
-class Block(nn.Module):
+class FusedBlock(Block):
+    """custom_pass's block (same layers), with the whole self-attention in one call: the fused
+    operator once deployed, its plain-torch reference while the dense model trains."""
+
     def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.fused = heads, False
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        super().__init__(dim, heads)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attend = torch.ops.hiap_example.fused_self_attention if self.fused else reference_self_attention
@@ -78,28 +78,17 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class FusedViT(nn.Module):
-    """Patch embedding, a class token, ``depth`` blocks of the fused attention, a linear head."""
+def fused_vit() -> TinyViT:
+    """custom_pass's TinyViT built from fused blocks."""
+    return TinyViT(block=FusedBlock)
 
-    def __init__(self, dim: int = 48, heads: int = 4, depth: int = 3, classes: int = 4) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(1, dim, 4, 4)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
-    def use_fused_kernel(self) -> "FusedViT":
-        for block in self.blocks:
+def use_fused_kernel(model: nn.Module) -> nn.Module:
+    """Switch every fused block to the fused operator (deployment); returns the model."""
+    for block in model.modules():
+        if isinstance(block, FusedBlock):
             block.fused = True
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[:, 0]))
+    return model
 
 
 FUSED = {torch.ops.hiap_example.fused_self_attention, torch.ops.hiap_example.fused_self_attention.default}
@@ -130,7 +119,7 @@ def decompose_fused_self_attention(cg):
 def main(steps: int = 60, target: float = 0.5) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = train_dense(FusedViT(), gen).use_fused_kernel()  # trained in plain torch, deployed fused
+    model = use_fused_kernel(train_dense(fused_vit(), gen))  # trained in plain torch, deployed fused
     example, _ = quadrant_batch(2, gen)
 
     # 1. Out of the box: the attention is hidden in one opaque call; prepare refuses it.
