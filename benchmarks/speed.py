@@ -1,28 +1,35 @@
 """Does the MAC cut turn into CPU speed? Compact vs dense latency (medians of interleaved runs,
-eval, inference mode) as a ratio to the MAC ratio, at batch 1 and 32:
+eval, inference mode) as a ratio to the MAC ratio:
 
-- the frontier models (seed 0, written by benchmarks/frontier.py) vs the dense Fashion-MNIST ViT;
 - DeiT-Small and ViT-B/16 (random weights, 224 px) pruned to 50% MACs with HiAP-shaped,
   heterogeneous decisions (random gate logits landed on the budget by land_on_budget: heads of
-  different widths, different neuron counts per layer), plus prepare and finalize time.
+  different widths, different neuron counts per layer), side by side with Torch-Pruning's model of
+  the same MACs (its ViT recipe, benchmarks/baselines.py), all three timed in one interleaved
+  run, at batch 1 and 8; plus prepare and finalize time;
+- the frontier models (seed 0, written by benchmarks/frontier.py) vs the dense Fashion-MNIST ViT.
 
-    python benchmarks/speed.py            # everything, ~10 s per batch size and model
-    python benchmarks/speed.py --quick    # frontier models only (if present), 2 s per size
+    python benchmarks/speed.py                        # everything, ~10 s per batch size and model
+    python benchmarks/speed.py --models deit_tiny_patch16_224 --seconds 2
+    python benchmarks/speed.py --quick                # frontier models only (if present), 2 s
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import hiap_fx
-from hiap_fx.app.bench import bench_models
+from hiap_fx.app.bench import bench_models, interleaved_medians
 from hiap_fx.gated.budget import land_on_budget
+from hiap_fx.graph.counting import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # baselines.py
 
 
 def rows_for(name: str, dense, compact, x, seconds: float, batches=(1, 32)) -> list[str]:
@@ -30,6 +37,27 @@ def rows_for(name: str, dense, compact, x, seconds: float, batches=(1, 32)) -> l
     mac_ratio = rep.dense_macs / max(rep.compact_macs, 1)
     return [f"| {name} | {100 / mac_ratio:.1f}% | {r.batch} | {r.dense_ms:.2f} | {r.compact_ms:.2f} | "
             f"{r.speedup:.2f}x | {r.speedup / mac_ratio:.2f} |" for r in rep.rows]
+
+
+def peer_rows(name: str, dense, x, target: float, seconds: float, batches=(1, 8)) -> tuple[list[str], str]:
+    """HiAP-shaped compact model and Torch-Pruning's model of the same MACs, timed against the
+    dense model in one interleaved run per batch size."""
+    from baselines import torch_pruning_vit
+
+    compact, t_prep, t_fin = hiap_shaped(dense, x, target)
+    dense_macs = count_macs(dense, x)
+    hiap_macs = count_macs(compact, x)
+    peer = torch_pruning_vit(dense, x, hiap_macs / dense_macs)
+    peer_macs = count_macs(peer, x)
+    lines = []
+    for batch in batches:
+        td, th, tp = interleaved_medians([dense, compact, peer], x, batch, seconds)
+        for method, t, macs in (("hiap_fx (HiAP-shaped)", th, hiap_macs), ("Torch-Pruning", tp, peer_macs)):
+            ratio = dense_macs / macs
+            lines.append(f"| {name} | {method} | {100 / ratio:.1f}% | {batch} | {1e3 * td:.1f} | "
+                         f"{1e3 * t:.1f} | {td / t:.2f}x | {td / t / ratio:.2f} |")
+            print(lines[-1], flush=True)
+    return lines, f"| {name} | {t_prep:.2f} | {t_fin:.2f} |"
 
 
 def hiap_shaped(model, x: torch.Tensor, target: float, seed: int = 0):
@@ -51,11 +79,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", type=float)
+    ap.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "vit_base_patch16_224"])
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 10.0)
-    header = ["| model | MACs kept | batch | dense ms | compact ms | speedup | speedup / MAC ratio |",
-              "|---|---|---|---|---|---|---|"]
-    lines = list(header)
+    peers = ["| model | method | MACs kept | batch | dense ms | compact ms | speedup | speedup / MAC ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    timing = ["| model | prepare s | finalize s (incl. verification) |", "|---|---|---|"]
+    if not args.quick:
+        import timm
+
+        for name in args.models:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False).eval()
+            x = torch.randn(1, *model.pretrained_cfg["input_size"])
+            lines, times = peer_rows(name, model, x, 0.5, seconds)
+            peers += lines
+            timing.append(times)
+    frontier = ["| model | MACs kept | batch | dense ms | compact ms | speedup | speedup / MAC ratio |",
+                "|---|---|---|---|---|---|---|"]
     models = sorted((RESULTS / "models").glob("*.pt")) if (RESULTS / "models").exists() else []
     if models:
         from hiap_fx.app.demo import dense_fashion_mnist_vit
@@ -66,24 +107,12 @@ def main() -> None:
             # whole pickled modules that benchmarks/frontier.py wrote on this machine (Torch-Pruning
             # models are not graph modules, so not hiap_fx.save files): trusted by construction
             compact = torch.load(path, weights_only=False).eval()
-            lines += rows_for(f"Fashion-MNIST ViT, {path.stem}", dense, compact, x, seconds)
-            print(lines[-1], flush=True)
-    timing = ["| model | prepare s | finalize s (incl. verification) |", "|---|---|---|"]
-    if not args.quick:
-        import timm
-
-        for name in ("deit_small_patch16_224", "vit_base_patch16_224"):
-            model = timm.create_model(name, pretrained=False).eval()
-            x = torch.randn(1, 3, 224, 224)
-            compact, t_prep, t_fin = hiap_shaped(model, x, 0.5)
-            timing.append(f"| {name} | {t_prep:.2f} | {t_fin:.2f} |")
-            lines += rows_for(f"{name} (HiAP-shaped 50%)", model, compact, x, seconds)
-            print(lines[-1], flush=True)
-    print(f"\n{torch.get_num_threads()} threads\n")
-    print("\n".join(lines))
-    if len(timing) > 2:
-        print()
-        print("\n".join(timing))
+            frontier += rows_for(f"Fashion-MNIST ViT, {path.stem}", dense, compact, x, seconds)
+            print(frontier[-1], flush=True)
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    for table in (peers, timing, frontier):
+        if len(table) > 2:
+            print("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hiap_fx.errors import ConfigError
 
@@ -25,6 +25,21 @@ class PruneConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise _config_error(exc) from None
+
+    @model_validator(mode="after")
+    def _latency_fields_need_latency_cost(self) -> "PruneConfig":
+        if self.cost == "macs" and (self.target_latency is not None or self.latency_batch is not None):
+            raise ValueError("target_latency and latency_batch apply to cost='latency'; pass "
+                             "cost='latency' with them (or drop them to budget MACs)")
+        return self
+
+    @property
+    def budget_fraction(self) -> Optional[float]:
+        """The fraction of dense cost the budget drives to: ``target_latency`` (or ``target_macs``)
+        with ``cost="latency"``, ``target_macs`` otherwise; None in the fixed-lambda mode."""
+        if self.cost == "latency" and self.target_latency is not None:
+            return self.target_latency
+        return self.target_macs
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
@@ -64,6 +79,16 @@ class PruneConfig(BaseModel):
         0.7, gt=0.0, le=1.0,
         description="Fraction of dense MACs to keep; a budget controller drives the expected MACs "
         "there. None: the paper's fixed-lambda mode.")
+    cost: Literal["macs", "latency"] = Field(
+        "macs", description="What the budget counts: MACs (exact, symbolic), or latency on this "
+        "machine at latency_batch (calibrated by timing the compact building blocks of each site, "
+        "cached per machine and model; see docs/api.md).")
+    target_latency: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="With cost='latency': the fraction of dense latency to "
+        "keep (None: target_macs's value is used as the latency fraction).")
+    latency_batch: Optional[int] = Field(
+        None, ge=1, description="With cost='latency': the batch size to calibrate and steer latency "
+        "at (the one you deploy with). None: the example input's batch size.")
     lambda_macro: float = Field(2.0, ge=0.0, description="Weight of the macro (head / FFN block) "
                                 "cost term, MACs normalised by dense MACs.")
     lambda_micro: float = Field(1.0, ge=0.0, description="Weight of the micro (dim / neuron) cost term.")

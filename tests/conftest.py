@@ -26,3 +26,11 @@ def assert_close_outputs(a, b, rel: float = 1e-5) -> None:
 
     ok, err = outputs_match(a, b, rtol=rel)
     assert ok, f"outputs differ: relative error {err:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _latency_cache(tmp_path_factory, monkeypatch):
+    """Latency calibrations go to a cache of this test session, not the user's home."""
+    from hiap_fx.passes.latency.timing import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "hiap_fx_cache"))

@@ -1,6 +1,7 @@
 """An independent MAC count of the sub-network eval mode selects, for checking the cost model.
 
-It does not use sympy or the cost model: from the eval-mode gate decisions it builds boolean
+It does not use sympy or the cost model (only the rule that finalize pads the live heads of an
+attention to the widest kept width of the layer): from the eval-mode gate decisions it builds boolean
 keep-masks over every weight row/column the plan assigns to a unit, then counts each node of the
 graph from its recorded shapes with the kept sizes.
 """
@@ -47,27 +48,29 @@ def independent_macs(prepared) -> int:
         d = gates.get(f"{s.name}.head_dim", torch.ones(K * dv, dtype=torch.bool)).view(K, dv)
         qk = gates.get(f"{s.name}.qk_dim", torch.ones(K * dq, dtype=torch.bool)).view(K, dq)
         live = [bool(g[h]) and bool(d[kv[h]].any()) for h in range(H)]
-        group_g = [any(g[h] for h in range(H) if kv[h] == k) for k in range(K)]
         group_live = [any(live[h] for h in range(H) if kv[h] == k) for k in range(K)]
+        # finalize pads every live head to the widest kept width of the layer (one kernel call)
+        wq = max([int(qk[kv[h]].sum()) for h in range(H) if live[h]], default=0)
+        wv = max([int(d[kv[h]].sum()) for h in range(H) if live[h]], default=0)
+
+        def first(n: int, width: int, on: bool) -> list[bool]:
+            return [on and j < width for j in range(n)]
+
         for h in range(H):
-            mark(s.q.weight, 0, size(s.q.weight, 0), s.q.index[h],
-                 [live[h] and bool(qk[kv[h], j]) for j in range(dq)])
-            mark(s.out.weight, 1, size(s.out.weight, 1), s.out.index[h],
-                 [bool(g[h]) and bool(d[kv[h], j]) for j in range(dv)])
-        for proj, per_k in ((s.k, lambda k, j: group_live[k] and bool(qk[k, j])),
-                            (s.v, lambda k, j: group_g[k] and bool(d[k, j]))):
+            mark(s.q.weight, 0, size(s.q.weight, 0), s.q.index[h], first(dq, wq, live[h]))
+            mark(s.out.weight, 1, size(s.out.weight, 1), s.out.index[h], first(dv, wv, live[h]))
+        for proj, width in ((s.k, wq), (s.v, wv)):
             rows_kv = kv if len(proj.index) == H else list(range(K))
             for r, k in enumerate(rows_kv):
                 mark(proj.weight, 0, size(proj.weight, 0), proj.index[r],
-                     [per_k(k, j) for j in range(len(proj.index[r]))])
+                     first(len(proj.index[r]), width, group_live[k]))
         for t in s.side:  # mixers shrink with the heads; bias tables are selected, not sliced
             if t.kind != "head_bias":
                 mark(t.param, t.axis, size(t.param, t.axis), list(range(len(t.index))),
                      [live[u] if u >= 0 else True for u in t.index])
         if not any(live):
             dead_sites.update([s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes])
-        qk_units = sum(int(qk[kv[h]].sum()) for h in range(H) if live[h])
-        v_units = sum(int(d[kv[h]].sum()) for h in range(H) if g[h])
+        qk_units, v_units = sum(live) * wq, sum(live) * wv
         if s.kind == "sdpa":
             kernel[s.core_nodes[0]] = (H * (dq + dv), qk_units + v_units)
         else:

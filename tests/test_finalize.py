@@ -45,7 +45,10 @@ def test_random_configs_and_decisions(qkv, attn, norm, ffn, pool, heads, head_di
     closed = any(not bool(g.hard().all()) for g in prepared.gate_modules().values())
     n_model = sum(p.numel() for p in model.parameters())
     n_compact = sum(p.numel() for p in compact.parameters())
-    assert n_compact < n_model if closed else n_compact == n_model
+    # fewer parameters exactly when fewer MACs (dims closed inside a head narrower than the
+    # widest live head are padded back: neither parameters nor MACs shrink then)
+    assert n_compact < n_model if hard < prepared.dense_macs else n_compact == n_model
+    assert hard <= prepared.dense_macs and (closed or hard == prepared.dense_macs)
     assert not any("hiap_gates" in n for n, _ in compact.named_modules())
     x3 = example_input(spec, batch=3, seed=1)
     with torch.no_grad():
@@ -65,18 +68,26 @@ def test_all_open_is_the_original_graph():
         assert_close_outputs(model(x), compact(x), rel=1e-6)
 
 
-def test_heads_of_different_widths_run_as_grouped_sdpa():
+def test_heads_of_different_widths_run_in_one_padded_sdpa():
     model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1).eval()
     x = torch.randn(2, 3, 64, 64)
     prepared = hiap_fx.prepare(model, x).eval()
     dims = prepared.gate_modules()["blocks.0.attn.head_dim"]
     with torch.no_grad():
         dims.logits.view(3, 64)[0, 32:] = -3.0  # head 0 keeps 32 dims, heads 1 and 2 keep 64
+        dims.logits.view(3, 64)[1, 16:] = -3.0  # head 1 keeps 16
+        dims.logits.view(3, 64)[2, 40:] = -3.0  # head 2 keeps 40: every head padded to 40
     compact = hiap_fx.finalize(prepared)
     sdpa = [n for n in compact.graph.nodes if "scaled_dot_product" in str(n.target)]
-    assert len(sdpa) == 2  # one fused kernel per width
-    assert all(abs(n.kwargs["scale"] - 64 ** -0.5) < 1e-12 for n in sdpa)
+    assert len(sdpa) == 1  # one kernel call whatever the widths
+    assert abs(sdpa[0].kwargs["scale"] - 64 ** -0.5) < 1e-12
+    assert compact.get_parameter("blocks.0.attn.proj.weight").shape[1] == 3 * 40
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()
+    # the cost model says what runs: v rows and output columns are 3 heads x 40, not 32+16+40
+    dense_v = 3 * 64
+    assert prepared.hard_macs() < prepared.dense_macs
+    assert prepared.dense_macs - prepared.hard_macs() == 2 * 17 * (2 * 192 * (dense_v - 120)
+                                                                  + 3 * 17 * (64 - 40))
 
 
 def test_closed_sub_layers_leave_the_residual_stream():

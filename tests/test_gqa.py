@@ -50,10 +50,11 @@ def test_gqa_group_widths_and_shared_kv_rows(repeat, manual):
     _set(gates["attn.qk_dim"], [8 + 0, 8 + 1])  # kv 1 keeps 6 q/k dims
     compact = hiap_fx.finalize(prepared)
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() == independent_macs(prepared)
-    # each live kv head's k and v rows exist once, however many query heads read them
-    q_rows, k_rows, v_rows = 2 * 8 + 2 * 6, 8 + 6, 5 + 7
+    # each live kv head's k and v rows exist once, however many query heads read them; every
+    # live head is padded to the widest kept width (8 q/k dims, 7 value dims): one kernel call
+    q_rows, k_rows, v_rows = 4 * 8, 2 * 8, 2 * 7
     assert _qkv_rows(compact) == q_rows + k_rows + v_rows
-    assert compact.get_parameter("attn.o.weight").shape == (32, 2 * 5 + 2 * 7)
+    assert compact.get_parameter("attn.o.weight").shape == (32, 4 * 7)
     with torch.no_grad():
         assert_close_outputs(prepared(x), compact(x), rel=1e-4)
 

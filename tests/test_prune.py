@@ -64,7 +64,8 @@ def test_prune_hits_target_and_report_matches_count_macs(target):
         if site.kind == "ffn" and not site.removed:
             assert state[f"{site.site}.fc1.weight"].shape[0] == site.neurons_kept
         if site.kind == "attention" and not site.removed:
-            assert state[f"{site.site}.proj.weight"].shape[1] == sum(site.head_dims_kept)
+            assert state[f"{site.site}.proj.weight"].shape[1] == site.heads_kept * site.value_width
+            assert site.value_width == max(site.head_dims_kept)
         if site.removed:
             assert not any(k.startswith(site.site + ".") for k in state)
     assert r.removed_sublayers == [s.site for s in r.sites if s.removed]

@@ -39,27 +39,33 @@ def _once(model: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved_medians(models: Sequence[nn.Module], example: torch.Tensor, batch: int,
+                        seconds: float = 10.0) -> list[float]:
+    """Median latency (seconds) of each model at ``batch``, eval mode under inference_mode, the
+    models run in turn (a, b, c, a, b, c, ...) so that drift of the machine hits all alike; two
+    warm-up rounds, then at least 5 rounds and about ``seconds`` in all."""
+    for m in models:
+        m.eval()
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        x = example.expand(batch, *example.shape[1:]).contiguous()
+        for _ in range(2):
+            for m in models:
+                m(x)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times[0]) < 5:
+            for m, t in zip(models, times):
+                t.append(_once(m, x))
+    return [statistics.median(t) for t in times]
+
+
 def bench_models(dense: nn.Module, compact: nn.Module, example: torch.Tensor, batches: Sequence[int],
                  seconds: float = 10.0) -> BenchReport:
-    """Time both models in eval mode under inference_mode, alternating runs so that drift of the
-    machine hits both alike; at least 5 runs each per batch size, about ``seconds`` per size."""
-    dense.eval()
-    compact.eval()
+    """Time both models (:func:`interleaved_medians`), about ``seconds`` per batch size."""
     rows = []
-    with torch.inference_mode():
-        for batch in batches:
-            x = example.expand(batch, *example.shape[1:]).contiguous()
-            for _ in range(2):
-                dense(x)
-                compact(x)
-            td: list[float] = []
-            tc: list[float] = []
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline or len(td) < 5:
-                td.append(_once(dense, x))
-                tc.append(_once(compact, x))
-            md, mc = statistics.median(td), statistics.median(tc)
-            rows.append(BenchRow(batch=batch, dense_ms=1e3 * md, compact_ms=1e3 * mc, speedup=md / mc))
+    for batch in batches:
+        md, mc = interleaved_medians([dense, compact], example, batch, seconds)
+        rows.append(BenchRow(batch=batch, dense_ms=1e3 * md, compact_ms=1e3 * mc, speedup=md / mc))
     return BenchReport(dense_macs=count_macs(dense, example), compact_macs=count_macs(compact, example),
                        dense_params=sum(p.numel() for p in dense.parameters()),
                        compact_params=sum(p.numel() for p in compact.parameters()),

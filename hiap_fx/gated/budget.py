@@ -12,16 +12,19 @@ from hiap_fx.gated.gates import Gate
 class GatedModel(Protocol):
     """What landing needs of a prepared model (``PreparedModel`` is one)."""
 
+    def gate_modules(self) -> dict[str, Gate]: ...
+
+    def budget_ratio(self, hard: bool = True) -> float: ...
+
+
+class MacModel(Protocol):
     @property
     def dense_macs(self) -> int: ...
-
-
-    def gate_modules(self) -> dict[str, Gate]: ...
 
     def hard_macs(self) -> int: ...
 
 
-def hard_ratio(prepared: GatedModel) -> float:
+def hard_ratio(prepared: MacModel) -> float:
     """MACs eval mode selects now, as a fraction of dense MACs."""
     return prepared.hard_macs() / prepared.dense_macs
 
@@ -31,7 +34,8 @@ MICRO_KINDS = ("head_dim", "qk_dim", "neuron")
 
 @torch.no_grad()
 def land_on_budget(prepared: GatedModel, target: float, tolerance: float) -> float:
-    """If the kept MACs are further than ``tolerance`` from ``target`` (fractions of dense MACs),
+    """If the kept cost (MACs or latency, ``prepared.budget_ratio()``) is further than
+    ``tolerance`` from ``target`` (fractions of dense),
     add the smallest common offset to gate logits that brings them within it (or as close as the
     granularity of the units allows). Returns the offset applied (0.0 when none was needed).
 
@@ -41,7 +45,7 @@ def land_on_budget(prepared: GatedModel, target: float, tolerance: float) -> flo
     are those whose logits were nearest to the decision threshold.
     """
     gates = prepared.gate_modules()
-    r0 = hard_ratio(prepared)
+    r0 = prepared.budget_ratio()
     if not gates or abs(r0 - target) <= tolerance:
         return 0.0
     micro = [g for g in gates.values() if g.kind in MICRO_KINDS]
@@ -67,7 +71,7 @@ def _best_shift(prepared: GatedModel, gates: list[Gate], r0: float, target: floa
     def ratio_at(shift: float) -> float:
         for g, orig in zip(gates, originals):
             g.logits.copy_(orig + shift)
-        return hard_ratio(prepared)
+        return prepared.budget_ratio()
 
     # a unit with logit l is on iff l + shift > 0: the decisions only change at shift = -l, so
     # the candidate shifts are the midpoints between consecutive thresholds (and beyond both ends)

@@ -5,9 +5,12 @@ Symbols (per site):
     one value dim, ``<site>.v<k>`` / ``<site>.q<k>`` kept value / q-k dims of kv head k (micro);
   * ``<site>.on`` 1 if the FFN block is on (macro), ``<site>.n`` kept neurons (micro);
   * ``N`` tokens per sequence (isotropic models only) and ``B`` batch.
-Every term of the expression is multilinear in quantities drawn from disjoint sets of
-independent gates, so substituting each symbol's expectation gives the exact expected MACs of
-the hardened network, and substituting the eval decisions gives its exact MACs.
+Substituting the eval decisions gives the exact MACs of the compact model. Apart from the padded
+widths (:class:`Widest`, a max over the heads of a layer: finalize pads live heads to the widest kept width), every
+term is multilinear in quantities drawn from disjoint sets of independent gates, so substituting
+each symbol's expectation gives the exact expected MACs of the hardened network; for the padded
+terms it gives (expected live heads) x (widest expected width), whose gradient presses on the
+widest heads, the only ones whose dims save compute.
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ class SymbolSource:
     micro: bool
 
 
+@dataclass(frozen=True)
+class NodeTerm:
+    """How the cost of one gated MAC node is formed, for cost models beyond MACs (latency).
+
+    ``kind``: ``"weighted"`` (linear / conv: ``factors`` is the kept size of each weight axis) or
+    ``"sdpa"`` / ``"qk"`` / ``"av"`` (an attention kernel over ``heads`` live heads padded to
+    ``qk_width`` / ``v_width``; ``dims``: (query rows per head and token, heads, query tokens,
+    key tokens, q/k dim, v dim) at the example input)."""
+
+    kind: str
+    factors: tuple[sympy.Expr, ...] = ()
+    heads: sympy.Expr = sympy.Integer(0)
+    qk_width: sympy.Expr = sympy.Integer(0)
+    v_width: sympy.Expr = sympy.Integer(0)
+    dims: tuple[int, ...] = ()
+
+
 @dataclass
 class CostModel:
     """Total MACs of the gated model as a function of its gate decisions.
@@ -50,6 +70,9 @@ class CostModel:
         group_sizes: gate key -> units per group (dims per head, neurons per FFN).
         factored_nodes: nodes whose expression is a constant times a product over heads (a
             site-alive factor); they hold no micro symbols and are not expanded.
+        terms: node name -> how its cost is formed (nodes whose cost depends on gates).
+        site_alive: site name -> 1 while the site runs (any head live / the block on).
+        unit: what the expression counts (``"MACs"``, or ``"seconds"`` for a latency model).
     """
 
     expr: sympy.Expr
@@ -61,6 +84,9 @@ class CostModel:
     example_tokens: int
     group_sizes: dict[str, int] = field(default_factory=dict)
     factored_nodes: set[str] = field(default_factory=set)
+    terms: dict[str, NodeTerm] = field(default_factory=dict)
+    site_alive: dict[str, sympy.Expr] = field(default_factory=dict)
+    unit: str = "MACs"
     macro_expr: sympy.Expr = field(init=False)
     micro_expr: sympy.Expr = field(init=False)
     _compiled: dict[str, Callable] = field(init=False, default_factory=dict)
@@ -97,7 +123,7 @@ class CostModel:
             # plain identifiers: lambdify would otherwise rename every dotted symbol (slow)
             plain = [sympy.Symbol(f"x{i}") for i in range(len(self.arguments))]
             expr = expr.xreplace(dict(zip(self.arguments, plain)))
-            self._compiled[which] = sympy.lambdify(plain, expr, modules=[{}, "math"], cse=False)
+            self._compiled[which] = sympy.lambdify(plain, expr, modules=[{"Widest": maximum}, "math"], cse=False)
         return self._compiled[which]
 
     def by_site(self) -> dict[str, sympy.Expr]:
@@ -145,6 +171,27 @@ class CostModel:
         if tokens is not None and self.tokens is not None:
             subs[self.tokens] = tokens
         return self.expr.subs(subs)
+
+
+class Widest(sympy.Function):
+    """The widest kept width among the live heads of a layer: ``max`` of its arguments.
+
+    Unlike ``sympy.Max`` it does not try to order symbolic arguments (slow, and never decidable
+    here); with every argument a number it is that number."""
+
+    @classmethod
+    def eval(cls, *args):  # noqa: D102 - sympy hook
+        if all(a.is_Number for a in args):
+            return max(args)
+        return None
+
+
+def maximum(*values):
+    """``Max`` of the compiled expressions: over tensors (expected values, differentiable; ties
+    share the gradient) or plain numbers (hard values)."""
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).amax(0)
+    return max(values)
 
 
 def symbol_values(sources: list[SymbolSource], decisions: dict[str, torch.Tensor],

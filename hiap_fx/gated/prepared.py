@@ -28,13 +28,15 @@ class PreparedModel(nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, plan: Plan,
                  example_inputs: tuple[torch.Tensor, ...], cost_model: CostModel,
-                 config: PruneConfig, captured: Optional[CapturedGraph] = None) -> None:
+                 config: PruneConfig, captured: Optional[CapturedGraph] = None,
+                 latency_model: Optional[CostModel] = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
         self.config = config
         self.cost_model = cost_model
-        self.budget = BudgetController(config.target_macs, config.budget_lr, config.budget_kp)
+        self.latency_model = latency_model
+        self.budget = BudgetController(config.budget_fraction, config.budget_lr, config.budget_kp)
         self._example_inputs = tuple(t.detach().clone() for t in example_inputs)
         # the shared IR the pipeline built (its graph module is ``graph_module``); finalize
         # compiles from it. Recorded values are dropped: training changes the weights they hold
@@ -137,8 +139,8 @@ class PreparedModel(nn.Module):
             return torch.zeros(0, dtype=torch.float64)
         return symbol_values(self.cost_model.sources, per_gate, self.cost_model.group_sizes)
 
-    def _expected(self, values: list[torch.Tensor], which: str) -> torch.Tensor:
-        out = self.cost_model.evaluate(values, which)
+    def _expected(self, values: list[torch.Tensor], which: str, model: Optional[CostModel] = None) -> torch.Tensor:
+        out = (model or self.cost_model).evaluate(values, which)
         return out if isinstance(out, torch.Tensor) else torch.tensor(float(out), dtype=torch.float64)
 
     def expected_macs(self, which: str = "total") -> torch.Tensor:
@@ -155,13 +157,16 @@ class PreparedModel(nn.Module):
         """MACs with every gate closed: what no gate decision removes (patch embedding, head,
         norms, units hiap_fx cannot cut). The lowest reachable ``target_macs`` is this over
         :attr:`dense_macs`."""
+        return self._all_closed(self.hard_macs)
+
+    def _all_closed(self, read: Any) -> Any:
         gates = list(self.gate_modules().values())
         saved = [g.logits.detach().clone() for g in gates]
         try:
             with torch.no_grad():
                 for g in gates:
                     g.logits.fill_(-1e4)
-                return self.hard_macs()
+                return read()
         finally:
             with torch.no_grad():
                 for g, logits in zip(gates, saved):
@@ -171,6 +176,48 @@ class PreparedModel(nn.Module):
     def dense_macs(self) -> int:
         """MACs of the original model at the example inputs (the reference counter's count)."""
         return int(self.cost_model.evaluate([int(v) for v in self.cost_model.dense_values()]))
+
+    # --- latency (cost="latency") ----------------------------------------------------------------
+
+    def _latency(self) -> CostModel:
+        if self.latency_model is None:
+            raise StateError("this model has no latency model: prepare it with "
+                             "PruneConfig(cost='latency', target_latency=...)")
+        return self.latency_model
+
+    def expected_latency(self) -> torch.Tensor:
+        """Expected latency (seconds at ``latency_batch``, on the machine that calibrated) of the
+        hardened network, differentiable in every gate logit."""
+        return self._expected(list(self._values(hard=False).unbind()), "total", self._latency())
+
+    def hard_latency(self) -> float:
+        """Predicted latency (seconds) of the network eval mode selects now."""
+        values = [int(v) for v in self._values(hard=True).round().long().tolist()]
+        return float(self._latency().evaluate(values))
+
+    @property
+    def dense_latency(self) -> float:
+        """Latency (seconds) of the dense model at ``latency_batch`` as calibrated."""
+        model = self._latency()
+        return float(model.evaluate([int(v) for v in model.dense_values()]))
+
+    # --- the budgeted cost: MACs or latency ----------------------------------------------------
+
+    @property
+    def budget_model(self) -> CostModel:
+        """The cost model the budget steers: the latency model with ``cost="latency"``, else MACs."""
+        return self._latency() if self.config.cost == "latency" else self.cost_model
+
+    def budget_ratio(self, hard: bool = True) -> float:
+        """The budgeted cost (MACs or latency) of the eval-mode network (``hard``) or its
+        expectation, as a fraction of dense."""
+        if self.config.cost != "latency":
+            return (self.hard_macs() if hard else float(self.expected_macs())) / self.dense_macs
+        return (self.hard_latency() if hard else float(self.expected_latency())) / self.dense_latency
+
+    def min_budget_ratio(self) -> float:
+        """The budgeted cost with every gate closed, as a fraction of dense."""
+        return float(self._all_closed(self.budget_ratio))
 
     def schedule(self, step: int, total: int) -> float:
         """Set everything that follows training progress; call once per step before the forward.
@@ -184,13 +231,14 @@ class PreparedModel(nn.Module):
         cfg = self.config
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
         self.set_temperature(tau)
-        if cfg.target_macs is not None:
+        target = cfg.budget_fraction
+        if target is not None:
             budget = self.budget
             if step == 0 or float(budget.start) < 0:
                 with torch.no_grad():
-                    budget.start.fill_(float(self.expected_macs()) / self.dense_macs)
+                    budget.start.fill_(self.budget_ratio(hard=False))
             frac = min(1.0, step / max(1.0, cfg.budget_ramp * total))
-            budget.reference.fill_(cfg.target_macs + (float(budget.start) - cfg.target_macs) * (1 - frac) ** 3)
+            budget.reference.fill_(target + (float(budget.start) - target) * (1 - frac) ** 3)
             budget.use_hard.fill_(step >= round(total * (1.0 - cfg.hard_control_fraction)))
         return tau
 
@@ -201,17 +249,19 @@ class PreparedModel(nn.Module):
         from hiap_fx.gated.budget import land_on_budget
 
         cfg = self.config
-        if cfg.target_macs is None:
+        target = cfg.budget_fraction
+        if target is None:
             return 0.0
-        shift = land_on_budget(self, cfg.target_macs, cfg.budget_tolerance)
-        gap = self.hard_macs() / self.dense_macs - cfg.target_macs
+        shift = land_on_budget(self, target, cfg.budget_tolerance)
+        gap = self.budget_ratio() - target
         if abs(gap) > cfg.budget_tolerance + 1e-12:
             import warnings
 
             from hiap_fx.errors import HiapWarning
 
-            warnings.warn(f"budget missed: the kept MACs are {100 * (cfg.target_macs + gap):.1f}% of "
-                          f"dense, {100 * gap:+.1f} pp from target_macs={cfg.target_macs} (tolerance "
+            what, field = ("latency", "target_latency") if cfg.cost == "latency" else ("MACs", "target_macs")
+            warnings.warn(f"budget missed: the kept {what} are {100 * (target + gap):.1f}% of "
+                          f"dense, {100 * gap:+.1f} pp from {field}={target} (tolerance "
                           f"{100 * cfg.budget_tolerance:.1f} pp). The gates are too undecided to land "
                           "closer (a run too short for its target: train longer) or the units are "
                           "too coarse (e.g. whole heads / FFN blocks only)", HiapWarning, stacklevel=2)
@@ -220,17 +270,19 @@ class PreparedModel(nn.Module):
     def hiap_loss(self) -> torch.Tensor:
         """Budget and feasibility terms of the objective (the task loss is not included).
 
-        ``multiplier * (lambda_macro * E[macro MACs] + lambda_micro * E[micro MACs]) / dense MACs
-        + lambda_feasibility * feasibility``. In train mode with ``target_macs`` set, each call also
-        takes one budget-controller step from the current expected MACs.
+        ``multiplier * (lambda_macro * E[macro cost] + lambda_micro * E[micro cost]) / dense cost
+        + lambda_feasibility * feasibility``, the cost in MACs or, with ``cost="latency"``, in
+        calibrated seconds. In train mode with a target set, each call also takes one
+        budget-controller step from the current expected cost.
         """
         cfg = self.config
-        dense = float(self.dense_macs)
+        model = self.budget_model
+        dense = float(model.evaluate([int(v) for v in model.dense_values()]))
         values = list(self._values(hard=False).unbind())  # one set of probabilities for both terms
-        macro = self._expected(values, "macro") / dense
-        micro = self._expected(values, "micro") / dense
+        macro = self._expected(values, "macro", model) / dense
+        micro = self._expected(values, "micro", model) / dense
         if self.training and torch.is_grad_enabled():
-            ratio = self.hard_macs() / dense if bool(self.budget.use_hard) else float((macro + micro).detach())
+            ratio = self.budget_ratio() if bool(self.budget.use_hard) else float((macro + micro).detach())
             self.budget.update(ratio)
         cost = self.budget.multiplier.double() * (cfg.lambda_macro * macro + cfg.lambda_micro * micro)
         feas = feasibility(self.gate_modules(), cfg.min_heads, cfg.min_head_dim_fraction,

@@ -5,8 +5,10 @@ the sizes that gates change replaced by symbolic kept counts:
   * a weighted op (linear, conv) costs rows x prod(weight shape); every weight axis that a site
     slices (projection rows/columns, per-head or per-neuron side parameters) becomes
     ``size - sum over the roles that cut it of (role size - kept)``;
-  * an attention kernel costs (query rows per head) x (key tokens) x sum over heads of the kept
-    q/k dims (while the head is live) plus kept v dims;
+  * finalize pads the live heads of an attention to the widest kept q/k and value width of the
+    layer and runs them in one kernel call, so q/k/v rows and output-projection columns are
+    (live heads) x (widest width), and the kernel costs (query rows per head) x (key tokens) x
+    (live heads) x (widest q/k width + widest value width);
   * rows scale with the batch symbol B when the node depends on the input, and token-sized rows
     become the token symbol N on isotropic models.
 At the example input with every unit on, each node's expression equals its measured MACs (checked).
@@ -14,6 +16,7 @@ At the example input with every unit on, each node's expression equals its measu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from typing import Optional
@@ -23,7 +26,7 @@ from torch import fx, nn
 
 from hiap_fx.errors import HiapError
 from hiap_fx.gated.bundles import AttentionGates, FFNGates
-from hiap_fx.gated.cost_model import CostModel, SymbolSource
+from hiap_fx.gated.cost_model import CostModel, NodeTerm, SymbolSource, Widest
 from hiap_fx.gated.decisions import gate_key
 from hiap_fx.graph.ir import CapturedGraph, arg_node, node_shape, recorded_macs, tensor_shape
 from hiap_fx.graph.node_macs import node_macs
@@ -48,6 +51,7 @@ class _Builder:
         # kernel node -> (heads, sum over heads of kept dims, role "sdpa" | "qk" | "av")
         self.kernels: dict[str, tuple[int, sympy.Expr, str, int]] = {}
         self.site_alive: dict[str, sympy.Expr] = {}  # 1 while any head of the attention is live
+        self.terms: dict[str, NodeTerm] = {}
 
     # --- symbols -----------------------------------------------------------------------------
 
@@ -110,10 +114,16 @@ class _Builder:
                 Dq = [self._symbol(f"{key}q{k}", gate_key(site.name, "qk_dim"), "count", k, True) for k in range(K)]
         live = [g[h] * z[kv_of[h]] for h in range(H)]
         group_on = [one - sympy.Mul(*[one - g[h] for h in range(H) if kv_of[h] == k]) for k in range(K)]
-        self._cut(site.q.weight, 0, H * dq, sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)]))
-        self._cut(site.k.weight, 0, K * dq, sympy.Add(*[z[k] * group_on[k] * Dq[k] for k in range(K)]))
-        self._cut(site.v.weight, 0, K * dv, sympy.Add(*[group_on[k] * Dv[k] for k in range(K)]))
-        self._cut(site.out.weight, 1, H * dv, sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)]))
+        # finalize pads every live head to the widest kept width of the layer (one kernel call):
+        # q/k/v rows, output columns and kernel work are (live heads) x (widest width)
+        heads_live = sympy.Add(*live)
+        kv_live = sympy.Add(*[z[k] * group_on[k] for k in range(K)])
+        wq = padded_width(live, [Dq[kv_of[h]] for h in range(H)], dq)
+        wv = padded_width(live, [Dv[kv_of[h]] for h in range(H)], dv)
+        self._cut(site.q.weight, 0, H * dq, heads_live * wq)
+        self._cut(site.k.weight, 0, K * dq, kv_live * wq)
+        self._cut(site.v.weight, 0, K * dv, kv_live * wv)
+        self._cut(site.out.weight, 1, H * dv, heads_live * wv)
         for t in site.side:
             # mixers run on the logits and are sliced; per-head bias tables (and the MLPs that
             # make them) keep their size: finalize selects the live heads where they enter
@@ -121,13 +131,18 @@ class _Builder:
                 kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
                 self._cut(t.param, t.axis, len(t.index), kept)
         self.site_alive[site.name] = one - sympy.Mul(*[one - x for x in live])
-        qk_sum = sympy.Add(*[live[h] * Dq[kv_of[h]] for h in range(H)])
-        av_sum = sympy.Add(*[g[h] * Dv[kv_of[h]] for h in range(H)])
+        q_shape = tensor_shape(self.nodes[site.core_nodes[0]].args[0])
+        nk = site.kv_tokens or site.tokens
+        dims = (math.prod(q_shape[:-1]) // max(1, H * site.tokens), H, site.tokens, nk, dq, dv)
+        term = NodeTerm("sdpa", heads=heads_live, qk_width=wq, v_width=wv, dims=dims)
         if site.kind == "sdpa":
-            self.kernels[site.core_nodes[0]] = (H, qk_sum + av_sum, "sdpa", site.layout.k_token_axis)
+            self.kernels[site.core_nodes[0]] = (H, heads_live * (wq + wv), "sdpa", site.layout.k_token_axis)
+            self.terms[site.core_nodes[0]] = term
         else:
-            self.kernels[site.core_nodes[0]] = (H, qk_sum, "qk", -1)
-            self.kernels[site.core_nodes[-1]] = (H, av_sum, "av", -1)
+            self.kernels[site.core_nodes[0]] = (H, heads_live * wq, "qk", -1)
+            self.kernels[site.core_nodes[-1]] = (H, heads_live * wv, "av", -1)
+            self.terms[site.core_nodes[0]] = dataclasses.replace(term, kind="qk")
+            self.terms[site.core_nodes[-1]] = dataclasses.replace(term, kind="av")
 
     def ffn(self, site: FFNSite) -> None:
         bundle = self.bundles.get(site.name)
@@ -180,6 +195,8 @@ class _Builder:
                 cuts = self.cuts.get((param, axis), []) if param else []
                 factors.append(sympy.Integer(size) - sympy.Add(*[s - k for s, k in cuts]))
             expr = self.rows(rows, dep) * sympy.Mul(*factors)
+            if any(f.free_symbols for f in factors):
+                self.terms[n.name] = NodeTerm("weighted", factors=tuple(factors))
             if sum(1 for f in factors if f.free_symbols) > 1:
                 expr = self._idempotent(sympy.expand(expr))
             return expr
@@ -209,6 +226,14 @@ class _Builder:
                             lambda e: e.base)
 
 
+def padded_width(live: list[sympy.Expr], kept: list[sympy.Expr], full: int) -> sympy.Expr:
+    """The width every live head is padded to: the widest kept count among live heads (the full
+    width when the count is not gated; with no live head the head count is 0 anyway)."""
+    if not any(isinstance(k, sympy.Symbol) for k in kept):
+        return sympy.Integer(full)
+    return Widest(*[x * k for x, k in zip(live, kept)])
+
+
 def measured_macs(n: fx.Node) -> int:
     """MACs of a node as the reference counter measured them (propagate with ``count=True``),
     or from its shapes when it was not measured."""
@@ -233,7 +258,8 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module
             node_exprs[n.name] = e
     model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
                       batch=b.batch, tokens=b.tokens, example_batch=b.b0, example_tokens=b.t0,
-                      group_sizes=b.group_sizes, factored_nodes=set(owner))
+                      group_sizes=b.group_sizes, factored_nodes=set(owner), terms=b.terms,
+                      site_alive=b.site_alive)
     _check_dense(model, cg)
     return model
 

@@ -40,6 +40,7 @@ from hiap_fx.passes.discover.opaque import opaque_calls
 from hiap_fx.passes.discover.shared import refuse_shared_weights
 from hiap_fx.passes.fuse import fuse_sibling_linears
 from hiap_fx.passes.gate import insert_gates, strip_gates
+from hiap_fx.passes.latency import build_latency_model
 from hiap_fx.passes.normalise import normalise
 from hiap_fx.passes.propagate import propagate
 from hiap_fx.passes.slice import slice_sites
@@ -202,27 +203,40 @@ def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
     if not record_notes:
         plan.notes[:] = notes
     cost_model = build_cost_model(cg, plan, bundles).compile()
-    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg)
+    latency_model = None
+    if config.cost == "latency":
+        batch = config.latency_batch or cost_model.example_batch
+        latency_model = build_latency_model(cost_model, cg, compile_compact, batch, config.align).compile()
+    return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg,
+                         latency_model=latency_model)
 
 
 def check_reachable(prepared: PreparedModel) -> None:
-    """Raise ``BudgetError`` when a ``target_macs`` the user set is below what closing every gate
-    reaches (the default target only warns: ``inspect`` and the own loop may not use it)."""
+    """Raise ``BudgetError`` when a target the user set (``target_macs`` or ``target_latency``)
+    is below what closing every gate reaches (the default target only warns: ``inspect`` and
+    the own loop may not use it)."""
     import warnings
 
     from hiap_fx.errors import BudgetError, HiapWarning
 
     config = prepared.config
-    if config.target_macs is None:
+    target = config.budget_fraction
+    if target is None:
         return
-    floor = prepared.min_macs() / prepared.dense_macs
-    if config.target_macs >= floor - 1e-9:
+    floor = prepared.min_budget_ratio()
+    if target >= floor - 1e-9:
         return
-    message = (f"target_macs={config.target_macs} cannot be reached: {100 * floor:.1f}% of the dense "
-               f"MACs ({prepared.min_macs():,} of {prepared.dense_macs:,}) stay whatever the gates "
-               "decide (patch embedding, classifier head and what hiap_fx cannot cut). Choose "
-               f"target_macs >= {floor:.3f}")
-    if "target_macs" in config.model_fields_set:
+    field = "target_latency" if config.cost == "latency" and config.target_latency is not None else "target_macs"
+    if config.cost == "latency":
+        stays = (f"{100 * floor:.1f}% of the dense latency ({1e3 * floor * prepared.dense_latency:.2f} of "
+                 f"{1e3 * prepared.dense_latency:.2f} ms as calibrated)")
+    else:
+        stays = (f"{100 * floor:.1f}% of the dense MACs ({prepared.min_macs():,} of "
+                 f"{prepared.dense_macs:,})")
+    message = (f"{field}={target} cannot be reached: {stays} stay whatever the gates decide (patch "
+               "embedding, classifier head and what hiap_fx cannot cut). Choose "
+               f"{field} >= {floor:.3f}")
+    if field in config.model_fields_set:
         raise BudgetError(message)
     warnings.warn(f"the default {message}", HiapWarning, stacklevel=3)
 

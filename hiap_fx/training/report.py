@@ -29,6 +29,9 @@ class SiteStructure(_Base):
                                                 "each live head")
     qk_dims_kept: Optional[list[int]] = Field(None, description="attention: q/k dims kept by each "
                                               "live head (when q/k dims are gated)")
+    value_width: Optional[int] = Field(None, description="attention: the value width every live head "
+                                       "runs at in the compact model (the widest kept; narrower heads "
+                                       "are zero-padded so the layer is one kernel call)")
     neurons: Optional[int] = Field(None, description="FFN: hidden neurons before pruning")
     neurons_kept: Optional[int] = Field(None, description="FFN: hidden neurons kept")
     removed: bool = Field(description="the whole sub-layer is gone")
@@ -94,7 +97,7 @@ class PruneReport(_Base):
         for s in self.sites:
             if s.kind == "attention":
                 heads = f"{s.heads_kept}/{s.heads}"
-                dims = ", ".join(map(str, s.head_dims_kept or [])) + f" (of {s.head_dims})"
+                dims = ", ".join(map(str, s.head_dims_kept or [])) + f" (of {s.head_dims}; runs at {s.value_width})"
                 lines.append(f"| {s.site} | attention{' (removed)' if s.removed else ''} | {heads} | "
                              f"{dims if s.heads_kept else '-'} | |")
             else:
@@ -117,7 +120,7 @@ def site_structure(prepared: "PreparedModel") -> list[SiteStructure]:
             site=site.name, kind="attention", heads=site.num_heads, heads_kept=len(live_heads),
             head_dims=site.v_dim, head_dims_kept=[int(per_kv[kv[h]]) for h in live_heads],
             qk_dims_kept=[int(qk_per_kv[kv[h]]) for h in live_heads] if qk_per_kv is not None else None,
-            removed=not live_heads))
+            value_width=max([int(per_kv[kv[h]]) for h in live_heads], default=0), removed=not live_heads))
     for ffn_site in prepared.plan.ffn:
         removed = decisions.ffn_removed(ffn_site)
         out.append(SiteStructure(site=ffn_site.name, kind="ffn", neurons=ffn_site.hidden,

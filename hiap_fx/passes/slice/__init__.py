@@ -3,7 +3,7 @@
 * Gate machinery is removed (a kept unit's mask is 1; closed units are cut out instead).
 * FFN sites (:mod:`.ffn`): rows, columns and per-neuron side parameters of closed neurons go.
 * Attention sites (:mod:`.attention`) are rebuilt around the kernel from the kept rows of
-  their projections (:mod:`.operands`), one kernel call per width group (:mod:`.kernel`).
+  their projections (:mod:`.operands`), padded to one width per layer and run in one kernel call (:mod:`.kernel`).
 * A site whose units are all closed leaves the residual stream: its add becomes the identity.
 """
 

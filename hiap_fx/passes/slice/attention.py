@@ -1,10 +1,9 @@
-"""Attention rebuild: live heads grouped by kept widths, one kernel call per group, one output projection over the kept columns."""
+"""Attention rebuild: the live heads padded to one width per layer, one kernel call, one output projection."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import fx
 
@@ -12,12 +11,14 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import node_shape, tensor_shape
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
-from hiap_fx.passes.slice.kernel import group_sdpa, manual_logits, narrow_heads, width_runs
-from hiap_fx.passes.slice.operands import build_operand
+from hiap_fx.passes.slice.kernel import kernel_call, manual_logits
+from hiap_fx.passes.slice.operands import PAD, operand_rows, padded, projection_rows, shape_operand
 from hiap_fx.plan import AttentionSite
 
 
 def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
+    """Rebuild one attention for the decisions: the live heads, each padded to the widest kept
+    q/k and value width of the layer, in one kernel call (padded rows and columns are zero)."""
     dec = ctx.decisions
     if dec.attention_untouched(site):
         return
@@ -31,45 +32,50 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             bias_only(ctx, site)
         return
     # widths are per kv head (query heads of one group share k and v)
-    qdims = {h: q_on[kv[h]].nonzero().flatten().tolist() for h in live}
-    vdims = {h: d_on[kv[h]].nonzero().flatten().tolist() for h in live}
-    live.sort(key=lambda h: (-len(qdims[h]), -len(vdims[h]), h))
+    dims = {"q": {h: q_on[kv[h]].nonzero().flatten().tolist() for h in live},
+            "v": {h: d_on[kv[h]].nonzero().flatten().tolist() for h in live}}
+    dims["k"] = dims["q"]
+    width = {role: max(len(d) for d in dims[role].values()) for role in ("q", "k", "v")}
     core = ctx.nodes[site.core_nodes[0]]
     av = ctx.nodes[site.core_nodes[-1]]
     out_lin = ctx.nodes[site.out.node]
-    lays = {r: operand_layout(ctx, site, r) for r in ("q", "k", "v")}
     g = ctx.graph
-    outs: list[tuple[fx.Node, list[int]]] = []
     out_head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-    qk_runs = width_runs(live, lambda h: len(qdims[h]))
-    if len(qk_runs) > 1 and any(t.kind.startswith("head_mixing") for t in site.side):
-        raise HiapError(f"{site.name}: talking-heads mixing needs every live head at one q/k width, "
-                        "but the q/k dim gates left different widths; prepare with "
-                        "PruneConfig(qk_dims=False) for this model")
     with g.inserting_before(out_lin):
-        for qk_heads in qk_runs:
-            sfx = f"h{'_'.join(map(str, qk_heads))}" if len(live) < 8 else f"g{len(outs)}"
-            q = build_operand(ctx, site, "q", lays["q"], qk_heads, qdims, "q" + sfx)
-            k = build_operand(ctx, site, "k", lays["k"], qk_heads, qdims, "k" + sfx)
-            if site.kind == "manual":
-                probs = manual_logits(ctx, site, core, av, q, k, qk_heads)
-            for v_heads in width_runs(qk_heads, lambda h: len(vdims[h])):
-                v = build_operand(ctx, site, "v", lays["v"], v_heads, vdims, f"v{len(outs)}")
-                off, n = qk_heads.index(v_heads[0]), len(v_heads)
-                if site.kind == "sdpa":
-                    qs = narrow_heads(g, q, site.layout.q_head_axis, off, n, len(qk_heads))
-                    ks = narrow_heads(g, k, site.layout.k_head_axis, off, n, len(qk_heads))
-                    out = group_sdpa(ctx, core, qs, ks, v, v_heads, site.layout.q_head_axis)
-                else:
-                    p = narrow_heads(g, probs, site.layout.q_head_axis, off, n, len(qk_heads))
-                    out = g.node_copy(av, lambda a: {av.args[0]: p, av.args[1]: v}.get(a, a))
-                outs.append((to_projection_input(out, out_head, len(tensor_shape(av)), g), v_heads))
-        x = outs[0][0] if len(outs) == 1 else g.call_function(torch.cat, ([o for o, _ in outs], -1))
-        cols = [site.out.index[h][j] for _, heads in outs for h in heads for j in vdims[h]]
-        w = ctx.params.get(site.out.weight)[:, cols]
-        ctx.params.replace(site.out.weight, w)
+        op = projected_operands(ctx, site, live, dims, width)
+        if site.kind == "sdpa":
+            out = kernel_call(ctx, core, op["q"], op["k"], op["v"], live, site.layout.q_head_axis)
+        else:
+            probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
+            out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
+        x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
+        cols = [site.out.index[h][dims["v"][h][j]] if j < len(dims["v"][h]) else PAD
+                for h in live for j in range(width["v"])]
+        ctx.params.replace(site.out.weight, padded(ctx.params.get(site.out.weight), cols, 1))
         new = g.call_function(F.linear, (x, out_lin.args[1], out_lin.args[2] if len(out_lin.args) > 2 else None))
     out_lin.replace_all_uses_with(new)
+
+
+def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
+                       dims: dict[str, dict[int, list[int]]], width: dict[str, int]) -> dict[str, fx.Node]:
+    """q, k and v for the live heads, in their original layouts; roles that share one projection
+    (a fused qkv linear) share one linear over their rows, split afterwards."""
+    lays = {role: operand_layout(ctx, site, role) for role in ("q", "k", "v")}  # before any edit
+    rows = {role: operand_rows(site, role, live, dims[role], width[role]) for role in ("q", "k", "v")}
+    by_node: dict[str, list[str]] = {}
+    for role in ("q", "k", "v"):
+        by_node.setdefault(getattr(site, role).node, []).append(role)
+    ys: dict[str, fx.Node] = {}
+    for roles in by_node.values():
+        proj = getattr(site, roles[0])
+        y = projection_rows(ctx, proj, [r for role in roles for r in rows[role].rows], "".join(roles))
+        off = 0
+        for role in roles:
+            n = len(rows[role].rows)
+            ys[role] = y if len(roles) == 1 else ctx.graph.call_method("narrow", (y, -1, off, n))
+            off += n
+    return {role: shape_operand(ctx, site, role, lays[role], ys[role],
+                                rows[role].repeat, live, width[role]) for role in ("q", "k", "v")}
 
 
 def to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.Graph) -> fx.Node:

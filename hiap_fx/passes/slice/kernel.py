@@ -1,4 +1,4 @@
-"""The attention kernel of a width group: sdpa or q@k^T / softmax / p@v, with logits-side tensors cut to the live heads."""
+"""The attention kernel of the live heads: sdpa or q@k^T / softmax / p@v, with logits-side tensors cut to them."""
 
 from __future__ import annotations
 
@@ -17,24 +17,9 @@ from hiap_fx.passes.slice.operands import select_heads
 from hiap_fx.plan import AttentionSite
 
 
-def width_runs(items: list[int], key) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for h in items:
-        if runs and key(runs[-1][0]) == key(h):
-            runs[-1].append(h)
-        else:
-            runs.append([h])
-    return runs
-
-
-def narrow_heads(g: fx.Graph, t: fx.Node, head_axis: Optional[int], off: int, n: int, total: int) -> fx.Node:
-    if head_axis is None or (off == 0 and n == total):
-        return t
-    return g.call_method("narrow", (t, head_axis, off, n))
-
-
-def group_sdpa(ctx: SliceContext, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
-          head_axis: Optional[int]) -> fx.Node:
+def kernel_call(ctx: SliceContext, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
+                head_axis: Optional[int]) -> fx.Node:
+    """The fused kernel call ``core`` over new operands, its mask (if any) cut to ``heads``."""
     rank = len(tensor_shape(core.args[0]))
     mapping: dict[Any, Any] = {core.args[0]: q, core.args[1]: k, core.args[2]: v}
     mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,53 +16,97 @@ from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext
 from hiap_fx.plan import AttentionSite
 
+PAD = None  # a padded row or column: zero weight, zero bias
 
-def linear_rows(ctx: SliceContext, proj, rows: list[int], x: fx.Node, suffix: str) -> fx.Node:
-    w = ctx.params.get(proj.weight)[rows]
-    w_node = ctx.params.add(ctx.graph, proj.weight, suffix, w)
+
+@dataclass
+class OperandRows:
+    """The projection rows one operand needs: ``rows`` (``PAD`` for padding) computed once each,
+    and ``repeat`` (positions into ``rows``, or ``None``) when query heads share kv rows."""
+
+    rows: list[Optional[int]]
+    repeat: Optional[list[int]]
+
+
+def head_unit(site: AttentionSite, role: str) -> Callable[[int], int]:
+    """Query head -> row of ``role``'s head table (k/v of grouped-query attention have one row
+    per kv head, shared by its query heads)."""
+    if len(getattr(site, role).index) == site.num_heads:
+        return lambda h: h
+    return lambda h: site.kv_of_head[h]
+
+
+def operand_rows(site: AttentionSite, role: str, heads: list[int], dims: dict[int, list[int]],
+                 width: int) -> OperandRows:
+    """Rows of ``role``'s projection for ``heads``: each head's kept ``dims``, padded to ``width``."""
+    proj = getattr(site, role)
+    unit = head_unit(site, role)
+    # the query heads of one kv group share its k/v rows (padding included): one copy each
+    share = (lambda h: h) if role == "q" else (lambda h: site.kv_of_head[h])
+    keys = [(share(h), j) for h in heads for j in range(width)]
+    unique = list(dict.fromkeys(keys))
+    first: dict[int, int] = {}
+    for h in heads:
+        first.setdefault(share(h), h)
+    rows: list[Optional[int]] = []
+    for u, j in unique:
+        kept = dims[first[u]]
+        rows.append(proj.index[unit(first[u])][kept[j]] if j < len(kept) else PAD)
+    at = {key: i for i, key in enumerate(unique)}
+    return OperandRows(rows, None if len(unique) == len(keys) else [at[key] for key in keys])
+
+
+def padded(values: torch.Tensor, picks: list[Optional[int]], axis: int) -> torch.Tensor:
+    """``values`` indexed along ``axis`` by ``picks``, zeros where a pick is ``PAD``."""
+    shape = list(values.shape)
+    shape[axis] = len(picks)
+    out = values.new_zeros(shape)
+    real = [i for i, p in enumerate(picks) if p is not PAD]
+    src = torch.tensor([picks[i] for i in real], dtype=torch.long)
+    out.index_copy_(axis, torch.tensor(real, dtype=torch.long), values.index_select(axis, src))
+    return out
+
+
+def projection_rows(ctx: SliceContext, proj, rows: list[Optional[int]], suffix: str) -> fx.Node:
+    """One linear over the given rows of ``proj`` (padded rows are zero)."""
+    w_node = ctx.params.add(ctx.graph, proj.weight, suffix, padded(ctx.params.get(proj.weight), rows, 0))
     b_node = None
     if proj.bias and not proj.bias.startswith("node:"):
-        b_node = ctx.params.add(ctx.graph, proj.bias, suffix, ctx.params.get(proj.bias)[rows])
-    return ctx.graph.call_function(F.linear, (x, w_node, b_node))
+        b_node = ctx.params.add(ctx.graph, proj.bias, suffix, padded(ctx.params.get(proj.bias), rows, 0))
+    return ctx.graph.call_function(F.linear, (ctx.nodes[proj.node].args[0], w_node, b_node))
 
 
-def build_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: OperandLayout, heads: list[int],
-                   dims: dict[int, list[int]], suffix: str) -> fx.Node:
-    """The kernel operand for ``heads`` (each with its kept ``dims``), rebuilt from kept rows."""
+def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: OperandLayout, y: fx.Node,
+                  repeat: Optional[list[int]], live: list[int], width: int) -> fx.Node:
+    """The kernel operand from the projection output ``y`` ([lead..., rows], shared kv rows
+    once), reshaped and replayed into the original layout: the ``live`` heads, ``width`` each."""
+    heads = len(live)
     proj = getattr(site, role)
-    nd = len(dims[heads[0]])
-    # k/v of grouped-query attention: one table row per kv head, shared by its query heads
-    unit = (lambda h: h) if len(proj.index) == site.num_heads else (lambda h: site.kv_of_head[h])
-    rows = [proj.index[unit(h)][j] for h in heads for j in dims[h]]
-    P = ctx.nodes[proj.node]
     g = ctx.graph
-    unique = list(dict.fromkeys(rows))
-    y = linear_rows(ctx, proj, unique, P.args[0], suffix)
-    if len(unique) != len(rows):  # shared kv rows are computed once and repeated (no MACs)
+    if repeat is not None:  # shared kv rows are computed once and repeated (no MACs)
         if not lay.has_head_axis:
             raise HiapError(f"{site.name}: the {role} operand shared by query heads has no head "
                             f"axis at {lay.boundary.name} to repeat it along; prepare with "
                             "PruneConfig(heads=False) for this model, or report it")
-        at = {r: i for i, r in enumerate(unique)}
-        index = ctx.params.constant(g, "hiap_kv_rows", torch.tensor([at[r] for r in rows]))
+        index = ctx.params.constant(g, "hiap_kv_rows", torch.tensor(repeat))
         y = g.call_method("index_select", (y, -1, index))
     for first, last in lay.merges:
         y = g.call_method("flatten", (y, first, last))
-    t = g.call_method("unflatten", (y, -1, (len(heads), nd))) if lay.has_head_axis else y
+    t = g.call_method("unflatten", (y, -1, (heads, width))) if lay.has_head_axis else y
     if lay.perm != sorted(lay.perm):
         t = g.call_method("permute", (t, *lay.perm))
     for axis in lay.new_axes:
         t = g.call_method("unsqueeze", (t, axis))
     full_heads, full_dims = len(proj.index), len(proj.index[0])
-    ints = {full_heads: len(heads)}
-    if nd != full_dims:
-        ints[full_dims] = nd
-        ints[full_heads * full_dims] = len(heads) * nd
+    ints = {full_heads: heads}
+    if width != full_dims:
+        ints[full_dims] = width
+        ints[full_heads * full_dims] = heads * width
     mapping = {lay.boundary: t}
     # per-head tensors joining the operand after the boundary (e.g. rotary tables with one
     # frequency set per head) are cut to the kept heads, like logits-side biases
     head_axis = site.layout.k_head_axis if role == "k" else site.layout.q_head_axis
-    units = [unit(h) for h in heads]
+    units = [head_unit(site, role)(h) for h in live]
     selected: dict[fx.Node, Any] = {}
 
     def arg(a: Any) -> Any:

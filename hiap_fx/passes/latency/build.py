@@ -1,0 +1,165 @@
+"""Build the latency cost model of a prepared model: calibrate (or read the cache), then fit.
+
+latency(decisions) = constant + sum over gated MAC nodes of their table at the kept sizes
+                     + per-site overhead x (site runs)
+The constant and the per-site overhead (norms, activations, adds of a removed sub-layer) come
+from timing two whole compact models on this machine: every unit kept and every gate closed;
+the model reproduces both timings exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+
+from hiap_fx.errors import ConfigError
+from hiap_fx.files.atomic import write_text
+from hiap_fx.gated.cost_model import CostModel, NodeTerm
+from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.passes.latency.tables import (
+    Points,
+    interpolate,
+    kernel_call,
+    kernel_tables,
+    piecewise,
+    weighted_call,
+    weighted_table,
+    width_symbol,
+)
+from hiap_fx.passes.latency.timing import alternating_medians, cache_path, machine_id
+
+FORMAT = "hiap_fx.latency/1"
+
+
+def deploy_inputs(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """The example inputs at ``batch`` (the first example repeated along the batch axis)."""
+    b0 = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+    if batch == b0:
+        return inputs
+    if any(t.dim() == 0 or t.shape[0] != b0 for t in inputs):
+        raise ConfigError(f"latency_batch={batch}: the example inputs do not all have the batch "
+                          f"size {b0} on their first axis, so hiap_fx cannot build inputs of another "
+                          "batch size; pass example inputs at the batch size you deploy with")
+    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in inputs)
+
+
+def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compact: Callable,
+                        batch: int, align: int = 1, min_time: float = 0.05) -> CostModel:
+    """The latency model (seconds at ``batch``) of the gated graph whose MAC model is ``cost``.
+    ``compile_compact(captured, decisions)`` builds a compact model (the finalize pipeline)."""
+    cg = captured
+    params = dict(cg.gm.named_parameters())
+    params.update(dict(cg.gm.named_buffers()))
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
+    key = {"format": FORMAT, "machine": machine_id(device), "batch": batch, "align": align,
+           "graph": cg.gm.code, "shapes": {k: list(v.shape) for k, v in params.items()},
+           "gates": sorted({s.gate for s in cost.sources})}
+    path = cache_path(key)
+    cached: dict[str, Any] = {}
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") != key:
+                cached = {}
+        except (OSError, ValueError):
+            cached = {}
+    tables: dict[str, Any] = cached.get("tables", {})
+    exprs: dict[str, sympy.Expr] = {}
+    for name, term in cost.terms.items():
+        node = nodes[name]
+        if term.kind == "weighted":
+            expr, table = _weighted(node, term, params, batch, cost.example_batch,
+                                    name in cg.input_dependent, align, min_time, tables.get(name))
+        else:
+            expr, table = _kernel(node, term, batch, cost.example_batch, align, min_time, tables.get(name))
+        if expr is not None:
+            exprs[name] = expr
+            tables[name] = table
+    if "dense_s" in cached:
+        dense_s, empty_s = cached["dense_s"], cached["empty_s"]
+    else:
+        dense_s, empty_s = _whole_models(cost, captured, compile_compact, batch)
+    sites = [s for s, alive in cost.site_alive.items() if alive.free_symbols]
+    dense_v, empty_v = _values(cost, 1), _values(cost, 0)
+    p_dense = sum(float(e.xreplace(dense_v)) for e in exprs.values())
+    p_empty = sum(float(e.xreplace(empty_v)) for e in exprs.values())
+    overhead = max(0.0, (dense_s - empty_s - (p_dense - p_empty)) / len(sites)) if sites else 0.0
+    node_exprs = dict(exprs)
+    for s in sites:
+        node_exprs[f"site overhead {s}"] = sympy.Float(overhead) * cost.site_alive[s]
+    node_exprs["fixed"] = sympy.Float(dense_s - p_dense - overhead * len(sites))
+    if not cached:
+        write_text(path, json.dumps({"key": key, "tables": tables, "dense_s": dense_s,
+                                     "empty_s": empty_s}))
+    return CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=cost.sources,
+                     batch=cost.batch, tokens=None, example_batch=batch, example_tokens=cost.example_tokens,
+                     group_sizes=cost.group_sizes, terms=cost.terms, site_alive=cost.site_alive,
+                     unit="seconds")
+
+
+def _values(cost: CostModel, on: int) -> dict[sympy.Symbol, int]:
+    dense = cost.dense_values()
+    return {s.symbol: (v if on else 0) for s, v in zip(cost.sources, dense)}
+
+
+def _weighted(node, term: NodeTerm, params: dict[str, torch.Tensor], batch: int, example_batch: int,
+              dependent: bool, align: int, min_time: float, table: Optional[dict]
+              ) -> tuple[Optional[sympy.Expr], dict]:
+    cut = [a for a, f in enumerate(term.factors) if f.free_symbols]
+    weight = params.get(str(node.args[1].target))
+    make = weighted_call(node, weight, batch, example_batch, dependent) if weight is not None else None
+    if len(cut) != 1 or make is None:
+        return None, {}  # not timed alone: part of the constant (see build_latency_model)
+    axis = cut[0]
+    if table is None:
+        table = {"axis": axis, "points": weighted_table(make, axis, int(weight.shape[axis]), align, min_time)}
+    return piecewise(term.factors[axis], _points(table["points"])), table
+
+
+def _kernel(node, term: NodeTerm, batch: int, example_batch: int, align: int, min_time: float,
+            table: Optional[dict]) -> tuple[sympy.Expr, dict]:
+    if table is None:
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(term.dims[4])
+        by_heads, by_width = kernel_tables(term, kernel_call(term, float(scale), batch, example_batch),
+                                           align, min_time)
+        table = {"heads": by_heads, "width": by_width}
+    expr = piecewise(term.heads, _points(table["heads"]))
+    x = width_symbol(term)
+    if x is not None and table["width"]:
+        width = _points(table["width"])
+        expr = expr * piecewise(x, width) / sympy.Float(width[-1][1])
+    return expr, table
+
+
+def _points(raw: list) -> Points:
+    return [(float(a), float(b)) for a, b in raw]
+
+
+def _whole_models(cost: CostModel, captured: CapturedGraph, compile_compact: Callable,
+                  batch: int) -> tuple[float, float]:
+    """Seconds per call of the compact model with every unit kept and with every gate closed."""
+    gate_sizes = _gate_sizes(captured)
+    on = {k: torch.ones(n, dtype=torch.bool) for k, n in gate_sizes.items()}
+    off = {k: torch.zeros(n, dtype=torch.bool) for k, n in gate_sizes.items()}
+    dense, empty = compile_compact(captured, on).eval(), compile_compact(captured, off).eval()
+    inputs = deploy_inputs(captured.example_inputs, batch)
+    d, e = alternating_medians([lambda: dense(*inputs), lambda: empty(*inputs)])
+    return d, e
+
+
+def _gate_sizes(captured: CapturedGraph) -> dict[str, int]:
+    from hiap_fx.gated.bundles import GATES_ATTR
+
+    bundles = getattr(captured.gm, GATES_ATTR)
+    out: dict[str, int] = {}
+    for bundle in bundles.values():
+        out.update({key: gate.logits.numel() for key, gate in bundle.gates().items()})
+    return out
+
+
+__all__ = ["build_latency_model", "deploy_inputs", "interpolate"]

@@ -1,0 +1,106 @@
+"""cost="latency": the calibrated latency model reproduces its own tables and timings, is cached
+per machine and model, steers the budget, and a latency-budgeted run trains and finalizes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_prune import synthetic_data, tiny_vit
+
+import hiap_fx
+from hiap_fx.passes.latency import tables, timing
+from hiap_fx.passes.latency.tables import interpolate, piecewise, size_grid
+
+LATENCY = dict(cost="latency", target_latency=0.6, lr=1e-3)
+
+
+def _cache_files() -> list[Path]:
+    root = Path(os.environ[timing.CACHE_ENV]) / "latency"
+    return sorted(root.glob("*.json")) if root.exists() else []
+
+
+@settings(max_examples=40, deadline=None)
+@given(xs=st.lists(st.integers(1, 400), min_size=2, max_size=9, unique=True),
+       ys=st.lists(st.floats(1e-6, 1e-1), min_size=9, max_size=9), probe=st.floats(0, 450))
+def test_piecewise_expression_is_the_table_and_its_interpolation(xs, ys, probe):
+    points = sorted(zip(map(float, xs), ys))
+    x = sympy.Symbol("x")
+    f = sympy.lambdify([x], piecewise(x, points), modules=[{"Widest": max}, "math"])
+    for px, py in points:  # exact at every calibrated point
+        assert f(px) == pytest.approx(py, rel=1e-9, abs=1e-15)
+    assert f(probe) == pytest.approx(interpolate(points, probe), rel=1e-7, abs=1e-12)
+
+
+def test_size_grid_is_aligned_and_covers_the_range():
+    assert size_grid(64) == [1, 8, 16, 24, 32, 40, 48, 56, 64]
+    grid = size_grid(1536, align=32)
+    assert grid[0] == 32 and grid[-1] == 1536 and all(k % 32 == 0 for k in grid)
+
+
+def test_latency_model_reproduces_its_calibration_and_is_cached(monkeypatch):
+    model, x = tiny_vit(), torch.randn(2, 1, 16, 16)
+    before = set(_cache_files())
+    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(**LATENCY, latency_batch=4))
+    lat = prepared.latency_model
+    assert lat is not None and lat.unit == "seconds" and lat.example_batch == 4
+    [path] = sorted(set(_cache_files()) - before)
+    cache = json.loads(path.read_text())
+    assert cache["key"]["batch"] == 4
+    # every unit kept: the measured dense model; every gate closed: the measured empty one
+    assert prepared.dense_latency == pytest.approx(cache["dense_s"], rel=1e-9)
+    assert prepared.min_budget_ratio() * prepared.dense_latency == pytest.approx(cache["empty_s"], rel=1e-9)
+    # each timed node is its table: the last point with every unit kept, 0 when its units are gone
+    dense = {s.symbol: v for s, v in zip(lat.sources, lat.dense_values())}
+    empty = {s.symbol: 0 for s in lat.sources}
+    timed = [n for n in lat.terms if n in lat.node_exprs]
+    assert len(timed) == 2 * 5  # per block: qkv, proj, fc1, fc2 and the attention kernel
+    for name in timed:
+        table = cache["tables"][name]
+        last = table["points"][-1][1] if "points" in table else table["heads"][-1][1]
+        assert float(lat.node_exprs[name].xreplace(dense)) == pytest.approx(last, rel=1e-9)
+        assert float(lat.node_exprs[name].xreplace(empty)) == pytest.approx(0.0, abs=1e-15)
+    # expected latency is differentiable in the gate logits
+    prepared.expected_latency().backward()
+    assert all(g.logits.grad is not None and bool(g.logits.grad.abs().sum() > 0)
+               for g in prepared.gate_modules().values())
+
+    # a second prepare on this machine reads the cache: nothing is timed again
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed although the calibration is cached")
+
+    monkeypatch.setattr(tables, "median_seconds", no_timing)
+    monkeypatch.setattr(timing, "median_seconds", no_timing)
+    again = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(**LATENCY, latency_batch=4))
+    assert again.dense_latency == prepared.dense_latency
+
+
+def test_latency_budget_trains_lands_and_finalizes():
+    model, data = tiny_vit(), synthetic_data()
+    cfg = hiap_fx.PruneConfig(**LATENCY)
+    result = hiap_fx.prune(model, data, cfg, steps=40, progress=False)
+    prepared = result.prepared
+    # the budget steered latency: the eval-mode network's predicted latency is on target
+    assert abs(prepared.budget_ratio() - 0.6) <= cfg.budget_tolerance + 1e-9
+    assert prepared.hard_macs() < prepared.dense_macs
+    compact = result.compact
+    with torch.no_grad():
+        x = next(iter(data))[0][:2]
+        assert torch.allclose(compact(x), prepared.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_latency_fields_and_unreachable_targets_are_refused():
+    with pytest.raises(hiap_fx.ConfigError, match="cost='latency'"):
+        hiap_fx.PruneConfig(target_latency=0.5)
+    with pytest.raises(hiap_fx.BudgetError, match="target_latency=0.01 cannot be reached"):
+        hiap_fx.prepare(tiny_vit(), torch.randn(2, 1, 16, 16),
+                        hiap_fx.PruneConfig(cost="latency", target_latency=0.01))
+    prepared = hiap_fx.prepare(tiny_vit(), torch.randn(2, 1, 16, 16))
+    with pytest.raises(hiap_fx.StateError, match="no latency model"):
+        prepared.hard_latency()
