@@ -60,6 +60,15 @@ def timed(fn: Callable[[], Any], min_time: float) -> float:
     return median_seconds(fn, min_time)
 
 
+def monotone(points: Points) -> Points:
+    """Running maximum of the timings: keeping more units never predicts less time (timing noise
+    would otherwise make the budget non-monotone in the gates, and landing on it ambiguous)."""
+    out: Points = []
+    for x, y in points:
+        out.append((x, max(y, out[-1][1]) if out else y))
+    return out
+
+
 # --- weighted ops ----------------------------------------------------------------------------
 
 
@@ -100,7 +109,7 @@ def weighted_call(node: fx.Node, weight: torch.Tensor, batch: int, example_batch
 
 def weighted_table(make: Callable[[int, int], Callable[[], Any]], axis: int, full: int, align: int,
                    min_time: float) -> Points:
-    return [(0.0, 0.0)] + [(float(k), timed(make(axis, k), min_time)) for k in size_grid(full, align)]
+    return monotone([(0.0, 0.0)] + [(float(k), timed(make(axis, k), min_time)) for k in size_grid(full, align)])
 
 
 # --- attention kernels -------------------------------------------------------------------------
@@ -134,14 +143,14 @@ def kernel_tables(term: NodeTerm, make: Callable[[int, int, int], Callable[[], A
     together: x = q/k width + v width as the term uses them) at all heads."""
     _, H, _, _, dq, dv = term.dims
     full_q, full_v = widths(term, dq, dv, 1.0)
-    by_heads = [(0.0, 0.0)] + [(float(h), timed(make(h, dq, dv), min_time)) for h in head_grid(H)]
+    by_heads = monotone([(0.0, 0.0)] + [(float(h), timed(make(h, dq, dv), min_time)) for h in head_grid(H)])
     by_width: Points = []
     if width_symbol(term) is not None:
         full = full_q + full_v
         for k in size_grid(full, align):
             wq, wv = widths(term, dq, dv, k / full)
             by_width.append((float(wq * gated_q(term) + wv * gated_v(term)), timed(make(H, wq, wv), min_time)))
-        by_width = sorted(dict(by_width).items())
+        by_width = monotone(sorted(dict(by_width).items()))
     return by_heads, by_width
 
 
