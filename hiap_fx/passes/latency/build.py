@@ -55,7 +55,7 @@ def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compac
     """The latency model (seconds at ``batch``) of the gated graph whose MAC model is ``cost``.
     ``compile_compact(captured, decisions)`` builds a compact model (the finalize pipeline)."""
     cg = captured
-    params = dict(cg.gm.named_parameters())
+    params: dict[str, torch.Tensor] = dict(cg.gm.named_parameters())
     params.update(dict(cg.gm.named_buffers()))
     device = next(iter(params.values())).device if params else torch.device("cpu")
     nodes = {n.name: n for n in cg.gm.graph.nodes}
@@ -139,7 +139,7 @@ def _weighted(node, term: NodeTerm, params: dict[str, torch.Tensor], batch: int,
     cut = [a for a, f in enumerate(term.factors) if f.free_symbols]
     weight = params.get(str(node.args[1].target))
     make = weighted_call(node, weight, batch, example_batch, dependent) if weight is not None else None
-    if len(cut) != 1 or make is None:
+    if len(cut) != 1 or make is None or weight is None:
         return None, {}  # not timed alone: part of the constant (see build_latency_model)
     axis = cut[0]
     if table is None:

@@ -91,7 +91,7 @@ def weighted_call(node: fx.Node, weight: torch.Tensor, batch: int, example_batch
             return lambda: F.linear(x, w, b)
         return make
     if name == "conv2d" and len(x_shape) == 4:
-        rest = list(node.args[3:7])
+        rest: list[Any] = list(node.args[3:7])
         groups = rest[3] if len(rest) > 3 else node.kwargs.get("groups", 1)
         if groups != 1:
             return None
