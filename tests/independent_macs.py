@@ -71,6 +71,8 @@ def independent_macs(prepared) -> int:
         if not any(live):
             dead_sites.update([s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes])
         qk_units, v_units = sum(live) * wq, sum(live) * wv
+        if s.kind == "sdpa" and dq == dv:  # padded to one head dim (CPU flash attention)
+            qk_units = v_units = sum(live) * max(wq, wv)
         if s.kind == "sdpa":
             kernel[s.core_nodes[0]] = (H * (dq + dv), qk_units + v_units)
         else:

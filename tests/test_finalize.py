@@ -83,11 +83,12 @@ def test_heads_of_different_widths_run_in_one_padded_sdpa():
     assert abs(sdpa[0].kwargs["scale"] - 64 ** -0.5) < 1e-12
     assert compact.get_parameter("blocks.0.attn.proj.weight").shape[1] == 3 * 40
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()
-    # the cost model says what runs: v rows and output columns are 3 heads x 40, not 32+16+40
-    dense_v = 3 * 64
-    assert prepared.hard_macs() < prepared.dense_macs
-    assert prepared.dense_macs - prepared.hard_macs() == 2 * 17 * (2 * 192 * (dense_v - 120)
-                                                                  + 3 * 17 * (64 - 40))
+    # the cost model says what runs: v rows and output columns are 3 heads x 40, not 32+16+40;
+    # the kernel pads v back to the q/k width (CPU flash attention needs one head dim), so it
+    # saves nothing
+    v = next(n for n in compact.graph.nodes if "scaled_dot_product" in str(n.target)).args[2]
+    assert v.target is torch.nn.functional.pad and v.args[1] == (0, 24)
+    assert prepared.dense_macs - prepared.hard_macs() == 2 * 17 * 2 * 192 * (3 * 64 - 3 * 40)
 
 
 def test_closed_sub_layers_leave_the_residual_stream():
@@ -200,7 +201,9 @@ def test_save_load_without_the_model_class(tmp_path):
     code = ("import torch, hiap_fx, sys; m, plan = hiap_fx.load(sys.argv[1], with_plan=True); "
             "x = torch.load(sys.argv[2]); y = torch.load(sys.argv[3]); "
             "assert 'tests' not in ''.join(sys.modules); "
-            "assert torch.equal(m(x), y), 'different'; print(plan.model, len(plan.attention))")
+            # equal up to float reassociation: the child may run kernels with another thread count
+            "assert torch.allclose(m(x), y, rtol=1e-5, atol=1e-6), 'different'; "
+            "print(plan.model, len(plan.attention))")
     out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
                           str(tmp_path / "y.pt")], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

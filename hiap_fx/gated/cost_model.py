@@ -186,12 +186,20 @@ class Widest(sympy.Function):
         return None
 
 
+SOFT_WIDTH = 2.0  # units (dims) over which the gradient of a padded width spreads among heads
+
+
 def maximum(*values):
-    """``Max`` of the compiled expressions: over tensors (expected values, differentiable; ties
-    share the gradient) or plain numbers (hard values)."""
-    if any(isinstance(v, torch.Tensor) for v in values):
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).amax(0)
-    return max(values)
+    """``Widest`` in the compiled expressions: the exact max of plain numbers (hard values) or of
+    tensors (expected values). For tensors the value is the exact max, and the gradient is that
+    of a soft max (softmax weights over ``SOFT_WIDTH``): a head a few dims narrower than the
+    widest may be the widest in a draw of the gates, so it shares the pressure."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return max(values)
+    x = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    hard = x.amax(0)
+    soft = SOFT_WIDTH * torch.logsumexp(x / SOFT_WIDTH, 0)
+    return hard + (soft - soft.detach())
 
 
 def symbol_values(sources: list[SymbolSource], decisions: dict[str, torch.Tensor],

@@ -8,7 +8,9 @@ the sizes that gates change replaced by symbolic kept counts:
   * finalize pads the live heads of an attention to the widest kept q/k and value width of the
     layer and runs them in one kernel call, so q/k/v rows and output-projection columns are
     (live heads) x (widest width), and the kernel costs (query rows per head) x (key tokens) x
-    (live heads) x (widest q/k width + widest value width);
+    (live heads) x (widest q/k width + widest value width); an sdpa kernel whose dense q/k and
+    value head dims are equal keeps them equal (the narrower padded to the wider: CPU flash
+    attention needs one head dim), so it costs (live heads) x 2 x (the wider);
   * rows scale with the batch symbol B when the node depends on the input, and token-sized rows
     become the token symbol N on isotropic models.
 At the example input with every unit on, each node's expression equals its measured MACs (checked).
@@ -136,7 +138,10 @@ class _Builder:
         dims = (math.prod(q_shape[:-1]) // max(1, H * site.tokens), H, site.tokens, nk, dq, dv)
         term = NodeTerm("sdpa", heads=heads_live, qk_width=wq, v_width=wv, dims=dims)
         if site.kind == "sdpa":
-            self.kernels[site.core_nodes[0]] = (H, heads_live * (wq + wv), "sdpa", site.layout.k_token_axis)
+            # equal q/k and v head dims stay equal (zero padding): CPU flash attention needs them
+            kw = kernel_width(wq, wv, dq) if dq == dv else None
+            work = heads_live * (2 * kw if kw is not None else wq + wv)
+            self.kernels[site.core_nodes[0]] = (H, work, "sdpa", site.layout.k_token_axis)
             self.terms[site.core_nodes[0]] = term
         else:
             self.kernels[site.core_nodes[0]] = (H, heads_live * wq, "qk", -1)
@@ -232,6 +237,13 @@ def padded_width(live: list[sympy.Expr], kept: list[sympy.Expr], full: int) -> s
     if not any(isinstance(k, sympy.Symbol) for k in kept):
         return sympy.Integer(full)
     return Widest(*[x * k for x, k in zip(live, kept)])
+
+
+def kernel_width(wq: sympy.Expr, wv: sympy.Expr, full: int) -> sympy.Expr:
+    """The one head width of a fused kernel whose q/k and v widths are padded to the wider."""
+    if wq == full or wv == full:
+        return sympy.Integer(full)
+    return Widest(wq, wv)
 
 
 def measured_macs(n: fx.Node) -> int:

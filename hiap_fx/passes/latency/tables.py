@@ -130,6 +130,9 @@ def kernel_call(term: NodeTerm, scale: float, batch: int, example_batch: int
         v = torch.randn(rows, h, nk, wv, dtype=dtype)
         p = torch.randn(rows, h, nq, nk, dtype=dtype)
         if term.kind == "sdpa":
+            if term.dims[4] == term.dims[5]:  # finalize pads to one head dim (flash attention)
+                w = max(wq, wv)
+                q, k, v = (F.pad(t, (0, w - t.shape[-1])) for t in (q, k, v))
             return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)
         if term.kind == "qk":
             return lambda: torch.softmax((q * scale) @ k.transpose(-1, -2), -1)

@@ -44,7 +44,12 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
     with g.inserting_before(out_lin):
         op = projected_operands(ctx, site, live, dims, width)
         if site.kind == "sdpa":
+            if site.head_dim == site.v_dim:  # one head dim for q, k and v: CPU flash attention
+                common = max(width["q"], width["v"])
+                op = {role: pad_last(g, t, common - width[role]) for role, t in op.items()}
             out = kernel_call(ctx, core, op["q"], op["k"], op["v"], live, site.layout.q_head_axis)
+            if site.head_dim == site.v_dim and width["v"] < common:
+                out = g.call_method("narrow", (out, -1, 0, width["v"]))
         else:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
@@ -76,6 +81,11 @@ def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
             off += n
     return {role: shape_operand(ctx, site, role, lays[role], ys[role],
                                 rows[role].repeat, live, width[role]) for role in ("q", "k", "v")}
+
+
+def pad_last(g: fx.Graph, t: fx.Node, extra: int) -> fx.Node:
+    """``t`` with ``extra`` zeros appended along the last axis (unchanged when 0)."""
+    return t if extra <= 0 else g.call_function(F.pad, (t, (0, extra)))
 
 
 def to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.Graph) -> fx.Node:
