@@ -28,6 +28,19 @@ def assert_close_outputs(a, b, rel: float = 1e-5) -> None:
     assert ok, f"outputs differ: relative error {err:.3e}"
 
 
+def kernel_calls(compact: torch.nn.Module) -> int:
+    """sdpa calls plus softmaxes (the manual kernel's) in a compact graph."""
+    names = [str(getattr(n.target, "__name__", n.target)) for n in compact.graph.nodes
+             if n.op in ("call_function", "call_method")]
+    return sum(1 for t in names if "scaled_dot_product" in t or "softmax" in t)
+
+
+def site_removed(prepared, site) -> bool:
+    from hiap_fx.gated.decisions import Decisions
+
+    return not Decisions(prepared.decisions()).live_heads(site)
+
+
 @pytest.fixture(autouse=True)
 def _latency_cache(tmp_path_factory, monkeypatch):
     """Latency calibrations go to a cache of this test session, not the user's home."""

@@ -8,7 +8,7 @@ import io
 import pytest
 import timm
 import torch
-from conftest import assert_close_outputs
+from conftest import assert_close_outputs, kernel_calls, site_removed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from independent_macs import independent_macs, randomise_gates
@@ -42,6 +42,8 @@ def test_random_configs_and_decisions(qkv, attn, norm, ffn, pool, heads, head_di
     compact = hiap_fx.finalize(prepared)  # checks output and MACs on x itself
     hard = prepared.hard_macs()
     assert hiap_fx.count_macs(compact, x) == hard == independent_macs(prepared)
+    # one kernel call per attention that is not removed, whatever widths its heads kept
+    assert kernel_calls(compact) == sum(not site_removed(prepared, s) for s in prepared.plan.attention)
     closed = any(not bool(g.hard().all()) for g in prepared.gate_modules().values())
     n_model = sum(p.numel() for p in model.parameters())
     n_compact = sum(p.numel() for p in compact.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_outputs
+from conftest import assert_close_outputs, kernel_calls, site_removed
 from gqa_models import GQANet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -95,6 +95,9 @@ def test_gqa_random_decisions(repeat, kv_heads, group, head_dim, manual, qk_dims
     randomise_gates(prepared, seed, p_off)
     compact = hiap_fx.finalize(prepared)  # verifies output and MACs on x
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() == independent_macs(prepared)
+    # one kernel call for the attention whatever widths its heads kept (none once it is removed)
+    live = [s for s in prepared.plan.attention if not site_removed(prepared, s)]
+    assert kernel_calls(compact) == len(live)
     x3 = torch.randn(3, 9, 5)
     with torch.no_grad():
         assert_close_outputs(prepared(x3), compact(x3), rel=1e-4)

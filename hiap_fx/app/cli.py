@@ -123,8 +123,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     train, test = load_data(args.data, size, batch_size=args.batch_size, seed=args.seed, limit=args.limit)
     config = None
     if source is None:
-        fields = {"target_macs": 0.5 if args.target is None else args.target, "lr": args.lr,
-                  "gate_lr": args.gate_lr, "seed": args.seed, "frontend": args.frontend}
+        target = 0.5 if args.target is None else args.target
+        fields = {"target_macs": target, "lr": args.lr, "gate_lr": args.gate_lr, "seed": args.seed,
+                  "frontend": args.frontend}
+        if args.cost == "latency":
+            fields.update(cost="latency", target_latency=target, latency_batch=args.latency_batch or 1)
         config = PruneConfig(**{k: v for k, v in fields.items() if v is not None})
     result = prune(model, train, config, steps=None if source else args.steps,
                    epochs=None if source or args.steps else args.epochs, eval_data=test,
@@ -221,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "versions, which need full unpickling (only files you wrote yourself)")
     r.add_argument("--data", required=True, help="fashion-mnist or imagefolder:PATH (class "
                    "sub-folders; train/ and val/ used when present)")
-    r.add_argument("--target", type=float, help="fraction of dense MACs to keep (default 0.5)")
+    r.add_argument("--target", type=float, help="fraction of dense MACs (or, with --cost latency, "
+                   "of dense latency) to keep (default 0.5)")
+    r.add_argument("--cost", choices=["macs", "latency"], help="what the budget counts (default macs; "
+                   "latency is calibrated on this machine at --latency-batch)")
+    r.add_argument("--latency-batch", type=int, help="with --cost latency: the batch size you deploy "
+                   "with (default 1)")
     r.add_argument("--steps", type=int, help="training steps (default: --epochs)")
     r.add_argument("--epochs", type=float, default=1, help="epochs when --steps is not given")
     r.add_argument("--out", required=True, help="output folder")

@@ -73,6 +73,8 @@ class CostModel:
         terms: node name -> how its cost is formed (nodes whose cost depends on gates).
         site_alive: site name -> 1 while the site runs (any head live / the block on).
         unit: what the expression counts (``"MACs"``, or ``"seconds"`` for a latency model).
+        reference: the cost budget fractions refer to when it is not the expression's dense value
+            (a latency model: the user's dense model, timed in the same run).
     """
 
     expr: sympy.Expr
@@ -87,6 +89,7 @@ class CostModel:
     terms: dict[str, NodeTerm] = field(default_factory=dict)
     site_alive: dict[str, sympy.Expr] = field(default_factory=dict)
     unit: str = "MACs"
+    reference: Optional[float] = None
     macro_expr: sympy.Expr = field(init=False)
     micro_expr: sympy.Expr = field(init=False)
     _compiled: dict[str, Callable] = field(init=False, default_factory=dict)

@@ -197,9 +197,10 @@ class PreparedModel(nn.Module):
 
     @property
     def dense_latency(self) -> float:
-        """Latency (seconds) of the dense model at ``latency_batch`` as calibrated."""
-        model = self._latency()
-        return float(model.evaluate([int(v) for v in model.dense_values()]))
+        """Latency (seconds) of the dense model at ``latency_batch`` as measured at calibration
+        (the user's model when it was timed, else the prediction with every unit kept): what
+        ``target_latency`` is a fraction of."""
+        return dense_cost(self._latency())
 
     # --- the budgeted cost: MACs or latency ----------------------------------------------------
 
@@ -277,7 +278,7 @@ class PreparedModel(nn.Module):
         """
         cfg = self.config
         model = self.budget_model
-        dense = float(model.evaluate([int(v) for v in model.dense_values()]))
+        dense = dense_cost(model)
         values = list(self._values(hard=False).unbind())  # one set of probabilities for both terms
         macro = self._expected(values, "macro", model) / dense
         micro = self._expected(values, "micro", model) / dense
@@ -292,6 +293,13 @@ class PreparedModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"attention sites={len(self.plan.attention)}, ffn sites={len(self.plan.ffn)}, "
                 f"gates={len(self.gate_modules())}, front end={self.plan.frontend}")
+
+
+def dense_cost(model: CostModel) -> float:
+    """What budget fractions of ``model`` refer to: its reference, else its dense value."""
+    if model.reference is not None:
+        return float(model.reference)
+    return float(model.evaluate([int(v) for v in model.dense_values()]))
 
 
 def _restore_node_names(gm: fx.GraphModule, names: list[str]) -> None:

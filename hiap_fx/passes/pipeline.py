@@ -188,16 +188,18 @@ def _capture_and_discover(model: nn.Module, example_inputs: Any, config: PruneCo
 def prepare_model(model: nn.Module, example_inputs: Any, config: PruneConfig) -> PreparedModel:
     """capture -> ANALYSIS -> gate -> cost, and the budget check: the ``PreparedModel``."""
     cg, plan = analyse(model, example_inputs, config)
-    prepared = gate_and_cost(cg, plan, config)
+    prepared = gate_and_cost(cg, plan, config, reference=model)
     check_reachable(prepared)
     return prepared
 
 
-def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
-                  record_notes: bool = True) -> PreparedModel:
+def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig, record_notes: bool = True,
+                  reference: Optional[nn.Module] = None) -> PreparedModel:
     """The last stages of ``prepare`` on an analysed graph (shapes and MACs propagated): insert
-    the gates, derive and compile the cost model. ``record_notes=False`` keeps ``plan.notes`` as
-    they are (rebuilding a stored prepared model whose plan already holds them)."""
+    the gates, derive and compile the cost model (and, with ``cost="latency"``, the latency
+    model; ``reference`` is the user's model, timed as what latency fractions refer to).
+    ``record_notes=False`` keeps ``plan.notes`` as they are (rebuilding a stored prepared model
+    whose plan already holds them)."""
     notes = list(plan.notes)
     bundles = insert_gates(cg.gm, plan, config)
     if not record_notes:
@@ -206,7 +208,8 @@ def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig,
     latency_model = None
     if config.cost == "latency":
         batch = config.latency_batch or cost_model.example_batch
-        latency_model = build_latency_model(cost_model, cg, compile_compact, batch, config.align).compile()
+        latency_model = build_latency_model(cost_model, cg, compile_compact, batch, config.align,
+                                            reference=reference).compile()
     return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg,
                          latency_model=latency_model)
 
