@@ -110,7 +110,8 @@ def _keep_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def uniform_structured(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
     """Every FFN keeps the same fraction of neurons and every head the same fraction of value dims
     (the highest-L1 ones of each layer); the fraction is chosen so MACs hit ``target``."""
-    prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, ffn_blocks=False))
+    # align=1: the baseline picks units itself, kept counts must not be rounded
+    prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, ffn_blocks=False, align=1))
     neuron = {s.name: _neuron_scores(prepared, s) for s in prepared.plan.ffn}
     vdims = {s.name: _vdim_scores(prepared, s) for s in prepared.plan.attention}
 
@@ -131,7 +132,7 @@ def uniform_structured(dense: nn.Module, example: torch.Tensor, target: float) -
 def l1_ffn(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
     """FFN neurons only, ranked globally by L1 norm (normalised by each layer's mean), the lowest
     removed until MACs hit ``target`` (raises if FFNs alone cannot reach it)."""
-    prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, head_dims=False,
+    prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, head_dims=False, align=1,
                                                                   ffn_blocks=False))
     scores = {s.name: _neuron_scores(prepared, s) for s in prepared.plan.ffn}
     scores = {k: v / v.mean() for k, v in scores.items()}

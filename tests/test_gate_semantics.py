@@ -31,7 +31,9 @@ def _deit(depth=2, size=64):
 
 
 def _prepared(model, size=64, **cfg):
+    """Prepared with exact unit selection (align=1) unless a test asks for rounding."""
     x = torch.randn(2, 3, size, size)
+    cfg = {"align": 1, **cfg}
     return hiap_fx.prepare(model, x, hiap_fx.PruneConfig(**cfg)).eval(), torch.randn(3, 3, size, size)
 
 
@@ -257,7 +259,7 @@ def test_grouped_query_attention_gates(repeat):
 
     model = GQANet(repeat=repeat).eval()
     x = torch.randn(2, 7, 5)
-    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(qk_dims=True)).eval()
+    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(qk_dims=True, align=1)).eval()
     site = prepared.plan.attention[0]
     assert (site.num_heads, site.num_kv_heads, site.kv_of_head) == (4, 2, [0, 0, 1, 1])
     gates = prepared.gate_modules()

@@ -70,7 +70,8 @@ def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneC
                           head=heads, head_dim_gates=v_dims, qk_dim_gates=qk,
                           branch=site.residual is not None and (heads or v_dims),
                           out_shape=out_shape, q_shape=q_shape, k_shape=k_shape,
-                          k_rows_per_kv=k_rows_per_kv, init=cfg.gate_init, align=cfg.align)
+                          k_rows_per_kv=k_rows_per_kv, init=cfg.gate_init,
+                          align=cfg.unit_alignment(min(site.head_dim, site.v_dim)))
 
 
 def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | None:
@@ -85,7 +86,7 @@ def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | 
                          "that can be gated)")
         return None
     return FFNGates(site.name, site.hidden, block=block, neurons=neurons, init=cfg.gate_init,
-                    align=cfg.align)
+                    align=cfg.unit_alignment(site.hidden))
 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:

@@ -208,7 +208,8 @@ def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig, record_not
     latency_model = None
     if config.cost == "latency":
         batch = config.latency_batch or cost_model.example_batch
-        latency_model = build_latency_model(cost_model, cg, compile_compact, batch, config.align,
+        grid = config.unit_alignment(1 << 20)  # table points at multiples of the alignment
+        latency_model = build_latency_model(cost_model, cg, compile_compact, batch, grid,
                                             reference=reference).compile()
     return PreparedModel(cg.gm, plan, cg.example_inputs, cost_model, config, captured=cg,
                          latency_model=latency_model)

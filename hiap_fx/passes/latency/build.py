@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import sympy
 import torch
 
-from hiap_fx.errors import ConfigError
+from hiap_fx.errors import InputError
 from hiap_fx.files.atomic import write_text
 from hiap_fx.gated.bundles import GATES_ATTR
 from hiap_fx.gated.cost_model import CostModel, NodeTerm, symbol_values
@@ -26,7 +26,6 @@ from hiap_fx.gated.decisions import gate_key
 from hiap_fx.graph.ir import CapturedGraph
 from hiap_fx.passes.latency.tables import (
     Points,
-    interpolate,
     kernel_call,
     kernel_tables,
     piecewise,
@@ -45,7 +44,7 @@ def deploy_inputs(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.T
     if batch == b0:
         return inputs
     if any(t.dim() == 0 or t.shape[0] != b0 for t in inputs):
-        raise ConfigError(f"latency_batch={batch}: the example inputs do not all have the batch "
+        raise InputError(f"latency_batch={batch}: the example inputs do not all have the batch "
                           f"size {b0} on their first axis, so hiap_fx cannot build inputs of another "
                           "batch size; pass example inputs at the batch size you deploy with")
     return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in inputs)
@@ -235,5 +234,3 @@ def _gate_sizes(captured: CapturedGraph) -> dict[str, int]:
         out.update({gate_key(bundle.site, kind): gate.logits.numel() for kind, gate in bundle.gates().items()})
     return out
 
-
-__all__ = ["build_latency_model", "deploy_inputs", "interpolate"]
