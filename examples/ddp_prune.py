@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--cost", choices=["macs", "latency"], default="macs")
     parser.add_argument("--out", default="ddp_out")
     args = parser.parse_args()
 
@@ -74,6 +75,8 @@ def main() -> None:
     data = quadrant_data()
     loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, seed=0))
     config = hiap_fx.PruneConfig(target_macs=args.target, lr=1e-3, amp=args.amp)
+    if args.cost == "latency":  # prune() makes every rank steer by rank 0's calibration
+        config = hiap_fx.PruneConfig(cost="latency", target_latency=args.target, lr=1e-3, amp=args.amp)
     model = tiny_vit().to(device)
 
     if args.mode == "prune":
@@ -114,7 +117,7 @@ def main() -> None:
         "gates": {k: g.logits.detach().cpu() for k, g in prepared.gate_modules().items()},
         "controller": {k: v.detach().cpu() for k, v in prepared.budget.state_dict().items()},
         "compact": {k: v.detach().cpu() for k, v in compact.state_dict().items()},
-        "kept_ratio": prepared.hard_macs() / prepared.dense_macs,
+        "kept_ratio": prepared.budget_ratio(),
     }, os.path.join(args.out, f"rank{rank}.pt"))
     if rank == 0:
         print(f"{args.mode}: {world} ranks, kept {100 * prepared.hard_macs() / prepared.dense_macs:.1f}% "

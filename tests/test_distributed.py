@@ -49,3 +49,10 @@ def test_ddp_ranks_stay_identical(tmp_path, mode):
 @pytest.mark.slow
 def test_ddp_prune_with_bf16_autocast(tmp_path):
     _assert_ranks_agree(_torchrun(tmp_path, "--mode", "prune", "--amp", "bf16", "--steps", "16"), 0.5)
+
+
+@pytest.mark.slow
+def test_ddp_prune_with_latency_budget(tmp_path):
+    """Each rank calibrates on its own; prune() makes them all steer by rank 0's latency model."""
+    _assert_ranks_agree(_torchrun(tmp_path, "--mode", "prune", "--cost", "latency", "--target", "0.6",
+                                  "--steps", "24"), 0.6)

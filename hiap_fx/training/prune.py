@@ -35,6 +35,16 @@ class PruneResult:
     report: PruneReport
 
 
+def share_latency_model(prepared: PreparedModel) -> None:
+    """Every rank steers by rank 0's latency model (each rank calibrated on its own, and their
+    controllers must stay identical)."""
+    import torch.distributed as dist
+
+    box = [prepared.latency_model]
+    dist.broadcast_object_list(box, src=0)
+    prepared.latency_model = box[0].compile() if box[0] is not None else None
+
+
 def distillation_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], target: torch.Tensor,
                       alpha: float, temperature: float) -> torch.Tensor:
     """``(1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
@@ -224,6 +234,8 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     device = next(prepared.parameters()).device
     prepared.train()
     rank, world = rank_and_world()
+    if world > 1 and prepared.latency_model is not None:
+        share_latency_model(prepared)
     forward = _data_parallel(prepared, device) if world > 1 else prepared
     autocast, scaler = _mixed_precision(cfg, device)
     bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress or rank != 0,

@@ -60,6 +60,7 @@ def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compac
     params: dict[str, torch.Tensor] = dict(cg.gm.named_parameters())
     params.update(dict(cg.gm.named_buffers()))
     device = next(iter(params.values())).device if params else torch.device("cpu")
+    dtype = next((p.dtype for p in params.values() if p.is_floating_point()), torch.get_default_dtype())
     nodes = {n.name: n for n in cg.gm.graph.nodes}
     key = {"format": FORMAT, "machine": machine_id(device), "batch": batch, "align": align,
            "graph": cg.gm.code, "shapes": {k: list(v.shape) for k, v in params.items()},
@@ -85,7 +86,8 @@ def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compac
             expr, table = _weighted(node, term, params, batch, cost.example_batch, dependent, align,
                                     min_time, known)
         else:
-            expr, table = _kernel(node, term, batch, cost.example_batch, align, min_time, known)
+            expr, table = _kernel(node, term, batch, cost.example_batch, align, min_time, known,
+                                  device, dtype)
         if expr is not None:
             exprs[name] = expr
             tables[name] = by_signature[signature] = table
@@ -144,13 +146,14 @@ def _signature(node, term: NodeTerm, dependent: bool) -> str:
 
 
 def _values(cost: CostModel, which: str) -> dict[sympy.Symbol, float]:
-    """Symbol values of the dense, empty or half decisions (:func:`_decisions`)."""
-    decisions = {k: v.double() for k, v in _decisions(cost, which).items()}
+    """Symbol values of the dense, empty or half decisions (:func:`calibration_decisions`)."""
+    decisions = {k: v.double() for k, v in calibration_decisions(cost, which).items()}
     values = symbol_values(cost.sources, decisions, cost.group_sizes) if decisions else torch.zeros(0)
     return {s.symbol: float(v) for s, v in zip(cost.sources, values.tolist())}
 
 
-def _decisions(cost: CostModel, which: str, sizes: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
+def calibration_decisions(cost: CostModel, which: str,
+                          sizes: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
     """Decisions of every gate: all kept (``dense``), none (``empty``) or, per gate group, the
     first half of the units (``half``; block gates stay on)."""
     sizes = sizes if sizes is not None else _source_sizes(cost)
@@ -189,11 +192,11 @@ def _weighted(node, term: NodeTerm, params: dict[str, torch.Tensor], batch: int,
 
 
 def _kernel(node, term: NodeTerm, batch: int, example_batch: int, align: int, min_time: float,
-            table: Optional[dict]) -> tuple[sympy.Expr, dict]:
+            table: Optional[dict], device: torch.device, dtype: torch.dtype) -> tuple[sympy.Expr, dict]:
     if table is None:
         scale = node.kwargs.get("scale") or 1.0 / math.sqrt(term.dims[4])
-        by_heads, by_width = kernel_tables(term, kernel_call(term, float(scale), batch, example_batch),
-                                           align, min_time)
+        make = kernel_call(term, float(scale), batch, example_batch, device, dtype)
+        by_heads, by_width = kernel_tables(term, make, align, min_time)
         table = {"heads": by_heads, "width": by_width}
     expr = piecewise(term.heads, _points(table["heads"]))
     x = width_symbol(term)
@@ -212,7 +215,7 @@ def _whole_models(cost: CostModel, captured: CapturedGraph, compile_compact: Cal
     """Seconds per call of the compact model with every unit kept, half of them and every gate
     closed (and of ``reference``, the user's model, when given), timed in turn."""
     sizes = _gate_sizes(captured)
-    models = {f"{which}_s": compile_compact(captured, _decisions(cost, which, sizes)).eval()
+    models = {f"{which}_s": compile_compact(captured, calibration_decisions(cost, which, sizes)).eval()
               for which in ("dense", "half", "empty")}
     inputs = deploy_inputs(captured.example_inputs, batch)
     was_training = reference.training if reference is not None else False

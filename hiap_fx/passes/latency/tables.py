@@ -75,7 +75,8 @@ def monotone(points: Points) -> Points:
 def weighted_call(node: fx.Node, weight: torch.Tensor, batch: int, example_batch: int,
                   dependent: bool) -> Optional[Callable[[int, int], Callable[[], Any]]]:
     """``make(axis, kept) -> fn`` running this linear / ungrouped conv with weight ``axis`` cut to
-    ``kept``, or None for ops that are not timed alone (their share is proportional to MACs)."""
+    ``kept``, or None for ops that are not timed alone (their time is then part of the whole-model
+    fit, see :mod:`.build`)."""
     name = op_name(node)
     x_shape = list(tensor_shape(node.args[0]))
     if dependent and x_shape and x_shape[0] % example_batch == 0:
@@ -115,20 +116,19 @@ def weighted_table(make: Callable[[int, int], Callable[[], Any]], axis: int, ful
 # --- attention kernels -------------------------------------------------------------------------
 
 
-def kernel_call(term: NodeTerm, scale: float, batch: int, example_batch: int
-                ) -> Callable[[int, int, int], Callable[[], Any]]:
+def kernel_call(term: NodeTerm, scale: float, batch: int, example_batch: int,
+                device: torch.device, dtype: torch.dtype) -> Callable[[int, int, int], Callable[[], Any]]:
     """``make(heads, qk_width, v_width) -> fn`` running the kernel of ``term`` on canonical
     [batch-like, heads, tokens, width] operands."""
     rows, _, nq, nk, _, _ = term.dims
     if rows % example_batch == 0:
         rows = rows // example_batch * batch
-    dtype = torch.get_default_dtype()
 
     def make(h: int, wq: int, wv: int) -> Callable[[], Any]:
-        q = torch.randn(rows, h, nq, wq, dtype=dtype)
-        k = torch.randn(rows, h, nk, wq, dtype=dtype)
-        v = torch.randn(rows, h, nk, wv, dtype=dtype)
-        p = torch.randn(rows, h, nq, nk, dtype=dtype)
+        q = torch.randn(rows, h, nq, wq, dtype=dtype, device=device)
+        k = torch.randn(rows, h, nk, wq, dtype=dtype, device=device)
+        v = torch.randn(rows, h, nk, wv, dtype=dtype, device=device)
+        p = torch.randn(rows, h, nq, nk, dtype=dtype, device=device)
         if term.kind == "sdpa":
             if term.dims[4] == term.dims[5]:  # finalize pads to one head dim (flash attention)
                 w = max(wq, wv)
