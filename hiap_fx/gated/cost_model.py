@@ -225,7 +225,8 @@ def symbol_values(sources: list[SymbolSource], decisions: dict[str, torch.Tensor
 
 SYMBOL_LEGEND = ("B batch, N tokens; <site>.h<i> head i on, <site>.z<k> kv head k keeps a value "
                  "dim, <site>.v<k> / <site>.q<k> kept value / q-k dims of kv head k, <site>.on FFN "
-                 "block on, <site>.n kept neurons")
+                 "block on, <site>.n kept neurons; Widest(...) the widest kept width among the live "
+                 "heads of a layer (every live head runs padded to it)")
 
 
 def format_cost(cost: CostModel) -> str:
