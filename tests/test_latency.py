@@ -125,6 +125,10 @@ def test_latency_budget_trains_lands_and_finalizes():
     assert gap <= 0.05
     missed = [w for w in caught if "budget missed: the kept latency" in str(w.message)]
     assert bool(missed) == (gap > cfg.budget_tolerance + 1e-9)
+    r = result.report  # the report speaks of the latency target, not of a MAC target
+    assert r.target_macs is None and r.target_latency == 0.5
+    assert r.target_gap_pp == pytest.approx(100 * (r.latency_ratio - 0.5))
+    assert "of dense latency" in r.to_markdown()
     assert prepared.hard_macs() < prepared.dense_macs
     compact = result.compact
     with torch.no_grad():

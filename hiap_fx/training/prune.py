@@ -159,10 +159,15 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
                             else dense_teacher(prepared), one)
     structure = site_structure(prepared)
     ratio = compact_macs / dense_macs
+    latency = cfg.cost == "latency"
+    reached = prepared.budget_ratio() if latency else ratio
+    target = cfg.budget_fraction
     report = PruneReport(
-        model=prepared.plan.model, target_macs=cfg.target_macs, dense_macs=dense_macs,
+        model=prepared.plan.model, target_macs=None if latency else cfg.target_macs,
+        target_latency=target if latency else None,
+        latency_ratio=prepared.budget_ratio() if latency else None, dense_macs=dense_macs,
         compact_macs=compact_macs, kept_ratio=ratio,
-        target_gap_pp=None if cfg.target_macs is None else 100.0 * (ratio - cfg.target_macs),
+        target_gap_pp=None if target is None else 100.0 * (reached - target),
         dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
         dense_accuracy=run.dense_accuracy,
         compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,

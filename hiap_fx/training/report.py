@@ -60,7 +60,12 @@ class PruneReport(_Base):
     dense_macs: int = Field(description="MACs of the dense model for one input example (count_macs)")
     compact_macs: int = Field(description="MACs of the compact model for one input example (count_macs)")
     kept_ratio: float = Field(description="compact_macs / dense_macs")
-    target_gap_pp: Optional[float] = Field(None, description="100 * (kept_ratio - target)")
+    target_latency: Optional[float] = Field(None, description="cost='latency': the latency fraction "
+                                            "aimed at (target_macs is then None)")
+    latency_ratio: Optional[float] = Field(None, description="cost='latency': predicted latency of the "
+                                           "compact model / dense latency, as calibrated")
+    target_gap_pp: Optional[float] = Field(None, description="100 * (kept_ratio - target_macs), or with "
+                                           "cost='latency' 100 * (latency_ratio - target_latency)")
     dense_params: int
     compact_params: int
     dense_accuracy: Optional[float] = None
@@ -86,6 +91,10 @@ class PruneReport(_Base):
                  f"| parameters | {self.dense_params:,} | {self.compact_params:,} "
                  f"({pct(self.compact_params / max(self.dense_params, 1))}) |",
                  f"| accuracy | {pct(self.dense_accuracy)} | {pct(self.compact_accuracy)} |", ""]
+        if self.target_latency is not None:
+            lines.append(f"Target {pct(self.target_latency)} of dense latency (calibrated on this "
+                         f"machine), predicted {pct(self.latency_ratio)} ({self.target_gap_pp:+.2f} pp); "
+                         f"end-of-run logit shift {self.budget_shift:+.3f}.")
         if self.target_macs is not None:
             lines.append(f"Target {pct(self.target_macs)} of dense MACs, reached {pct(self.kept_ratio)} "
                          f"({self.target_gap_pp:+.2f} pp); training ended at {pct(self.trained_ratio)}, "
