@@ -60,16 +60,22 @@ def peer_rows(name: str, dense, x, target: float, seconds: float, batches=(1, 8)
     return lines, f"| {name} | {t_prep:.2f} | {t_fin:.2f} |"
 
 
-def hiap_shaped(model, x: torch.Tensor, target: float, seed: int = 0):
-    """Prepare, draw heterogeneous gate logits, land them on ``target``, finalize; with timings."""
-    t0 = time.perf_counter()
-    prepared = hiap_fx.prepare(model, x).eval()
-    t_prepare = time.perf_counter() - t0
+def draw_hiap_shaped(prepared, target: float, seed: int) -> None:
+    """Random gate logits (heterogeneous heads, widths and neuron counts) landed on ``target`` of
+    the prepared model's budgeted cost (MACs, or latency with cost="latency")."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in prepared.gate_modules().values():
             gate.logits.copy_(torch.randn(gate.logits.shape, generator=g) * 2 + 2)
     land_on_budget(prepared, target, 0.005)
+
+
+def hiap_shaped(model, x: torch.Tensor, target: float, seed: int = 0):
+    """Prepare, draw heterogeneous gate logits, land them on ``target``, finalize; with timings."""
+    t0 = time.perf_counter()
+    prepared = hiap_fx.prepare(model, x).eval()
+    t_prepare = time.perf_counter() - t0
+    draw_hiap_shaped(prepared, target, seed)
     t0 = time.perf_counter()
     compact = hiap_fx.finalize(prepared)
     return compact, t_prepare, time.perf_counter() - t0

@@ -81,7 +81,7 @@ def test_latency_model_reproduces_its_calibration_and_is_cached(monkeypatch):
     assert on == pytest.approx(cache["dense_s"], rel=1e-6)
     assert prepared.dense_latency == cache["reference_s"]
     assert prepared.min_budget_ratio() * prepared.dense_latency == pytest.approx(cache["empty_s"], rel=1e-6)
-    half = build.calibration_decisions(lat, "half")
+    half = build.calibration_decisions(lat, "half", build.gate_sizes(prepared.captured))
     values = symbol_values(lat.sources, {k: v.double() for k, v in half.items()}, lat.group_sizes)
     assert cache["empty_s"] < lat.evaluate(values.tolist()) < cache["dense_s"]
     # each timed node is its table (times the fitted scale): the last point with every unit

@@ -212,9 +212,12 @@ class PreparedModel(nn.Module):
     def budget_ratio(self, hard: bool = True) -> float:
         """The budgeted cost (MACs or latency) of the eval-mode network (``hard``) or its
         expectation, as a fraction of dense."""
-        if self.config.cost != "latency":
-            return (self.hard_macs() if hard else float(self.expected_macs())) / self.dense_macs
-        return (self.hard_latency() if hard else float(self.expected_latency())) / self.dense_latency
+        model = self.budget_model
+        if hard:
+            values: list = [int(v) for v in self._values(hard=True).round().long().tolist()]
+        else:
+            values = list(self._values(hard=False).unbind())
+        return float(model.evaluate(values)) / dense_cost(model)
 
     def min_budget_ratio(self) -> float:
         """The budgeted cost with every gate closed, as a fraction of dense."""

@@ -159,13 +159,13 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
                             else dense_teacher(prepared), one)
     structure = site_structure(prepared)
     ratio = compact_macs / dense_macs
-    latency = cfg.cost == "latency"
-    reached = prepared.budget_ratio() if latency else ratio
+    latency_ratio = prepared.budget_ratio() if cfg.cost == "latency" else None
+    reached = ratio if latency_ratio is None else latency_ratio
     target = cfg.budget_fraction
     report = PruneReport(
-        model=prepared.plan.model, target_macs=None if latency else cfg.target_macs,
-        target_latency=target if latency else None,
-        latency_ratio=prepared.budget_ratio() if latency else None, dense_macs=dense_macs,
+        model=prepared.plan.model, target_macs=cfg.target_macs if latency_ratio is None else None,
+        target_latency=None if latency_ratio is None else target,
+        latency_ratio=latency_ratio, dense_macs=dense_macs,
         compact_macs=compact_macs, kept_ratio=ratio,
         target_gap_pp=None if target is None else 100.0 * (reached - target),
         dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),

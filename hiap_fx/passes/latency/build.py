@@ -23,7 +23,8 @@ from hiap_fx.files.atomic import write_text
 from hiap_fx.gated.bundles import GATES_ATTR
 from hiap_fx.gated.cost_model import CostModel, NodeTerm, symbol_values
 from hiap_fx.gated.decisions import gate_key
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, node_shape
+from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.latency.tables import (
     Points,
     kernel_call,
@@ -95,7 +96,7 @@ def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compac
                                   if k in cached}
     if "dense_s" not in measured or (reference is not None and "reference_s" not in measured):
         measured = _whole_models(cost, captured, compile_compact, batch, reference)
-    node_exprs = _fit(cost, exprs, measured)
+    node_exprs = _fit(cost, exprs, measured, gate_sizes(cg))
     if any(measured.get(k) != cached.get(k) for k in measured) or "tables" not in cached:
         write_text(path, json.dumps({"key": key, "tables": tables, **measured}))
     return CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=cost.sources,
@@ -104,13 +105,14 @@ def build_latency_model(cost: CostModel, captured: CapturedGraph, compile_compac
                      unit="seconds", reference=measured.get("reference_s"))
 
 
-def _fit(cost: CostModel, exprs: dict[str, sympy.Expr], measured: dict[str, float]) -> dict[str, sympy.Expr]:
+def _fit(cost: CostModel, exprs: dict[str, sympy.Expr], measured: dict[str, float],
+         sizes: dict[str, int]) -> dict[str, sympy.Expr]:
     """latency = fixed + scale x (sum of node tables) + overhead x (sites that run), solved from
     the three whole-model timings (every unit kept, half of every gate's units kept, every gate
     closed): the scale absorbs how ops timed alone differ from ops inside the model, the
     overhead the norms, activations and adds that go with a removed sub-layer."""
     sites = [s for s, alive in cost.site_alive.items() if alive.free_symbols]
-    dense, empty, half = (_values(cost, which) for which in ("dense", "empty", "half"))
+    dense, empty, half = (_values(cost, which, sizes) for which in ("dense", "empty", "half"))
 
     def tables_at(values: dict) -> float:
         return sum(float(e.xreplace(values)) for e in exprs.values())
@@ -134,9 +136,6 @@ def _fit(cost: CostModel, exprs: dict[str, sympy.Expr], measured: dict[str, floa
 
 def _signature(node, term: NodeTerm, dependent: bool) -> str:
     """What a node's timing depends on: its op, operand shapes and the gated axis or widths."""
-    from hiap_fx.graph.ir import node_shape
-    from hiap_fx.graph.ops import op_name
-
     shapes = [node_shape(a) for a in node.args if hasattr(a, "meta")]
     scalars = [a for a in node.args if isinstance(a, (int, float, tuple, list))]
     gated = [bool(f.free_symbols) for f in term.factors]
@@ -145,18 +144,16 @@ def _signature(node, term: NodeTerm, dependent: bool) -> str:
                        dependent, repr(sorted(node.kwargs.items()))])
 
 
-def _values(cost: CostModel, which: str) -> dict[sympy.Symbol, float]:
+def _values(cost: CostModel, which: str, sizes: dict[str, int]) -> dict[sympy.Symbol, float]:
     """Symbol values of the dense, empty or half decisions (:func:`calibration_decisions`)."""
-    decisions = {k: v.double() for k, v in calibration_decisions(cost, which).items()}
+    decisions = {k: v.double() for k, v in calibration_decisions(cost, which, sizes).items()}
     values = symbol_values(cost.sources, decisions, cost.group_sizes) if decisions else torch.zeros(0)
     return {s.symbol: float(v) for s, v in zip(cost.sources, values.tolist())}
 
 
-def calibration_decisions(cost: CostModel, which: str,
-                          sizes: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
+def calibration_decisions(cost: CostModel, which: str, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """Decisions of every gate: all kept (``dense``), none (``empty``) or, per gate group, the
     first half of the units (``half``; block gates stay on)."""
-    sizes = sizes if sizes is not None else _source_sizes(cost)
     out = {}
     for key, n in sizes.items():
         if which != "half":
@@ -166,15 +163,6 @@ def calibration_decisions(cost: CostModel, which: str,
         keep = (torch.arange(n) % group) < max(1, (group + 1) // 2)
         out[key] = keep if n > 1 else torch.ones(n, dtype=torch.bool)
     return out
-
-
-def _source_sizes(cost: CostModel) -> dict[str, int]:
-    """Units per gate, from the symbols that read it (unit index + 1, or groups x group size)."""
-    sizes: dict[str, int] = {}
-    for s in cost.sources:
-        n = (s.index + 1) * cost.group_sizes.get(s.gate, 1) if s.reduce != "unit" else s.index + 1
-        sizes[s.gate] = max(sizes.get(s.gate, 0), n)
-    return sizes
 
 
 def _weighted(node, term: NodeTerm, params: dict[str, torch.Tensor], batch: int, example_batch: int,
@@ -214,7 +202,7 @@ def _whole_models(cost: CostModel, captured: CapturedGraph, compile_compact: Cal
                   reference: Optional[torch.nn.Module]) -> dict[str, float]:
     """Seconds per call of the compact model with every unit kept, half of them and every gate
     closed (and of ``reference``, the user's model, when given), timed in turn."""
-    sizes = _gate_sizes(captured)
+    sizes = gate_sizes(captured)
     models = {f"{which}_s": compile_compact(captured, calibration_decisions(cost, which, sizes)).eval()
               for which in ("dense", "half", "empty")}
     inputs = deploy_inputs(captured.example_inputs, batch)
@@ -230,7 +218,8 @@ def _whole_models(cost: CostModel, captured: CapturedGraph, compile_compact: Cal
     return dict(zip(models, times))
 
 
-def _gate_sizes(captured: CapturedGraph) -> dict[str, int]:
+def gate_sizes(captured: CapturedGraph) -> dict[str, int]:
+    """Units per gate, by gate key, of the gated graph."""
     bundles = getattr(captured.gm, GATES_ATTR)
     out: dict[str, int] = {}
     for bundle in bundles.values():

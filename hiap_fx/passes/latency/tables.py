@@ -56,10 +56,6 @@ def interpolate(points: Points, x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def timed(fn: Callable[[], Any], min_time: float) -> float:
-    return median_seconds(fn, min_time)
-
-
 def monotone(points: Points) -> Points:
     """Running maximum of the timings: keeping more units never predicts less time (timing noise
     would otherwise make the budget non-monotone in the gates, and landing on it ambiguous)."""
@@ -110,7 +106,7 @@ def weighted_call(node: fx.Node, weight: torch.Tensor, batch: int, example_batch
 
 def weighted_table(make: Callable[[int, int], Callable[[], Any]], axis: int, full: int, align: int,
                    min_time: float) -> Points:
-    return monotone([(0.0, 0.0)] + [(float(k), timed(make(axis, k), min_time)) for k in size_grid(full, align)])
+    return monotone([(0.0, 0.0)] + [(float(k), median_seconds(make(axis, k), min_time)) for k in size_grid(full, align)])
 
 
 # --- attention kernels -------------------------------------------------------------------------
@@ -146,13 +142,13 @@ def kernel_tables(term: NodeTerm, make: Callable[[int, int, int], Callable[[], A
     together: x = q/k width + v width as the term uses them) at all heads."""
     _, H, _, _, dq, dv = term.dims
     full_q, full_v = widths(term, dq, dv, 1.0)
-    by_heads = monotone([(0.0, 0.0)] + [(float(h), timed(make(h, dq, dv), min_time)) for h in head_grid(H)])
+    by_heads = monotone([(0.0, 0.0)] + [(float(h), median_seconds(make(h, dq, dv), min_time)) for h in head_grid(H)])
     by_width: Points = []
     if width_symbol(term) is not None:
         full = full_q + full_v
         for k in size_grid(full, align):
             wq, wv = widths(term, dq, dv, k / full)
-            by_width.append((float(wq * gated_q(term) + wv * gated_v(term)), timed(make(H, wq, wv), min_time)))
+            by_width.append((float(wq * gated_q(term) + wv * gated_v(term)), median_seconds(make(H, wq, wv), min_time)))
         by_width = monotone(sorted(dict(by_width).items()))
     return by_heads, by_width
 
