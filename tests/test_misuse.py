@@ -355,7 +355,7 @@ def test_a_loader_failing_mid_run_names_step_epoch_and_checkpoint(tmp_path):
     with pytest.raises(hiap_fx.DataError, match=r"failed at step 5 \(epoch 1, batch 2\): OSError: "
                                                 r"Input/output error.*ck.pt \(step 4\)") as info:
         hiap_fx.prune(_vit(), FlakyLoader(_data(), fail_at=6), hiap_fx.PruneConfig(target_macs=0.6),
-                      steps=10, checkpoint=ck, checkpoint_every=2, progress=False)
+                      steps=10, finetune_steps=0, checkpoint=ck, checkpoint_every=2, progress=False)
     assert isinstance(info.value.__cause__, OSError)
     resumed = hiap_fx.prune(ck, _data(), progress=False)  # the named checkpoint resumes
     assert resumed.report.steps == 10

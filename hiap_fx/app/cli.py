@@ -125,7 +125,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if source is None:
         target = 0.5 if args.target is None else args.target
         fields = {"target_macs": target, "lr": args.lr, "gate_lr": args.gate_lr, "seed": args.seed,
-                  "frontend": args.frontend}
+                  "frontend": args.frontend, "finetune_fraction": args.finetune_fraction}
         if args.cost == "latency":
             fields.update(cost="latency", target_latency=target, latency_batch=args.latency_batch or 1)
         config = PruneConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--lr", type=float, help="weights' learning rate (default: PruneConfig's)")
     r.add_argument("--gate-lr", type=float, help="gate logits' learning rate (default: automatic)")
+    r.add_argument("--finetune-fraction", type=float, help="last fraction of the steps that fine-tunes "
+                   "the finalized compact model (default: PruneConfig's 0.5; 0: one phase)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--limit", type=int, help="use at most this many examples per split (smoke runs)")
     r.add_argument("--eval-batches", type=int, help="batches per intermediate evaluation")

@@ -77,6 +77,22 @@ def fashion_mnist(train: bool = True, root: Optional[str] = None, download: bool
     return dataset
 
 
+def shift_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Standard light augmentation of a batch ``[n, C, H, W]``: each image translated by up to
+    ``pad`` pixels in each direction (the border filled with the batch's minimum: the background
+    of normalised Fashion-MNIST) and flipped left-right with probability 1/2."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=float(images.min()))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(-1, images.shape[1], -1, w + 2 * pad)
+    cropped = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(-1, images.shape[1], h, -1)
+    out = cropped.gather(3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
 class _Resized(Dataset):
     """Resize (bilinear) and repeat channels of each image of a dataset when it is read."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Optional
+from typing import Mapping, Optional
 
 import sympy
 from torch import fx, nn
@@ -39,7 +39,7 @@ _PREFIX_TOKENS = 16  # rows this far below N (patches without cls/register token
 
 
 class _Builder:
-    def __init__(self, cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module]) -> None:
+    def __init__(self, cg: CapturedGraph, plan: Plan, bundles: Mapping[str, nn.Module]) -> None:
         self.cg, self.plan, self.bundles = cg, plan, bundles
         self.nodes = {n.name: n for n in cg.gm.graph.nodes}
         self.sources: list[SymbolSource] = []
@@ -253,7 +253,7 @@ def measured_macs(n: fx.Node) -> int:
     return measured if measured is not None else node_macs(n)
 
 
-def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: dict[str, nn.Module]) -> CostModel:
+def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: Mapping[str, nn.Module]) -> CostModel:
     """The cost model of the gated graph of ``cg`` (shapes recorded by the propagate pass)."""
     b = _Builder(cg, plan, bundles)
     for site in plan.attention:

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
 from hiap_fx.gated.bundles import GATES_ATTR, AttentionGates, FFNGates, SiteGates, broadcast_shape
+from hiap_fx.gated.importance import init_from_importance
 from hiap_fx.graph.ir import arg_node, copy_facts, node_rank
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
@@ -124,17 +125,19 @@ def gate_nodes(graph: fx.Graph) -> tuple[set[fx.Node], dict[fx.Node, fx.Node]]:
     return added, scaled
 
 
-def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, nn.Module]:
+def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, SiteGates]:
     """Add one gate bundle per site to ``gm`` (under ``hiap_gates``) and wire its masks in.
 
-    Returns the bundles by site name. Mutates ``gm`` (which is already the prepared copy).
+    Logits start at ``cfg.gate_init``, spread by weight magnitude when ``cfg.importance_init``
+    is set (:mod:`hiap_fx.gated.importance`). Returns the bundles by site name. Mutates ``gm``
+    (which is already the prepared copy).
     """
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     first = next(n for n in graph.nodes if n.op != "placeholder")
     container = nn.ModuleDict()
     gm.add_module(GATES_ATTR, container)
-    bundles: dict[str, nn.Module] = {}
+    bundles: dict[str, SiteGates] = {}
     taken: set[str] = set()
 
     def masks_of(site_name: str, bundle: SiteGates) -> dict[str, fx.Node]:
@@ -170,6 +173,8 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
             _multiply_arg(graph, out, 0, m["hidden"])
         if "branch" in m:
             _multiply_output(graph, out, m["branch"])
+    if cfg.importance_init > 0:
+        init_from_importance(dict(gm.named_parameters()), plan, bundles, cfg.gate_init, cfg.importance_init)
     graph.lint()
     gm.recompile()
     return bundles

@@ -63,7 +63,7 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Mod
 
 def checkpoint_summary(path: Any) -> dict[str, Any]:
     """What a checkpoint holds, read weights-only: ``input_shape`` (one example), ``target_macs``,
-    ``total`` and ``step``."""
+    ``total`` (steps of the whole run, recovery fine-tune included) and ``step``."""
     from hiap_fx.config import PruneConfig
     from hiap_fx.files.reading import read_payload
 
@@ -72,7 +72,7 @@ def checkpoint_summary(path: Any) -> dict[str, Any]:
         config = PruneConfig.model_validate_json(state["prepared"]["config"])
         shape = tuple(state["prepared"]["example_inputs"][0].shape)
         return {"input_shape": shape, "target_macs": config.target_macs,
-                "total": int(state["total"]), "step": int(state["step"])}
+                "total": int(state["total"]) + int(state.get("finetune", 0)), "step": int(state["step"])}
     except Exception as exc:
         raise FileError(f"{path}: not a complete hiap_fx.prune checkpoint ({type(exc).__name__}: "
                         f"{str(exc)[:200]})") from None

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from hiap_fx.gated.budget import hard_ratio
 from hiap_fx.gated.prepared import PreparedModel
 from hiap_fx.training.batches import call_model, first_inputs, split_batch, to_device
 from hiap_fx.training.checkpoint import rng_state, set_rng_state
-from hiap_fx.training.classify import evaluate, logits_of
+from hiap_fx.training.classify import distillation_loss, evaluate, logits_of
 from hiap_fx.training.epochs import batches_per_epoch, epoch_iterator, next_batch, rank_and_world, total_steps
 from hiap_fx.training.report import HistoryPoint, PruneReport, site_structure
 from hiap_fx.training.run import PruneRun, frozen_copy
@@ -45,19 +44,6 @@ def share_latency_model(prepared: PreparedModel) -> None:
     prepared.latency_model = box[0].compile() if box[0] is not None else None
 
 
-def distillation_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], target: torch.Tensor,
-                      alpha: float, temperature: float) -> torch.Tensor:
-    """``(1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
-    plain cross-entropy without a teacher."""
-    ce = F.cross_entropy(student, target)
-    if teacher is None or alpha == 0.0:
-        return ce
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                  reduction="batchmean", log_target=True)
-    return (1.0 - alpha) * ce + alpha * t * t * kl
-
-
 def _one_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(t[:1] for t in inputs)
 
@@ -73,14 +59,15 @@ def dense_teacher(prepared: PreparedModel) -> nn.Module:
     return gm.eval().requires_grad_(False)
 
 
-def _data_parallel(prepared: PreparedModel, device: torch.device) -> nn.Module:
-    """``prepared`` wrapped in DistributedDataParallel (rank 0's weights and gates are broadcast
-    to every rank; gradients, gate logits' included, are averaged). The budget terms are computed
-    on ``prepared`` itself, identically on every rank, from identical gate logits."""
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` (the prepared model, or the compact one being fine-tuned) wrapped in
+    DistributedDataParallel (rank 0's weights and gates are broadcast to every rank; gradients,
+    gate logits' included, are averaged). The budget terms are computed on the prepared model
+    itself, identically on every rank, from identical gate logits."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(prepared, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _mixed_precision(cfg: PruneConfig, device: torch.device) -> tuple[Any, Any]:
@@ -107,14 +94,25 @@ def _log_point(run: PruneRun, loss: float, task: float, tau: float) -> HistoryPo
         neurons_kept=sum(s.neurons_kept or 0 for s in structure if s.kind == "ffn"))
 
 
+def split_steps(total: int, finetune_steps: Optional[int], cfg: PruneConfig) -> tuple[int, int]:
+    """(search steps, recovery fine-tune steps) of a run of ``total`` steps: ``finetune_steps``
+    when given, else ``cfg.finetune_fraction`` of the total; the search keeps at least one step."""
+    tune = int(round(cfg.finetune_fraction * total)) if finetune_steps is None else finetune_steps
+    if int(tune) != tune or not 0 <= tune < total:
+        raise InputError(f"finetune_steps must be an integer in [0, {total - 1}] (the run has {total} "
+                         f"steps and the search needs at least one), got {finetune_steps}")
+    return total - int(tune), int(tune)
+
+
 def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: PruneConfig,
-             steps: Optional[int], epochs: Optional[float], teacher: Union[str, nn.Module, None],
-             example_inputs: Any, eval_data: Optional[Iterable]) -> "PruneRun":
+             steps: Optional[int], epochs: Optional[float], finetune_steps: Optional[int],
+             teacher: Union[str, nn.Module, None], example_inputs: Any,
+             eval_data: Optional[Iterable]) -> "PruneRun":
     """Prepare (unless given a PreparedModel), build the teacher and optimizer, measure the dense
     accuracy: the state of a run at step 0."""
     from hiap_fx.api import prepare
 
-    steps = total_steps(train_data, steps, epochs)
+    steps, tune = split_steps(total_steps(train_data, steps, epochs), finetune_steps, cfg)
     torch.manual_seed(cfg.seed)
     if isinstance(model, PreparedModel):
         prepared = model
@@ -134,7 +132,7 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
         teacher_module = None
     else:
         raise InputError(f"teacher must be 'dense', a module or None, got {teacher!r}")
-    run = PruneRun(prepared, teacher_module, steps, dense_params, teacher_is_dense)
+    run = PruneRun(prepared, teacher_module, steps, dense_params, teacher_is_dense, finetune=tune)
     torch.manual_seed(cfg.seed)
     run.rng = rng_state()
     if eval_data is not None:
@@ -143,8 +141,38 @@ def _new_run(model: Union[nn.Module, PreparedModel], train_data: Iterable, cfg: 
     return run
 
 
-def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
-    """Land on the budget, finalize, measure and report."""
+def _recover(run: "PruneRun", compact: nn.Module, train_data: Iterable, eval_data: Optional[Iterable],
+             progress: bool) -> Optional[float]:
+    """The recovery fine-tune of the run's last ``run.finetune`` steps (data continues where the
+    search stopped); returns the compact model's accuracy before it (with ``eval_data``)."""
+    from hiap_fx.training.recovery import recovery_finetune
+
+    if not run.finetune:
+        return None
+    before = evaluate(compact, eval_data) if eval_data is not None else None
+    device = next(compact.parameters()).device
+    _, world = rank_and_world()
+
+    def batches() -> Iterator[Any]:
+        it = run.iterator
+        if it is None and run.offset and run.offset != batches_per_epoch(train_data):
+            it = epoch_iterator(train_data, run.seed, run.epoch, run.offset)  # resumed at the end
+        while True:
+            yield next_batch(run, train_data, it)
+            it = run.iterator
+
+    cfg = run.prepared.config
+    # bf16 autocast as in the search; fp16 would need its gradient scaler: that fine-tune runs in fp32
+    autocast, _ = _mixed_precision(cfg if cfg.amp == "bf16" else cfg.model_copy(update={"amp": None}), device)
+    recovery_finetune(compact, batches(), run.finetune, cfg, run.teacher,
+                      forward=_data_parallel(compact, device) if world > 1 else None,
+                      autocast=autocast, progress=progress and rank_and_world()[0] == 0)
+    return before
+
+
+def _finish(run: "PruneRun", train_data: Iterable, eval_data: Optional[Iterable],
+            progress: bool) -> PruneResult:
+    """Land on the budget, finalize, recover (when asked), measure and report."""
     from hiap_fx.api import finalize
     from hiap_fx.graph.counting import count_macs
 
@@ -153,6 +181,9 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
     trained_ratio = hard_ratio(prepared)
     shift = prepared.land_on_budget()
     compact = finalize(prepared)
+    started = time.perf_counter()
+    before_finetune = _recover(run, compact, train_data, eval_data, progress)
+    run.seconds += time.perf_counter() - started
     one = _one_example(prepared.example_inputs)
     compact_macs = count_macs(compact, one)
     dense_macs = count_macs(run.teacher if run.teacher_is_dense and run.teacher is not None
@@ -171,7 +202,8 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
         dense_params=run.dense_params, compact_params=sum(p.numel() for p in compact.parameters()),
         dense_accuracy=run.dense_accuracy,
         compact_accuracy=evaluate(compact, eval_data) if eval_data is not None else None,
-        steps=run.step, seconds=run.seconds, trained_ratio=trained_ratio, budget_shift=shift, sites=structure,
+        accuracy_before_finetune=before_finetune, finetune_steps=run.finetune,
+        steps=run.step + run.finetune, seconds=run.seconds, trained_ratio=trained_ratio, budget_shift=shift, sites=structure,
         removed_sublayers=[s.site for s in structure if s.removed], history=run.history)
     return PruneResult(compact=compact, prepared=prepared, report=report)
 
@@ -179,7 +211,8 @@ def _finish(run: "PruneRun", eval_data: Optional[Iterable]) -> PruneResult:
 def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterable,
           config: Optional[PruneConfig] = None, steps: Optional[int] = None,
           epochs: Optional[float] = None, eval_data: Optional[Iterable] = None,
-          teacher: Union[str, nn.Module, None] = "dense", *, example_inputs: Any = None,
+          teacher: Union[str, nn.Module, None] = "dense", *, finetune_steps: Optional[int] = None,
+          example_inputs: Any = None,
           checkpoint: Union[str, Path, None] = None, checkpoint_every: Optional[int] = None,
           stop_after: Optional[int] = None, eval_every: Optional[int] = None,
           eval_batches: Optional[int] = None, log_every: Optional[int] = None,
@@ -193,13 +226,18 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         train_data / eval_data: iterables of ``(inputs, targets)`` batches, e.g. DataLoaders.
             ``train_data`` is re-iterated once per epoch.
         config: a :class:`PruneConfig` (target, lambdas, schedule, learning rates, seed).
-        steps / epochs: the length of the run (default: one epoch).
+        steps / epochs: the length of the run (default: one epoch), recovery fine-tune included.
+        finetune_steps: the last this many steps fine-tune the finalized compact model (same
+            loss, no gates; :mod:`hiap_fx.training.recovery`); the gated search gets the rest.
+            Default: ``config.finetune_fraction`` of the run. Checkpoints cover the search; a
+            run resumed after it finalizes again and repeats the fine-tune.
         teacher: ``"dense"`` (a frozen copy of the dense model), a module, or ``None`` (no
             distillation).
         example_inputs: the input to prepare with (default: two items of the first batch).
         checkpoint / checkpoint_every: write a checkpoint there every this many steps and at the end.
         stop_after: stop (after checkpointing) once this many steps are done, without finalizing;
-            returns ``None`` then. For splitting a run into jobs.
+            returns ``None`` then. For splitting a run into jobs. A stop inside the recovery
+            fine-tune stops at the end of the search (the fine-tune is not checkpointed).
         eval_every / eval_batches: measure eval-mode accuracy this often on so many batches
             (default: 8 times per run on all of ``eval_data``).
         log_every: record a history point this often (default: 100 points per run).
@@ -218,19 +256,23 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
         if config is not None and config != cfg:
             raise InputError(f"resuming {model}: the checkpoint was written with another config; "
                              "resume without config= (its own is used)")
-        if steps is not None or epochs is not None:
-            asked = total_steps(train_data, steps, epochs)
-            if asked != run.total:
-                raise InputError(f"resuming {model}: the run was started for {run.total} steps, "
-                                 f"{asked} were asked now; resume without steps=/epochs= (a run "
-                                 "keeps its length: its schedules depend on it), or start a new "
+        if steps is not None or epochs is not None or finetune_steps is not None:
+            asked = total_steps(train_data, steps, epochs) if steps is not None or epochs is not None \
+                else run.total + run.finetune
+            if split_steps(asked, finetune_steps, cfg) != (run.total, run.finetune):
+                raise InputError(f"resuming {model}: the run was started for {run.total + run.finetune} "
+                                 f"steps, {asked} were asked now (of them fine-tuning: {run.finetune} "
+                                 f"then, finetune_steps={finetune_steps} now); resume without "
+                                 "steps=/epochs=/finetune_steps= (a run keeps its length: its "
+                                 "schedules depend on it), or start a new "
                                  "run")
     else:
         if isinstance(model, PreparedModel) and config is not None and config != model.config:
             raise InputError("the PreparedModel was prepared with another config (its gates, cost and "
                              "controller follow prepared.config); pass config=None or prepare again")
         cfg = config or (model.config if isinstance(model, PreparedModel) else PruneConfig())
-        run = _new_run(model, train_data, cfg, steps, epochs, teacher, example_inputs, eval_data)
+        run = _new_run(model, train_data, cfg, steps, epochs, finetune_steps, teacher, example_inputs,
+                       eval_data)
         prepared = run.prepared
 
     total = run.total
@@ -299,7 +341,7 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     run.seconds = time.perf_counter() - started
     if checkpoint is not None:
         run.save(checkpoint)
-    if run.step < total:
+    if run.step < total or (stop_after is not None and stop_after < total + run.finetune):
         return None  # type: ignore[return-value]  # stop_after: documented, no result yet
 
-    return _finish(run, eval_data)
+    return _finish(run, train_data, eval_data, progress)

@@ -70,7 +70,11 @@ class PruneReport(_Base):
     compact_params: int
     dense_accuracy: Optional[float] = None
     compact_accuracy: Optional[float] = None
-    steps: int
+    accuracy_before_finetune: Optional[float] = Field(None, description="compact accuracy after the "
+                                                      "search, before the recovery fine-tune (when "
+                                                      "one ran and eval data was given)")
+    steps: int = Field(description="training steps in all: the gated search plus the recovery fine-tune")
+    finetune_steps: int = Field(0, description="of them, recovery fine-tune steps of the compact model")
     seconds: float
     trained_ratio: float = Field(description="kept MACs / dense MACs when training ended, before "
                                  "the end-of-run landing")
@@ -91,6 +95,9 @@ class PruneReport(_Base):
                  f"| parameters | {self.dense_params:,} | {self.compact_params:,} "
                  f"({pct(self.compact_params / max(self.dense_params, 1))}) |",
                  f"| accuracy | {pct(self.dense_accuracy)} | {pct(self.compact_accuracy)} |", ""]
+        if self.finetune_steps:
+            lines.append(f"{self.steps - self.finetune_steps} search steps, then {self.finetune_steps} "
+                         f"recovery fine-tune steps (accuracy before it {pct(self.accuracy_before_finetune)}).")
         if self.target_latency is not None:
             lines.append(f"Target {pct(self.target_latency)} of dense latency (calibrated on this "
                          f"machine), predicted {pct(self.latency_ratio)} ({self.target_gap_pp:+.2f} pp); "

@@ -47,11 +47,12 @@ class PruneRun:
     """State of one pruning run (everything a checkpoint holds)."""
 
     def __init__(self, prepared: PreparedModel, teacher: Optional[nn.Module], total: int,
-                 dense_params: int, teacher_is_dense: bool) -> None:
+                 dense_params: int, teacher_is_dense: bool, finetune: int = 0) -> None:
         self.prepared = prepared
         self.teacher = teacher
         self.teacher_is_dense = teacher_is_dense
-        self.total = total
+        self.total = total  # steps of the gated search (its schedules span these)
+        self.finetune = finetune  # recovery fine-tune steps after it
         self.dense_params = dense_params
         self.step = 0
         self.epoch = 0  # data position: epoch and batches consumed in it
@@ -82,6 +83,7 @@ class PruneRun:
         state = {
             "format": CHECKPOINT_FORMAT, "prepared": prepared_payload(self.prepared),
             "teacher": teacher, "teacher_is_dense": self.teacher_is_dense, "total": self.total,
+            "finetune": self.finetune,
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
             "optimizer": optimizer_state_by_name(self.optimizer, self.prepared),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
@@ -149,7 +151,7 @@ class PruneRun:
         """The run a checkpoint describes (either format): position, optimizer, schedule, RNG,
         history."""
         run = cls(prepared, teacher, int(state["total"]), int(state["dense_params"]),
-                  bool(state["teacher_is_dense"]))
+                  bool(state["teacher_is_dense"]), int(state.get("finetune", 0)))
         run.step, run.epoch, run.offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
         load_optimizer(run)
         run.scheduler.load_state_dict(state["scheduler"])
