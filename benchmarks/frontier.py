@@ -302,11 +302,11 @@ def measure_latency(out: Path, patch: int, dense: nn.Module, seconds: float) -> 
 
 
 def planned(patch: int, methods: Sequence[str], seeds: Sequence[int], ablation_seeds: Sequence[int],
-            ablation_targets: Sequence[float]) -> list[tuple]:
+            ablation_targets: Sequence[float], targets: Sequence[float] = TARGETS) -> list[tuple]:
     """The runs of one model, seed by seed (so the first seed of every method comes first)."""
     runs = []
     for seed in sorted(set(seeds) | set(ablation_seeds)):
-        for target in TARGETS:
+        for target in targets:
             for method in methods:
                 if method in MAIN and seed in seeds or (seed in ablation_seeds and target in ablation_targets):
                     runs.append((patch, method, target, seed))
@@ -323,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     ap.add_argument("--ablation-seeds", type=int, nargs="+", help="seeds of the HiAP ablations (default 0)")
     ap.add_argument("--ablation-patches", type=int, nargs="+", default=[7],
                     help="models the ablations run on (default: patch 7)")
+    ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), choices=TARGETS,
+                    help="budgets to train, in this order (default: 0.5 0.3)")
     ap.add_argument("--ablation-targets", type=float, nargs="+", default=list(TARGETS),
                     choices=TARGETS, help="budgets the ablations run at (default: both)")
     ap.add_argument("--steps", type=int, help=f"training steps per run (default {STEPS}; quick 12)")
@@ -347,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
         dense, info = teacher(patch, args.quick, train)
         teachers[patch] = evaluate(dense, test)
         runs = planned(patch, [m for m in methods if patch in args.ablation_patches or m in MAIN],
-                       seeds, ablation_seeds, args.ablation_targets)
+                       seeds, ablation_seeds, args.ablation_targets, args.targets)
         for _, method, target, seed in runs:
             path = out / f"p{patch}" / f"{slug(method)}_{round(100 * target)}_s{seed}.json"
             cached = json.loads(path.read_text()) if path.exists() else None
@@ -373,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
                   f"(before FT {'-' if before is None else f'{100 * before:.2f}%'}) MACs "
                   f"{100 * row['macs_ratio']:.1f}% {row['seconds']:.0f} s", flush=True)
         if args.latency:
-            latency[patch] = measure_latency(out, patch, dense, 2.0 if args.quick else 6.0)
+            latency[patch] = measure_latency(out, patch, dense, 1.0 if args.quick else 2.5)
     rows = [r for r in rows_of(out) if r["patch"] in teachers]
     lines: list[str] = []
     for patch in patches:

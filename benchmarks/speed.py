@@ -5,12 +5,12 @@ eval, inference mode) as a ratio to the MAC ratio:
   heterogeneous decisions (random gate logits landed on the budget by land_on_budget: heads of
   different widths, different neuron counts per layer), side by side with Torch-Pruning's model of
   the same MACs (its ViT recipe, benchmarks/baselines.py), all three timed in one interleaved
-  run, at batch 1 and 8; plus prepare and finalize time;
-- the frontier models (seed 0, written by benchmarks/frontier.py) vs the dense Fashion-MNIST ViT.
+  run, at batch 1 and 8; plus prepare and finalize time. (The Fashion-MNIST frontier models are
+  timed by ``benchmarks/frontier.py --latency``.)
 
     python benchmarks/speed.py                        # everything, ~10 s per batch size and model
     python benchmarks/speed.py --models deit_tiny_patch16_224 --seconds 2
-    python benchmarks/speed.py --quick                # frontier models only (if present), 2 s
+    python benchmarks/speed.py --quick                # DeiT-Tiny only, 2 s
 """
 
 from __future__ import annotations
@@ -85,16 +85,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", type=float)
-    ap.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "vit_base_patch16_224"])
+    ap.add_argument("--models", nargs="+")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 10.0)
+    models = args.models or (["deit_tiny_patch16_224"] if args.quick
+                             else ["deit_small_patch16_224", "vit_base_patch16_224"])
     peers = ["| model | method | MACs kept | batch | dense ms | compact ms | speedup | speedup / MAC ratio |",
              "|---|---|---|---|---|---|---|---|"]
     timing = ["| model | prepare s | finalize s (incl. verification) |", "|---|---|---|"]
-    if not args.quick:
+    if models:
         import timm
 
-        for name in args.models:
+        for name in models:
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False).eval()
             x = torch.randn(1, *model.pretrained_cfg["input_size"])

@@ -118,7 +118,9 @@ def test_latency_budget_trains_lands_and_finalizes():
     cfg = hiap_fx.PruneConfig(**{**LATENCY, "target_latency": 0.5, "finetune_fraction": 0.0})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = hiap_fx.prune(model, data, cfg, steps=40, progress=False)
+        # 80 steps: with gates initialised from weight magnitude (the default) a 40-step search
+        # left this tiny model 0.07 from its latency target
+        result = hiap_fx.prune(model, data, cfg, steps=80, progress=False)
     prepared = result.prepared
     # the budget steered latency: the eval-mode network's predicted latency is on target, or as
     # near as this tiny model's coarse, machine-dependent latency steps allow, and then it says so
