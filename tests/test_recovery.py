@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from test_prune import config, synthetic_data, tiny_vit
 
 import hiap_fx
-from hiap_fx.gated.importance import gate_scores, neuron_scores, rank_spread, value_dim_scores
+from hiap_fx.gated.importance import (
+    gate_scores,
+    init_from_importance,
+    neuron_scores,
+    rank_spread,
+    value_dim_scores,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -44,7 +50,7 @@ def test_scores_are_the_units_own_weight_norms():
 def test_importance_init_closes_the_weakest_units_first():
     model = tiny_vit()
     x = torch.randn(2, 1, 16, 16)
-    flat = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(align=1))
+    flat = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(align=1, importance_init=0.0))
     spread = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(align=1, importance_init=2.0))
     params = dict(spread.graph_module.named_parameters())
     scores = gate_scores(params, spread.plan, spread.site_gates())
@@ -99,3 +105,13 @@ def test_finetune_steps_must_leave_the_search_a_step_and_resume_keeps_the_split(
     assert resumed.report.finetune_steps == 4 and resumed.report.steps == 14
     a, b = whole.compact.state_dict(), resumed.compact.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gates_whose_weights_cannot_be_read_keep_the_constant_start_with_a_note():
+    prepared = hiap_fx.prepare(tiny_vit(), torch.randn(2, 1, 16, 16), hiap_fx.PruneConfig(importance_init=0.0))
+    plan, bundles = prepared.plan, prepared.site_gates()
+    params = {k: v for k, v in prepared.graph_module.named_parameters() if "mlp" not in k}  # FFNs unreadable
+    assert init_from_importance(params, plan, bundles, 3.0, 2.0) > 0
+    for key, gate in prepared.gate_modules().items():
+        assert torch.all(gate.logits == 3.0) == (".mlp" in key or gate.logits.numel() == 1), key
+    assert any("could not be read per unit" in n and "mlp" in n for n in plan.notes)

@@ -91,7 +91,7 @@ def gate_scores(params: Mapping[str, torch.Tensor], plan: Plan,
                 bundles: Mapping[str, SiteGates]) -> dict[str, torch.Tensor]:
     """Scores of every gate with more than one unit, keyed ``"<site>.<kind>"`` (the keys of
     ``PreparedModel.gate_modules()``), flattened like its logits. Gates whose weights cannot be
-    read as 2-D parameters are left out."""
+    read as ``[out, in]`` parameters are left out (their logits keep the constant start)."""
     sites: dict[str, AttentionSite | FFNSite] = {s.name: s for s in plan.attention}
     sites.update({s.name: s for s in plan.ffn})
     out: dict[str, torch.Tensor] = {}
@@ -99,14 +99,17 @@ def gate_scores(params: Mapping[str, torch.Tensor], plan: Plan,
         site = sites[name]
         for kind, gate in bundle.gates().items():
             score: Optional[torch.Tensor] = None
-            if isinstance(site, FFNSite) and kind == "neuron":
-                score = neuron_scores(params, site)
-            elif isinstance(site, AttentionSite) and kind == "head":
-                score = head_scores(params, site)
-            elif isinstance(site, AttentionSite) and kind == "head_dim":
-                score = value_dim_scores(params, site)
-            elif isinstance(site, AttentionSite) and kind == "qk_dim":
-                score = qk_dim_scores(params, site)
+            try:
+                if isinstance(site, FFNSite) and kind == "neuron":
+                    score = neuron_scores(params, site)
+                elif isinstance(site, AttentionSite) and kind == "head":
+                    score = head_scores(params, site)
+                elif isinstance(site, AttentionSite) and kind == "head_dim":
+                    score = value_dim_scores(params, site)
+                elif isinstance(site, AttentionSite) and kind == "qk_dim":
+                    score = qk_dim_scores(params, site)
+            except (IndexError, RuntimeError):  # a weight laid out otherwise than [out, in]
+                score = None
             if score is not None and score.numel() == gate.logits.numel() > 1:
                 out[f"{name}.{kind}"] = score.flatten()
     return out
@@ -123,9 +126,14 @@ def rank_spread(scores: torch.Tensor, center: float, spread: float) -> torch.Ten
 
 def init_from_importance(params: Mapping[str, torch.Tensor], plan: Plan,
                          bundles: Mapping[str, SiteGates], center: float, spread: float) -> int:
-    """Set every scorable gate's logits to :func:`rank_spread` of its scores; returns how many
-    gates were set."""
+    """Set every scorable gate's logits to :func:`rank_spread` of its scores (the others keep
+    ``center``, with a note in ``plan.notes``); returns how many gates were set."""
     scores = gate_scores(params, plan, bundles)
+    unscored = [f"{name}.{kind}" for name, bundle in bundles.items() for kind, gate in bundle.gates().items()
+                if gate.logits.numel() > 1 and f"{name}.{kind}" not in scores]
+    if unscored:
+        plan.notes.append(f"importance_init: the weights of {', '.join(unscored)} could not be read per "
+                          "unit; those gates start at gate_init")
     with torch.no_grad():
         for name, bundle in bundles.items():
             for kind, gate in bundle.gates().items():
