@@ -38,9 +38,7 @@ from minilm_prune import embed, offline_sentences  # noqa: E402
 
 import hiap_fx  # noqa: E402
 from hiap_fx.files.atomic import write_text  # noqa: E402
-from hiap_fx.training.classify import cosine_lr  # noqa: E402
-from hiap_fx.training.recovery import weight_optimizer  # noqa: E402
-from hiap_fx.training.run import build_optimizer  # noqa: E402
+from hiap_fx.training.run import build_optimizer, build_scheduler, weight_groups  # noqa: E402
 
 TARGETS = (0.6, 0.4)
 METHODS: dict[str, Optional[dict[str, Any]]] = {
@@ -85,8 +83,8 @@ def distil(model: nn.Module, dense: nn.Module, batches, steps: int, optimizer, s
 
 
 def finetune(model: nn.Module, dense: nn.Module, batches, steps: int) -> None:
-    optimizer = weight_optimizer(model, LR, 0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
+    optimizer = torch.optim.AdamW(weight_groups(model.parameters(), LR, 0.01))
+    schedule = build_scheduler(optimizer, steps)
     distil(model, dense, batches, steps, optimizer, schedule)
 
 
@@ -112,9 +110,7 @@ def run_one(method: str, target: float, seed: int, steps: int, dense: nn.Module,
         search = steps - tune
         prepared = hiap_fx.prepare(dense, x, cfg)
         optimizer = build_optimizer(prepared, cfg, search)
-        lambdas = [(lambda s: cosine_lr(s, search)) if g.get("name") != "gates" else (lambda s: 1.0)
-                   for g in optimizer.param_groups]
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        schedule = build_scheduler(optimizer, search)
         distil(prepared, dense, batches, search, optimizer, schedule, prepared.hiap_loss, prepared, search)
         prepared.eval()
         prepared.land_on_budget()

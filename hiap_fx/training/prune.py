@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -151,7 +152,7 @@ def _recover(run: "PruneRun", compact: nn.Module, train_data: Iterable, eval_dat
         return None
     before = evaluate(compact, eval_data) if eval_data is not None else None
     device = next(compact.parameters()).device
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
 
     def batches() -> Iterator[Any]:
         it = run.iterator
@@ -163,10 +164,10 @@ def _recover(run: "PruneRun", compact: nn.Module, train_data: Iterable, eval_dat
 
     cfg = run.prepared.config
     # bf16 autocast as in the search; fp16 would need its gradient scaler: that fine-tune runs in fp32
-    autocast, _ = _mixed_precision(cfg if cfg.amp == "bf16" else cfg.model_copy(update={"amp": None}), device)
+    autocast = _mixed_precision(cfg, device)[0] if cfg.amp == "bf16" else contextlib.nullcontext
     recovery_finetune(compact, batches(), run.finetune, cfg, run.teacher,
                       forward=_data_parallel(compact, device) if world > 1 else None,
-                      autocast=autocast, progress=progress and rank_and_world()[0] == 0)
+                      autocast=autocast, progress=progress and rank == 0)
     return before
 
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from hiap_fx.config import PruneConfig
 from hiap_fx.training.batches import call_model, split_batch, to_device
-from hiap_fx.training.classify import cosine_lr, distillation_loss, logits_of
+from hiap_fx.training.classify import distillation_loss, logits_of
+from hiap_fx.training.run import build_scheduler, weight_groups
 
 
 def endless(data: Iterable) -> Iterator[Any]:
@@ -29,13 +30,6 @@ def endless(data: Iterable) -> Iterator[Any]:
             raise DataError("train_data yielded no batches (an empty dataset or loader)")
 
 
-def weight_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable weights, with weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
-
-
 def recovery_finetune(model: nn.Module, batches: Iterator[Any], steps: int, config: PruneConfig,
                       teacher: Optional[nn.Module] = None, *, forward: Optional[nn.Module] = None,
                       autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
@@ -48,8 +42,8 @@ def recovery_finetune(model: nn.Module, batches: Iterator[Any], steps: int, conf
     wrapped in DistributedDataParallel; default ``model``). Returns ``model`` in eval mode."""
     call = forward if forward is not None else model
     device = next(model.parameters()).device
-    optimizer = weight_optimizer(model, config.lr, config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
+    optimizer = torch.optim.AdamW(weight_groups(model.parameters(), config.lr, config.weight_decay))
+    schedule = build_scheduler(optimizer, steps)
     if teacher is not None:
         teacher.eval()
     model.train()

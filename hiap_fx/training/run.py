@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -24,23 +24,34 @@ from hiap_fx.training.epochs import rank_and_world
 from hiap_fx.training.report import HistoryPoint
 
 
+def weight_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of trainable weights: matrices with ``weight_decay`` ("weights"),
+    biases and norms without ("weights_no_decay"); empty groups left out."""
+    trainable = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "lr": lr, "weight_decay": weight_decay,
+               "name": "weights"},
+              {"params": [p for p in trainable if p.ndim <= 1], "lr": lr, "weight_decay": 0.0,
+               "name": "weights_no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(prepared: PreparedModel, cfg: PruneConfig, total: int) -> torch.optim.AdamW:
+    """AdamW of a pruning run: the weights' groups (:func:`weight_groups`) and the gate logits
+    (their own learning rate, no weight decay)."""
     gate_ids = {id(g.logits) for g in prepared.gate_modules().values()}
-    decay, no_decay, gates = [], [], []
-    for p in prepared.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in gate_ids:
-            gates.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    gates = [p for p in prepared.parameters() if p.requires_grad and id(p) in gate_ids]
+    groups = weight_groups((p for p in prepared.parameters() if id(p) not in gate_ids), cfg.lr, cfg.weight_decay)
     gate_lr = cfg.gate_lr if cfg.gate_lr is not None else 10.0 * max(cfg.gate_init, 1.0) / max(total, 1)
-    groups = [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
-              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "weights_no_decay"},
-              {"params": gates, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    if gates:
+        groups.append({"params": gates, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"})
+    return torch.optim.AdamW(groups)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay over ``total`` steps for the weights' groups; the gates' rate stays constant."""
+    lambdas = [(lambda s: cosine_lr(s, total)) if g.get("name") != "gates" else (lambda s: 1.0)
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 class PruneRun:
@@ -63,9 +74,7 @@ class PruneRun:
         self.dense_accuracy: Optional[float] = None
         self.optimizer = build_optimizer(prepared, prepared.config, total)
         cfg = prepared.config
-        lambdas = [(lambda s: cosine_lr(s, total)) if g.get("name") != "gates" else (lambda s: 1.0)
-                   for g in self.optimizer.param_groups]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
+        self.scheduler = build_scheduler(self.optimizer, total)
         self.rng: Optional[dict[str, Any]] = None
         self.seed = cfg.seed
         self.checkpoint_path: Optional[Path] = None  # where and at which step the last one went
