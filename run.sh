@@ -29,13 +29,14 @@ setup() {
     fi
     if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
         # The pinned pair is what this project is tested with (a local wheel on our machines);
-        # anywhere else, fall back to the newest pair pip can find.
-        "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
-            || "$PY" -m pip install -q torch torchvision
+        # anywhere else, fall back to the newest pair pip can find. No wheel cache: where the
+        # wheels are downloaded (a CUDA build, several GB) a cached copy doubles the disk needed.
+        "$PY" -m pip install -q --no-cache-dir "torch==2.14.1" "torchvision==0.29.1" \
+            || "$PY" -m pip install -q --no-cache-dir torch torchvision
     fi
     if ! "$PY" -c "import hiap_fx, pytest, hypothesis, transformers, timm" 2>/dev/null \
         || [ pyproject.toml -nt "$VENV/.hiap_installed" ]; then
-        "$PY" -m pip install -q -e ".[dev]"
+        "$PY" -m pip install -q --no-cache-dir -e ".[dev]"
         touch "$VENV/.hiap_installed"
     fi
 }
