@@ -27,6 +27,22 @@ def preserves_zero(g: GraphView, node: fx.Node, data: fx.Node) -> bool:
     return isinstance(out, torch.Tensor) and out.numel() > 0 and not out.any()
 
 
+def stream_of(g: GraphView, other: fx.Node, branch_input: fx.Node, depth: int = 8) -> bool:
+    """Whether ``other`` is the stream the branch reads (``branch_input`` or one of its
+    ancestors), possibly scaled on the way (``x * gamma + f(x)``, MetaFormer's res-scale):
+    followed back through ops with one data input that keep its shape."""
+    up = ancestors(branch_input) | {branch_input}
+    cur = other
+    for _ in range(depth):
+        if cur in up:
+            return True
+        data = g.data_inputs(cur)
+        if len(data) != 1 or node_shape(data[0]) != node_shape(cur) or not g.passes_back(cur):
+            return False
+        cur = data[0]
+    return cur in up
+
+
 def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
               zero_preserving: bool = True) -> Optional[Residual]:
     """The add joining the branch ending at ``branch_end`` into the stream that feeds
@@ -43,7 +59,7 @@ def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
         if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
             other = tensors[0] if tensors[1] is cur else tensors[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)
-            if other is branch_input or other in ancestors(branch_input):
+            if stream_of(g, other, branch_input):
                 return Residual(add_node=u.name, branch_arg=pos)
             return None
         if g.data_inputs(u) != [cur] or (zero_preserving and not preserves_zero(g, u, cur)):

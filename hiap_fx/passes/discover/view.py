@@ -73,8 +73,10 @@ class GraphView:
             return self.flow.is_channel_conv(node, name)
         if in_family(name, "channel_norm"):
             return True
-        return node.op == "call_function" and name not in ("linear",) and not in_family(
-            name, "matmul_like") and not in_family(name, "softmax")
+        # anything else (a reduction such as hiera's q pooling ``q.amax(dim)``): index flow
+        # decides later whether it only moves or selects the features
+        return node.op in ("call_function", "call_method") and name not in ("linear",) \
+            and not in_family(name, "matmul_like") and not in_family(name, "softmax")
 
     def linear_params(self, lin: fx.Node) -> tuple[str, Optional[str]]:
         w = attribute_path(lin.args[1])

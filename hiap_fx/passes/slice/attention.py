@@ -13,6 +13,7 @@ from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits
 from hiap_fx.passes.slice.operands import PAD, operand_rows, padded, projection_rows, shape_operand
+from hiap_fx.passes.slice.rearrange import plan_output_replay, replay_output
 from hiap_fx.plan import AttentionSite
 
 
@@ -53,9 +54,16 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
         else:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
-        x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
-        cols = [site.out.index[h][dims["v"][h][j]] if j < len(dims["v"][h]) else PAD
-                for h in live for j in range(width["v"])]
+        proj_in = out_lin.args[0]
+        if same_lead(tensor_shape(av), out_head, tensor_shape(proj_in)):
+            x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
+            order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
+        else:  # the token axis is rearranged first (H x W, windows reversed): replay those ops
+            replay = plan_output_replay(ctx.flow, av, proj_in, out_head, len(live), width["v"])
+            x = replay_output(ctx.flow, g, replay, av, out)
+            order = replay.order
+        cols = [site.out.index[live[i]][dims["v"][live[i]][j]] if j < len(dims["v"][live[i]]) else PAD
+                for i, j in order]
         ctx.params.replace(site.out.weight, padded(ctx.params.get(site.out.weight), cols, 1))
         new = g.call_function(F.linear, (x, out_lin.args[1], out_lin.args[2] if len(out_lin.args) > 2 else None))
     out_lin.replace_all_uses_with(new)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, node_shape, tensor_shape
+from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
 from hiap_fx.passes.slice.attention import out_head_axis, same_lead
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
+from hiap_fx.passes.slice.rearrange import plan_output_replay
 from hiap_fx.plan import AttentionSite, Plan, Unclaimed
 
 
@@ -47,8 +48,12 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
             if not same_lead(tensor_shape(av), head, tensor_shape(out_lin.args[0])):
-                raise HiapError(f"{site.name}: the kernel output {node_shape(av)} is rearranged (e.g. "
-                                f"windows reversed) before {out_lin.name} {node_shape(out_lin.args[0])}")
+                # rearranged before the projection (H x W, windows reversed): it must replay for
+                # fewer heads and narrower heads (finalize plans again for the real decisions)
+                out_shape = tensor_shape(av)
+                heads = out_shape[head] if head is not None else 1
+                plan_output_replay(check.flow, av, out_lin.args[0], head, max(1, heads - 1),
+                                   max(1, out_shape[-1] - 1))
         except HiapError as exc:
             bad[site.name] = str(exc)
     return bad

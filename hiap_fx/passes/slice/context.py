@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -28,6 +29,7 @@ class OperandLayout:
     has_head_axis: bool
     new_axes: list[int]  # size-1 axes of the boundary that come from no source axis
     merges: list[tuple[int, int]]  # runs of lead axes flattened into one (last run first)
+    splits: list[tuple[int, tuple[int, ...]]]  # then lead axes unflattened into sizes (last first)
     replay: list[fx.Node]  # original path nodes after the boundary, in graph order
     operand: fx.Node
 
@@ -74,15 +76,32 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
         before = ancestors(B)
         if any(n not in after and n is not B and n not in before for n in path):
             continue
-        return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], sorted(after, key=order.__getitem__), O)
+        return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], perm[4],
+                             sorted(after, key=order.__getitem__), O)
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
                     "attention whole, or report the model")
 
 
+def _split_order(at: torch.Tensor, axes: list[int], size: int) -> Optional[list[int]]:
+    """The order (major to minor) in which ``axes`` of a boundary hold the row-major split of one
+    source axis of ``size`` whose coordinate ``at`` carries; ``None`` if they do not."""
+    shape = tuple(at.shape)
+    if math.prod(shape[i] for i in axes) != size:
+        return None
+    for order in itertools.permutations(axes):
+        code = torch.zeros(shape, dtype=torch.float64)
+        for i in order:
+            code = code * shape[i] + feature_index(shape, i)
+        if torch.equal(at, code):
+            return list(order)
+    return None
+
+
 def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx.Node,
-                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int], list[tuple[int, int]]]]:
+                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int], list[tuple[int, int]],
+                                                          list[tuple[int, tuple[int, ...]]]]]:
     b_shape = node_shape(B)
     if b_shape is None or p_shape is None:
         return None
@@ -91,6 +110,7 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         return None
     lead_axes = len(p_shape) - 1
     target: dict[int, int] = {}  # lead axis of P (size > 1) -> the axis of B it lands on
+    split_to: dict[int, list[int]] = {}  # lead axis of P split over several axes of B
     for a in range(lead_axes):
         if p_shape[a] == 1:
             continue
@@ -98,9 +118,14 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         if not isinstance(at, torch.Tensor):
             return None
         varying = [i for i in range(len(b_shape)) if b_shape[i] > 1 and varies_along(at, i)]
-        if len(varying) != 1:
+        if len(varying) == 1:
+            target[a] = varying[0]
+            continue
+        # a token axis split into windows or a grid (never the batch axis, axis 0)
+        order = _split_order(at, varying, p_shape[a]) if varying and a > 0 else None
+        if order is None:
             return None
-        target[a] = varying[0]
+        split_to[a] = order
     # consecutive lead axes landing on one axis of B were merged (e.g. windows): flatten them
     merges: list[tuple[int, int]] = []
     for b_axis in set(target.values()):
@@ -125,11 +150,27 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
             shift += 1
         merged_index[a] = a - shift
     lead = lead_axes - shift
-    source = {t: merged_index[a] for a, t in target.items()}
+    # after the merges, split axes are unflattened: lead axis m starts at start[m]
+    start, extra = {}, 0
+    for m in range(lead):
+        start[m] = m + extra
+        a = next((a for a in split_to if merged_index[a] == m), None)
+        if a is not None:
+            extra += len(split_to[a]) - 1
+    splits = [(merged_index[a], tuple(b_shape[i] for i in order)) for a, order in split_to.items()]
+    lead_total = lead + extra
+    source = {t: start[merged_index[a]] for a, t in target.items()}
+    for a, order in split_to.items():
+        source.update({i: start[merged_index[a]] + j for j, i in enumerate(order)})
     rest = [i for i in range(len(b_shape)) if i not in source]
     heads, dims = table.shape
     options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
-    unplaced = sorted({merged_index[a] for a in range(lead_axes)} - set(source.values()))  # size 1
+    # size-1 axes fit several roles (a batch of 1, one head, head dim 1): prefer dims last and
+    # the head axis latest, as written by every layout seen, so that a batch of 1 stays axis 0
+    last = len(b_shape) - 1
+    options.sort(key=lambda o: (o[1] != last, o[0] is None, -(o[0] if o[0] is not None else 0)))
+    unplaced = sorted({start[merged_index[a]] for a in range(lead_axes)
+                       if a not in target and a not in split_to})  # size 1
     for head_axis, dim_axis in options:
         ones = [i for i in rest if i not in (head_axis, dim_axis)]
         if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced):
@@ -149,10 +190,11 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         placed.update(zip(ones, unplaced))
         new_axes = [i for i in ones if i not in placed]
         # source axes: [lead..., head, dim] (or [lead..., dim] without a head axis)
-        dim_src = lead + 1 if head_axis is not None else lead
-        perm = [placed[i] if i in placed else (lead if i == head_axis else dim_src)
+        dim_src = lead_total + 1 if head_axis is not None else lead_total
+        perm = [placed[i] if i in placed else (lead_total if i == head_axis else dim_src)
                 for i in range(len(b_shape)) if i not in new_axes]
         if sorted(perm) != list(range(dim_src + 1)):
             continue
-        return perm, head_axis is not None, new_axes, sorted(merges, reverse=True)
+        return perm, head_axis is not None, new_axes, sorted(merges, reverse=True), \
+            sorted(splits, reverse=True)
     return None

@@ -92,6 +92,8 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         y = g.call_method("index_select", (y, -1, index))
     for first, last in lay.merges:
         y = g.call_method("flatten", (y, first, last))
+    for axis, sizes in lay.splits:  # a token axis split into windows (leading size inferred)
+        y = g.call_method("unflatten", (y, axis, (-1, *sizes[1:])))
     t = g.call_method("unflatten", (y, -1, (heads, width))) if lay.has_head_axis else y
     if lay.perm != sorted(lay.perm):
         t = g.call_method("permute", (t, *lay.perm))

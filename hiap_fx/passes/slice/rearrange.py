@@ -1,0 +1,273 @@
+"""Kernel output rearranged before the output projection: replay the movement ops on the compact heads.
+
+Many hybrid and windowed attentions do not feed ``(attn @ v)`` straight into the output
+projection: the token axis is reshaped into H x W, windows or grids are reversed, or the output
+is made sequence-first, and only then comes the projection. Heads stay a separate axis until
+they are merged into the channel axis, so the compact kernel output (live heads, padded width)
+can go through the *same* ops. Their size arguments may name the head count or the head width
+(``reshape(B, H, W, heads * dim)``), or sizes that merely equal them (a window of 8 beside 8
+heads): which occurrences to rewrite is decided by trying, smallest change first, and accepting
+the first replay that provably moves every token where the original did and yields one
+permutation of the compact channels at every position (index flow on the recorded values).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, cast
+
+import torch
+from torch import fx
+from torch.fx.node import map_aggregate
+
+from hiap_fx.errors import HiapError
+from hiap_fx.graph.flow import SENTINEL, IndexFlow, feature_index
+from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
+from hiap_fx.graph.ops import SIZE_KWARGS, in_family, op_kind, op_name
+from hiap_fx.graph.queries import data_ancestors, descendants
+
+#: At most this many size occurrences are tried in combination (2**n replays at worst).
+MAX_CHOICES = 10
+
+Choice = tuple[fx.Node, Any]  # (node, argument position or kwarg name)
+
+
+@dataclass
+class OutputReplay:
+    """How the compact kernel output becomes the output projection's input."""
+
+    chain: list[fx.Node]  # original movement ops from the kernel output to the projection input
+    rewrite: dict[Choice, dict[int, int]]  # size occurrences to rewrite, and how
+    order: list[tuple[int, int]]  # projection input channel -> (live head position, slot)
+
+
+def output_chain(av: fx.Node, proj_input: fx.Node) -> list[fx.Node]:
+    """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
+    one must only move data (else :class:`HiapError`)."""
+    if proj_input is av:
+        return []
+    path = descendants(av) & (data_ancestors(proj_input) | {proj_input})
+    graph = av.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    # shape queries of the kernel output or of the chain come along (they follow the new sizes)
+    chain = sorted(path, key=order.__getitem__)
+    for n in chain:
+        if not is_tensor_node(n):
+            continue
+        name = op_name(n)
+        if not (in_family(name, "movement") or in_family(name, "cast")
+                or name in ("contiguous", "clone", "dropout", "identity")):
+            raise HiapError(f"{n.name} ({name}) between the kernel output {av.name} and the output "
+                            f"projection input {proj_input.name} does not only move data")
+        other = [a for a in n.all_input_nodes if a not in path and a is not av
+                 and a.op != "get_attr" and is_tensor_node(a)]
+        if other and not in_family(name, "cast"):
+            raise HiapError(f"{n.name} ({name}) combines the kernel output {av.name} with "
+                            f"{other[0].name} before the output projection")
+    return chain
+
+
+def _is_shape(node: Any) -> bool:
+    """``x.shape`` or ``x.size()``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] == "shape"
+    return op_name(node) == "size" and len(node.args) == 1
+
+
+def _shape_axes(node: fx.Node) -> Optional[list[int]]:
+    """The axes of the shape queries a size node is computed from (``x.shape[i]``,
+    ``x.size(i)``, arithmetic on them); ``None`` for anything else."""
+    axes: list[int] = []
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        name = op_name(n)
+        if name == "size" and len(n.args) > 1 and isinstance(n.args[1], int):
+            base, axis = n.args[0], n.args[1]
+        elif name == "getitem" and isinstance(n.args[1], int) and _is_shape(n.args[0]):
+            base, axis = cast(fx.Node, n.args[0]).args[0], n.args[1]
+        elif n.op == "call_function" and not is_tensor_node(n) and n.all_input_nodes:
+            todo.extend(n.all_input_nodes)  # integer arithmetic on sizes
+            continue
+        else:
+            return None
+        if not isinstance(base, fx.Node) or node_shape(base) is None:
+            return None
+        axes.append(axis % len(tensor_shape(base)))
+    return axes
+
+
+def _recorded_int(flow: IndexFlow, v: Any) -> Optional[int]:
+    """The value of a size argument: an int, or a node whose recorded value is an int and that
+    is computed from no axis 0 of a shape (axis 0 carries the batch: never baked in)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, fx.Node):
+        axes = _shape_axes(v)
+        if axes is None or 0 in axes:
+            return None
+        try:
+            val = flow.value(v)
+        except KeyError:
+            return None
+        return val if isinstance(val, int) and not isinstance(val, bool) else None
+    return None
+
+
+def _size_choices(flow: IndexFlow, chain: list[fx.Node], table: dict[int, int]) -> list[tuple[Choice, int]]:
+    """Every (node, arg) whose size arguments hold a value of ``table`` (as a literal or as a
+    node recorded with that value, e.g. ``C`` of ``B, N, C = x.shape``), once per value."""
+    found: list[tuple[Choice, int]] = []
+
+    inside = set(chain)
+
+    def values(v: Any) -> Iterator[int]:
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                yield from values(x)
+        elif v not in inside and (i := _recorded_int(flow, v)) is not None:
+            yield i
+
+    for n in chain:
+        where = op_kind(op_name(n)).size_args
+        if where is None:
+            continue
+        positions: list[Any] = list(range(1, len(n.args))) if where == "rest" else [
+            p for p in where if isinstance(p, int) and p < len(n.args)]
+        positions += [k for k in n.kwargs if k in SIZE_KWARGS]
+        for p in positions:
+            arg = n.args[p] if isinstance(p, int) else n.kwargs[p]
+            for v in sorted(set(values(arg)) & set(table)):
+                found.append(((n, p), v))
+    return found
+
+
+def _rewritten(flow: IndexFlow, n: fx.Node, rewrite: dict[Choice, dict[int, int]],
+               inside: set[fx.Node]) -> tuple[tuple, dict]:
+    """``n``'s arguments with the chosen size occurrences replaced by their new ints (sizes
+    queried from the chain itself are left to follow the new shapes)."""
+    def sub(v: Any, table: dict[int, int]) -> Any:
+        if isinstance(v, (list, tuple)):
+            return type(v)(sub(x, table) for x in v)
+        if isinstance(v, fx.Node) and v in inside:
+            return v
+        i = _recorded_int(flow, v)
+        return table[i] if i is not None and i in table else v
+
+    args, kwargs = list(n.args), dict(n.kwargs)
+    for (node, p), table in rewrite.items():
+        if node is not n:
+            continue
+        if isinstance(p, int):
+            args[p] = sub(args[p], table)
+        else:
+            kwargs[p] = sub(kwargs[p], table)
+    return tuple(args), kwargs
+
+
+def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch.Tensor,
+             rewrite: dict[Choice, dict[int, int]]) -> Optional[torch.Tensor]:
+    """Run ``chain`` on ``value`` in place of ``start`` (off-path arguments as recorded)."""
+    env: dict[fx.Node, Any] = {start: value}
+    inside = set(chain) | {start}
+    for n in chain:
+        def arg(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                return env[a] if a in env else flow.value(a)
+            return a
+        node_args, node_kwargs = _rewritten(flow, n, rewrite, inside)
+        args = cast(tuple, map_aggregate(node_args, arg))
+        kwargs = cast(dict, map_aggregate(node_kwargs, arg))
+        try:
+            if n.op == "call_function":
+                env[n] = cast(Callable[..., Any], n.target)(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n] = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            else:
+                env[n] = flow.modules[str(n.target)](*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a size that does not fit: this rewrite is not it
+            return None
+    out = env[chain[-1]] if chain else value
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_axis: Optional[int],
+                       heads: int, width: int) -> OutputReplay:
+    """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each, reaches
+    the projection input through the original ops (see the module docstring)."""
+    chain = output_chain(av, proj_input)
+    dense = tensor_shape(av)
+    proj_shape = tensor_shape(proj_input)
+    rank = len(dense)
+    h_axis = head_axis % rank if head_axis is not None else None
+    H, D = (dense[h_axis] if h_axis is not None else 1), dense[-1]
+    compact = list(dense)
+    compact[-1] = width
+    if h_axis is not None:
+        compact[h_axis] = heads
+    table = {k: v for k, v in {H: heads, D: width, H * D: heads * width}.items() if k != v}
+    if h_axis is None:
+        table = {k: v for k, v in {D: width}.items() if k != v}
+    lead_axes = [a for a in range(rank - 1) if a != h_axis]
+
+    def lead_code(shape: list[int]) -> torch.Tensor:
+        code = torch.zeros(shape, dtype=torch.float64)
+        for a in lead_axes:
+            code = code * shape[a] + feature_index(tuple(shape), a)
+        return code
+
+    want = _execute(flow, chain, av, lead_code(list(dense)), {})
+    if want is None or tuple(want.shape) != tuple(proj_shape):
+        raise HiapError(f"cannot replay the ops from the kernel output {av.name} to "
+                        f"{proj_input.name} on index values; please report the model")
+    want = want[..., 0]
+    channel = feature_index(tuple(compact), -1)
+    if h_axis is not None:
+        channel = channel + feature_index(tuple(compact), h_axis) * width
+    choices = _size_choices(flow, chain, table)[:MAX_CHOICES]
+    for k in range(len(choices) + 1):
+        for picked in itertools.combinations(choices, k):
+            rewrite: dict[Choice, dict[int, int]] = {}
+            for where, v in picked:
+                rewrite.setdefault(where, {})[v] = table[v]
+            lead = _execute(flow, chain, av, lead_code(compact), rewrite)
+            if lead is None or tuple(lead.shape[:-1]) != tuple(proj_shape[:-1]) \
+                    or lead.shape[-1] != heads * width or not torch.equal(lead[..., 0], want):
+                continue
+            if not torch.equal(lead, lead[..., :1].expand_as(lead)):
+                continue  # the channel axis mixes token positions
+            ch = _execute(flow, chain, av, channel, rewrite)
+            if ch is None or (ch == SENTINEL).any():
+                continue
+            flat = ch.reshape(-1, ch.shape[-1])
+            if not torch.equal(flat, flat[:1].expand_as(flat)) or \
+                    sorted(flat[0].long().tolist()) != list(range(heads * width)):
+                continue
+            order = [divmod(int(c), width) for c in flat[0].long().tolist()]
+            return OutputReplay(chain, rewrite, order)
+    raise HiapError(f"the kernel output {tuple(dense)} of {av.name} is rearranged before "
+                    f"{proj_input.name} {tuple(proj_shape)} in a way hiap_fx cannot replay for fewer "
+                    "heads or dims; prepare with PruneConfig(heads=False, head_dims=False) to keep "
+                    "this attention whole, or report the model")
+
+
+def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx.Node,
+                  new_out: fx.Node) -> fx.Node:
+    """Copy the replay's chain onto ``new_out`` (inserted at the graph's current point)."""
+    mapping: dict[fx.Node, fx.Node] = {av: new_out}
+    inside = set(replay.chain) | {av}
+    for n in replay.chain:
+        args, kwargs = _rewritten(flow, n, replay.rewrite, inside)
+        new = graph.create_node(n.op, n.target, map_aggregate(args, lambda a: mapping.get(a, a)),
+                                map_aggregate(kwargs, lambda a: mapping.get(a, a)))
+        new.meta = dict(n.meta)
+        mapping[n] = new
+    return mapping[replay.chain[-1]] if replay.chain else new_out

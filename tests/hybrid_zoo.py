@@ -1,0 +1,114 @@
+"""Tiny hand-written attention spellings of hybrid and edge models (plain PyTorch, no hiap_fx).
+
+Each block is a pre-norm transformer block over a (B, H, W, C) map or (B, N, C) tokens whose
+attention is written the way some efficient family writes it:
+
+* ``grid_out``: the kernel output is reshaped to (B, H, W, C) before the output projection, the
+  channel count read from ``x.shape`` (a graph node), a literal or ``-1``;
+* ``seq_first``: the kernel output is made sequence-first (N, B, C) before the projection;
+* ``window``: windowed attention whose output windows are reversed *before* the projection,
+  with a window side equal to the head count (a size that must not be rewritten);
+* ``res_scale``: MetaFormer's res-scale, ``x * gamma + branch(x)`` for both sub-layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMS = ("grid_out", "seq_first", "window", "res_scale")
+CHANNEL_SPELLINGS = ("shape", "literal", "infer")
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _MapAttention(nn.Module):
+    """Attention over a (B, H, W, C) map; ``form`` chooses how its output reaches ``proj``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, form: str, spelling: str, window: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.form, self.spelling, self.window = heads, head_dim, form, spelling, window
+        inner = heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def _attend(self, t: torch.Tensor) -> torch.Tensor:  # (B', N', C) -> (B', heads, N', d)
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def _channels(self, x: torch.Tensor) -> int:
+        if self.spelling == "shape":
+            return x.shape[-1]  # C of the input map (= heads * head_dim here): a graph node
+        if self.spelling == "literal":
+            return self.heads * self.head_dim
+        return -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.form == "window":
+            ws = self.window
+            t = x.reshape(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+            o = self._attend(t)  # (B*nW, heads, ws*ws, d)
+            o = o.transpose(1, 2).reshape(o.shape[0], ws, ws, self._channels(x))
+            o = o.reshape(B, H // ws, W // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, -1)
+            return self.proj(o)
+        o = self._attend(x.reshape(B, H * W, C))
+        if self.form == "seq_first":
+            o = o.permute(2, 0, 1, 3).reshape(H * W, B, self._channels(x))
+            return self.proj(o).transpose(0, 1).reshape(B, H, W, -1)
+        o = o.transpose(1, 2).reshape(B, H, W, self._channels(x))
+        return self.proj(o)
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
+                 window: int) -> None:
+        super().__init__()
+        self.form = form
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form == "res_scale" else form,
+                                  spelling, window)
+        self.mlp = _Mlp(dim, hidden)
+        self.res_scale1 = nn.Parameter(torch.rand(dim) + 0.5)
+        self.res_scale2 = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "res_scale":
+            x = x * self.res_scale1 + self.attn(self.norm1(x))
+            return self.res_scale2 * x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class HybridNet(nn.Module):
+    """conv stem -> (B, H, W, C = heads * head_dim) map -> ``depth`` hybrid blocks -> mean pool -> classifier."""
+
+    def __init__(self, form: str, heads: int = 2, head_dim: int = 4, hidden: int = 12, depth: int = 2, side: int = 4, spelling: str = "shape", window: int = 2,
+                 classes: int = 5) -> None:
+        super().__init__()
+        self.side = side
+        dim = heads * head_dim
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.blocks = nn.ModuleList(HybridBlock(dim, heads, head_dim, hidden, form, spelling, window)
+                                    for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((1, 2)))
+
+
+def example(net: HybridNet, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 2 * net.side, 2 * net.side, generator=gen)

@@ -1,0 +1,47 @@
+"""Attention spellings of hybrid and edge models (tests/hybrid_zoo.py): every attention becomes a
+site, every sub-layer is found on its residual branch, and any random gate decision finalizes
+into a compact model equal to the hard-gated one (property test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_outputs
+from hybrid_zoo import CHANNEL_SPELLINGS, FORMS, HybridNet, example
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from independent_macs import randomise_gates
+
+import hiap_fx
+
+
+def _prepare(net: HybridNet) -> hiap_fx.PreparedModel:
+    return hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("spelling", CHANNEL_SPELLINGS)
+def test_every_attention_is_a_site_on_its_residual(form, spelling):
+    net = HybridNet(form, spelling=spelling)
+    prepared = _prepare(net)
+    plan = prepared.plan
+    assert len(plan.attention) == 2 and len(plan.ffn) == 2, plan.unclaimed
+    assert {(s.num_heads, s.head_dim) for s in plan.attention} == {(2, 4)}
+    assert all(s.residual is not None for s in plan.attention + plan.ffn)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(form=st.sampled_from(FORMS), spelling=st.sampled_from(CHANNEL_SPELLINGS),
+       heads=st.integers(1, 4), head_dim=st.integers(1, 4), p_off=st.sampled_from([0.2, 0.5, 0.8, 1.0]),
+       seed=st.integers(0, 10_000))
+def test_random_decisions_finalize_exactly(form, spelling, heads, head_dim, p_off, seed):
+    torch.manual_seed(seed)
+    net = HybridNet(form, heads=heads, head_dim=head_dim, spelling=spelling)
+    prepared = _prepare(net)
+    assert len(prepared.plan.attention) == 2, prepared.plan.unclaimed
+    randomise_gates(prepared, seed, p_off)
+    compact = hiap_fx.finalize(prepared.eval())
+    x = example(net, batch=3, seed=seed)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
