@@ -94,3 +94,56 @@ def count_attention_calls(model: nn.Module, *inputs: Any) -> AttentionCensus:
     with torch.no_grad(), census:
         model(*inputs)
     return census
+
+
+#: HF transformers image-classification classes left out of the attention set: they need
+#: inputs other than pixel values, or wrap another library (timm) or a whole language model.
+HF_SKIP = {"TimmWrapperForImageClassification", "ShieldGemma2ForImageClassification",
+           "PerceiverForImageClassificationFourier", "PerceiverForImageClassificationConvProcessing",
+           "PerceiverForImageClassificationLearned", "ImageGPTForImageClassification"}
+
+#: torchvision models with attention.
+TORCHVISION_ATTENTION = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s",
+                         "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t"]
+
+
+def meta_census(name: str) -> dict[str, Any]:
+    """One timm model built on the meta device (no memory, no compute): its attention calls at
+    its default input size, parameter count and patch size."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False).eval()
+        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        census = count_attention_calls(model, torch.empty(1, *size))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    step = max(patch) if isinstance(patch, (tuple, list)) else int(patch or 0)
+    return {"model": name, "calls": census.calls, "params": sum(p.numel() for p in model.parameters()),
+            "patch": step}
+
+
+def hf_image_classifiers() -> list[str]:
+    """Every HF transformers image-classification class (minus :data:`HF_SKIP`)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, tuple) else (value,))
+    return sorted(names - HF_SKIP)
+
+
+def small_hf_kwargs(cls_name: str) -> dict[str, Any]:
+    """Config overrides that keep an HF model's widths but cut its depth (2 layers, one block
+    per stage), so that the coverage run fits a CPU."""
+    import transformers
+
+    config = getattr(transformers, cls_name).config_class()
+    kwargs: dict[str, Any] = {}
+    for key in ("num_hidden_layers",):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) > 2:
+            kwargs[key] = 2
+    for key in ("depths", "depth"):
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            kwargs[key] = [min(v, 1) for v in value]
+    return kwargs

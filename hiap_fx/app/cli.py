@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -166,16 +167,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_coverage(args: argparse.Namespace) -> int:
-    from hiap_fx.app.coverage import DEFAULT_MODELS, OTHER_MODELS, run_coverage, timm_vit_family
+    from hiap_fx.app.coverage import (
+        DEFAULT_MODELS,
+        OTHER_MODELS,
+        attention_set,
+        run_coverage,
+        timm_vit_family,
+    )
 
     skipped: list = []
-    if args.all:
+    if args.attention:
+        args.cache = args.cache or "coverage-cache"
+        os.makedirs(args.cache, exist_ok=True)
+        models, skipped = attention_set(os.path.join(args.cache, "census.jsonl"), max_params=args.max_params)
+    elif args.all:
         family, skipped = timm_vit_family(max_params=args.max_params)
         models = [*family, *OTHER_MODELS]
     else:
         models = args.models or DEFAULT_MODELS
     table = run_coverage(models, out=args.out, readme=args.readme, jobs=args.jobs,
-                         timeout=args.timeout, extra_rows=skipped)
+                         timeout=args.timeout, extra_rows=skipped,
+                         cache_dir=os.path.join(args.cache, "rows") if args.cache else None)
     print(table)
     return 0
 
@@ -265,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all", action="store_true", help="every timm ViT-family model (vit_*, deit*, "
                    "eva*, beit*, cait*, swin*, pvt*, flexivit*) at a small image size, plus HF "
                    "transformers and torchvision ViTs")
-    c.add_argument("--max-params", type=float, default=7e8, help="with --all: skip (and list) "
+    c.add_argument("--attention", action="store_true", help="every timm model that makes an "
+                   "attention call (sdpa or softmax over q @ k^T, counted on the meta device), every "
+                   "HF transformers image classifier (depth cut) and torchvision's attention models")
+    c.add_argument("--cache", help="keep each finished model's row (and the census) in this folder; "
+                   "a second run resumes from it (default with --attention: ./coverage-cache)")
+    c.add_argument("--max-params", type=float, default=7e8, help="with --all / --attention: skip (and list) "
                    "models with more parameters than this")
     c.add_argument("--jobs", type=int, default=0, help="run each model in its own process, this "
                    "many at a time (0: in this process)")

@@ -84,10 +84,53 @@ def timm_vit_family(max_params: float = 7e8) -> tuple[list[ModelSpec], list[dict
     return entries, skipped
 
 
+def attention_set(cache: str, max_params: float = 7e8) -> tuple[list[ModelSpec], list[dict[str, Any]]]:
+    """Every timm model that makes an attention call (sdpa, or softmax over q @ k^T; counted on
+    the meta device, cached line by line in ``cache`` so an interrupted census resumes), each
+    asked for a small image where it has a patch size, plus every HF transformers
+    image-classification class (depth cut, widths kept) and torchvision's attention models.
+    Returns the entries and the rows of timm models skipped for size."""
+    import timm
+
+    from hiap_fx.app.census import TORCHVISION_ATTENTION, hf_image_classifiers, meta_census, small_hf_kwargs
+
+    done: dict[str, dict[str, Any]] = {}
+    if os.path.exists(cache):
+        with open(cache) as fh:
+            done = {r["model"]: r for r in map(json.loads, fh) if r.get("model")}
+    entries: list[ModelSpec] = []
+    skipped: list[dict[str, Any]] = []
+    from tqdm import tqdm
+
+    for name in tqdm(timm.list_models(), desc="census", disable=len(done) > 0):
+        if name not in done:
+            try:
+                done[name] = meta_census(name)
+            except Exception as exc:  # noqa: BLE001 - a model that does not run on meta: probe it
+                done[name] = {"model": name, "calls": -1, "params": 0, "patch": 0,
+                              "error": f"{type(exc).__name__}: {str(exc)[:100]}"}
+            with open(cache, "a") as fh:
+                fh.write(json.dumps(done[name]) + "\n")
+        row = done[name]
+        if row["calls"] == 0:
+            continue
+        if row["params"] > max_params:
+            skipped.append({"model": name, "status": "skipped", "calls": row["calls"],
+                            "reason": f"{row['params'] / 1e6:.0f}M parameters > "
+                                      f"{max_params / 1e6:.0f}M limit of this CPU run"})
+            continue
+        step = row["patch"]
+        entries.append((name, {"img_size": -(-SMALL_SIDE // step) * step} if step else {}))
+    entries += [(f"hf:{cls}", small_hf_kwargs(cls)) for cls in hf_image_classifiers()]
+    entries += [(f"torchvision:{name}", {}) for name in TORCHVISION_ATTENTION]
+    return entries, skipped
+
+
 def probe(entry: ModelSpec) -> dict[str, Any]:
     """Prepare one model, check the prepared graph reproduces it and its cost model matches the
     counter, and summarise the plan."""
     from hiap_fx import count_macs, prepare
+    from hiap_fx.app.census import count_attention_calls
     from hiap_fx.app.models import default_input, load_model
     from hiap_fx.errors import HiapError
     from hiap_fx.passes.capture import outputs_match
@@ -98,6 +141,7 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
     try:
         model, x = _build(name, kwargs, load_model, default_input)
         row["input"] = "x".join(map(str, x.shape[1:]))
+        row["calls"] = count_attention_calls(model, x).calls
         prepared = prepare(model, x)
         plan = prepared.plan
         x2 = torch.randn(2, *x.shape[1:])
@@ -113,6 +157,7 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
             gates=sum(g.logits.numel() for g in prepared.gate_modules().values()),
             cost="exact" if cost_ok else f"{prepared.dense_macs} vs counter {counted}",
             attention=len(plan.attention),
+            sited=len(plan.attention) if row["finalize"].startswith("ok") and ok else 0,
             heads=", ".join(f"{h}x{d}" for h, d in heads),
             ffn=len(plan.ffn), hidden=", ".join(str(h) for h in sorted({s.hidden for s in plan.ffn})),
             unclaimed=len(plan.unclaimed),
@@ -143,7 +188,7 @@ def _build(name: str, kwargs: dict[str, Any], load_model, default_input) -> tupl
     return model, default_input(model, batch=1)
 
 
-_COLUMNS = ["model", "status", "frontend", "input", "attention", "heads", "ffn", "hidden", "prunable",
+_COLUMNS = ["model", "status", "frontend", "input", "calls", "attention", "heads", "ffn", "hidden", "prunable",
             "gates", "cost", "finalize", "unclaimed", "seconds", "reason"]
 
 
@@ -179,6 +224,55 @@ def _family(row: dict[str, Any]) -> str:
     return "other" if ":" in model else "timm"
 
 
+def _calls(row: dict[str, Any]) -> int:
+    """Attention calls of a row: the census count, or the sites found where the census saw fewer."""
+    calls = row.get("calls")
+    calls = calls if isinstance(calls, int) and calls > 0 else 0
+    return max(calls, int(row.get("sited") or 0))
+
+
+def attention_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per source, of the attention calls the models make, how many became sites that finalize
+    exactly; models fully sited / partly sited / FFN only / refused; the commonest reasons."""
+    with_calls = [r for r in rows if r["status"] != "skipped" and _calls(r) > 0]
+    if not with_calls:
+        return []
+    lines = ["", "Attention calls (sdpa, or softmax over q @ k^T, counted by running each model; a "
+             "call is *sited* when it became a gated site and the model finalized exactly):", ""]
+    lines += ["| source | models with attention | fully sited | partly sited | FFN only | refused / failed "
+              "| attention calls | sited | share |", "|---|---|---|---|---|---|---|---|---|"]
+    total_calls = total_sited = 0
+    for family in ("timm", "HF transformers", "torchvision", "other"):
+        group = [r for r in with_calls if _family(r) == family]
+        if not group:
+            continue
+        calls = sum(_calls(r) for r in group)
+        sited = sum(int(r.get("sited") or 0) for r in group)
+        ok = [r for r in group if r["status"] == "ok"]
+        full = sum(int(r.get("sited") or 0) == _calls(r) for r in ok)
+        ffn_only = sum(int(r.get("sited") or 0) == 0 for r in ok)
+        lines.append(f"| {family} | {len(group)} | {full} | {len(ok) - full - ffn_only} | {ffn_only} | "
+                     f"{len(group) - len(ok)} | {calls} | {sited} | {100.0 * sited / max(calls, 1):.1f}% |")
+        total_calls, total_sited = total_calls + calls, total_sited + sited
+    lines.append(f"| **all** | {len(with_calls)} | | | | | {total_calls} | {total_sited} | "
+                 f"**{100.0 * total_sited / max(total_calls, 1):.1f}%** |")
+    reasons: dict[str, list[int]] = {}
+    for r in with_calls:
+        missing = _calls(r) - int(r.get("sited") or 0)
+        if missing <= 0:
+            continue
+        text = str(r.get("reason") or r.get("finalize") or "")
+        first = re.sub(r"_\d+|\d+", "N", text.split("; ")[0])[:110]
+        entry = reasons.setdefault(first, [0, 0])
+        entry[0] += 1
+        entry[1] += missing
+    if reasons:
+        lines += ["", "Unsited attention calls by (first) reason: models, calls", ""]
+        for text, (n_models, n_calls) in sorted(reasons.items(), key=lambda kv: -kv[1][1])[:25]:
+            lines.append(f"- {n_models} models, {n_calls} calls: {text}")
+    return lines
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
     """Rows as a markdown table under a summary per source (timm / HF / torchvision); models
     skipped for size are counted apart. ``details`` folds the table into a <details> block."""
@@ -198,6 +292,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
                         "reported)" if ffn_only else "")
                      + (f", {counts}" if counts else "")
                      + (f"; {skipped} more skipped for size (listed at the end)" if skipped else ""))
+    lines += attention_summary(rows)
     lines += ["", "ok = prepared, reproduced exactly with every gate on, costed exactly (dense MACs = "
               "corrected counter = hard MACs), and finalized with 30% of every gate's units closed "
               "at random (compact output and MACs verified).", ""]
@@ -230,26 +325,46 @@ def probe_isolated(entry: ModelSpec, timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def _cached(cache_dir: Optional[str], entry: ModelSpec, run: Any) -> dict[str, Any]:
+    """``run(entry)``, or its row from ``cache_dir`` (one JSON file per model spec, written
+    atomically when it finishes: an interrupted run resumes where it stopped)."""
+    if not cache_dir:
+        return run(entry)
+    name, kwargs = _spec(entry)
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", name + ("_" + json.dumps(kwargs, sort_keys=True) if kwargs else ""))
+    path = os.path.join(cache_dir, key[:200] + ".json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    row = run(entry)
+    if row.get("status") != "timeout":
+        write_text(path, json.dumps(row) + "\n")
+    return row
+
+
 def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
                  readme: Optional[str] = None, jobs: int = 0, timeout: float = 600.0,
-                 extra_rows: Sequence[dict[str, Any]] = ()) -> str:
+                 extra_rows: Sequence[dict[str, Any]] = (), cache_dir: Optional[str] = None) -> str:
     """Probe every model, return the markdown table, optionally write it to files.
 
     ``jobs`` > 0 runs each model in its own process, ``jobs`` at a time, each for at most
-    ``timeout`` seconds; ``extra_rows`` (e.g. models skipped for size) are appended as given."""
+    ``timeout`` seconds; ``extra_rows`` (e.g. models skipped for size) are appended as given;
+    ``cache_dir`` keeps each finished row, so a second call reuses them."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     models = list(models)
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
     if jobs > 0:
         torch_threads = max(1, (os.cpu_count() or 1) // jobs)
         os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads))
         with ThreadPoolExecutor(jobs) as pool:
-            rows = list(tqdm(pool.map(lambda m: probe_isolated(m, timeout), models),
-                             total=len(models), desc="coverage"))
+            rows = list(tqdm(pool.map(lambda m: _cached(cache_dir, m, lambda e: probe_isolated(e, timeout)),
+                                      models), total=len(models), desc="coverage"))
     else:
-        rows = [probe(m) for m in tqdm(models, desc="coverage")]
+        rows = [_cached(cache_dir, m, probe) for m in tqdm(models, desc="coverage")]
     rows += list(extra_rows)
     table = to_markdown(rows, details=len(rows) > 60)
     if out:

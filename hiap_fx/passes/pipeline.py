@@ -162,10 +162,13 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
             f"no prunable attention found in {type(model).__name__} (graph of {len(cg.gm.graph.nodes)} "
             f"nodes, front end {cg.frontend})" + (f"; candidates rejected: {why}" if why else "") +
             (f"; opaque calls the tracer kept whole: {', '.join(opaque)} (if one is an attention "
-             "kernel, register it with hiap_fx.register_attention_kernel)" if opaque else "") +
-            ". hiap_fx prunes attention heads; for a model without attention use a channel "
-            "pruner, or teach hiap_fx your attention with a registered kernel or a graph pass of "
-            "your own (hiap_fx.register_pass; see docs/extending.md)")
+             "kernel, register it with hiap_fx.register_attention_kernel)" if opaque else "")
+            + (". These are attention hiap_fx cannot cut exactly (the reasons above); teach hiap_fx "
+               "your attention with a registered kernel or a graph pass of your own "
+               "(hiap_fx.register_pass; see docs/extending.md), or report the model" if rejected else
+               ". hiap_fx prunes attention heads; for a model without attention use a channel "
+               "pruner, or teach hiap_fx your attention with a registered kernel or a graph pass of "
+               "your own (hiap_fx.register_pass; see docs/extending.md)"))
     return cg, plan
 
 

@@ -40,7 +40,26 @@ def find_cores(g: GraphView) -> tuple[list[Core], list[Unclaimed]]:
                 cores.append(_manual_core(g, node))
             except Reject as exc:
                 unclaimed.append(Unclaimed(node=node.name, what="softmax", reason=str(exc)))
+    if not cores and not unclaimed:
+        unclaimed.extend(_softmax_free_attention(g))
     return cores, unclaimed
+
+
+def _softmax_free_attention(g: GraphView) -> list[Unclaimed]:
+    """Products of two activations in a model without any softmax/sdpa: attention without a
+    softmax (ReLU linear attention, additive attention), which hiap_fx names but does not cut."""
+    found = []
+    for node in g.cg.gm.graph.nodes:
+        if not in_family(g.name(node), "matmul_like") or g.name(node) == "linear":
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(operands) == 2 and all(g.dependent(a) for a in operands):
+            found.append(Unclaimed(
+                node=node.name, what="attention without softmax",
+                reason=f"{node.name} multiplies two activations with no softmax or sdpa in the "
+                       "model (linear / ReLU / additive attention): hiap_fx cuts heads of softmax "
+                       "attention only; its FFNs and projections are still gated where found"))
+    return found[:8]
 
 
 def _manual_core(g: GraphView, softmax: fx.Node) -> Core:

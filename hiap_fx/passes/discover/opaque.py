@@ -19,6 +19,8 @@ def opaque_calls(cg: CapturedGraph) -> list[str]:
             if namespace not in ("aten", "prims", "_operator"):  # a custom operator
                 names.append(str(fn))
             continue
+        if isinstance(fn, type):
+            continue  # a class built in the graph (HF's ImageClassifierOutput): a container, no kernel
         module = getattr(fn, "__module__", None) or ""
         root = module.split(".")[0]
         if fn is not None and root not in ("torch", "_operator", "operator", "builtins", "math"):

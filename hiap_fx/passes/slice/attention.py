@@ -8,12 +8,20 @@ import torch.nn.functional as F
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.ir import node_shape, tensor_shape
+from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
+from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits
-from hiap_fx.passes.slice.operands import PAD, operand_rows, padded, projection_rows, shape_operand
-from hiap_fx.passes.slice.rearrange import plan_output_replay, replay_output
+from hiap_fx.passes.slice.operands import (
+    PAD,
+    operand_rows,
+    padded,
+    projection_rows,
+    replay_prefix,
+    shape_operand,
+)
+from hiap_fx.passes.slice.rearrange import graph_modules, moves_only, output_chain, plan_output_replay, replay_output
 from hiap_fx.plan import AttentionSite
 
 
@@ -55,7 +63,7 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
-        if same_lead(tensor_shape(av), out_head, tensor_shape(proj_in)):
+        if direct_output(av, out_head, proj_in):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
             order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
         else:  # the token axis is rearranged first (H x W, windows reversed): replay those ops
@@ -81,7 +89,9 @@ def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
     ys: dict[str, fx.Node] = {}
     for roles in by_node.values():
         proj = getattr(site, roles[0])
-        y = projection_rows(ctx, proj, [r for role in roles for r in rows[role].rows], "".join(roles))
+        picks = [r for role in roles for r in rows[role].rows]
+        y = projection_rows(ctx, proj, picks, "".join(roles))
+        y = replay_prefix(ctx, lays[roles[0]].prefix, ctx.nodes[proj.node], y, picks, "".join(roles))
         off = 0
         for role in roles:
             n = len(rows[role].rows)
@@ -102,6 +112,14 @@ def to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.
         out = g.call_method("movedim", (out, out_head % rank, -2))
         out = g.call_method("flatten", (out, -2))
     return out
+
+
+def direct_output(av: fx.Node, out_head: Optional[int], proj_in: fx.Node) -> bool:
+    """Whether the kernel output reaches the projection only by merging heads into channels
+    (else the ops in between are replayed: :mod:`hiap_fx.passes.slice.rearrange`)."""
+    modules = graph_modules(av)
+    return same_lead(tensor_shape(av), out_head, tensor_shape(proj_in)) and all(
+        moves_only(op_name(n, modules)) for n in output_chain(av, proj_in) if is_tensor_node(n))
 
 
 def same_lead(kernel_out: tuple[int, ...], out_head: Optional[int], proj_in: tuple[int, ...]) -> bool:

@@ -8,7 +8,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
-from hiap_fx.passes.slice.attention import out_head_axis, same_lead
+from hiap_fx.passes.slice.attention import direct_output, out_head_axis
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.rearrange import plan_output_replay
 from hiap_fx.plan import AttentionSite, Plan, Unclaimed
@@ -47,7 +47,7 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-            if not same_lead(tensor_shape(av), head, tensor_shape(out_lin.args[0])):
+            if not direct_output(av, head, out_lin.args[0]):
                 # rearranged before the projection (H x W, windows reversed): it must replay for
                 # fewer heads and narrower heads (finalize plans again for the real decisions)
                 out_shape = tensor_shape(av)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,6 +32,7 @@ class OperandLayout:
     splits: list[tuple[int, tuple[int, ...]]]  # then lead axes unflattened into sizes (last first)
     replay: list[fx.Node]  # original path nodes after the boundary, in graph order
     operand: fx.Node
+    prefix: list[fx.Node] = field(default_factory=list)  # per-row ops replayed on the new rows first
 
 
 class SliceContext:
@@ -60,24 +61,28 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
     chain: list[fx.Node] = []
     cur = P
     while True:
-        nxt = [u for u in cur.users if u in path]
-        if len(nxt) != 1 or not in_family(op_name(nxt[0]), "movement"):
+        nxt = [u for u in cur.users if u in path and reads_data(u, cur)]
+        if len(nxt) != 1 or not (in_family(op_name(nxt[0]), "movement") or row_op(ctx, nxt[0])):
             break
         cur = nxt[0]
         chain.append(cur)
+    prefix, start = row_prefix(ctx, site, P, chain)
+    candidates = ([start] if prefix else []) + chain[len(prefix):]
     p_shape = tensor_shape(P)
     table = torch.tensor(proj.index, dtype=torch.float64)
     order = {n: i for i, n in enumerate(ctx.graph.nodes)}
-    for B in reversed(chain):
-        perm = boundary_perm(ctx, P, p_shape, B, table)
+    for B in reversed(candidates):
+        perm = boundary_perm(ctx, start, p_shape, B, table)
         if perm is None:
             continue
         after = descendants(B) & full_path
         before = ancestors(B)
         if any(n not in after and n is not B and n not in before for n in path):
             continue
+        if B is start and prefix:
+            after = after - set(prefix)
         return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], perm[4],
-                             sorted(after, key=order.__getitem__), O)
+                             sorted(after, key=order.__getitem__), O, prefix)
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
@@ -97,6 +102,46 @@ def _split_order(at: torch.Tensor, axes: list[int], size: int) -> Optional[list[
         if torch.equal(at, code):
             return list(order)
     return None
+
+
+def reads_data(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads ``node``'s values (``y.reshape_as(node)`` reads only its shape)."""
+    if op_name(user) in ("reshape_as", "view_as", "expand_as", "type_as") and user.args[0] is not node:
+        return False
+    return True
+
+
+def row_op(ctx: SliceContext, node: fx.Node) -> bool:
+    """A per-row op after a projection: a batch norm over the rows of a (tokens, rows) matrix
+    (LeViT's linear + BatchNorm1d), whose statistics and affine are sliced with the rows."""
+    name = op_name(node, ctx.flow.modules)
+    x = node.args[0] if node.args else None
+    if not in_family(name, "channel_norm") or not isinstance(x, fx.Node):
+        return False
+    shape = node_shape(x)
+    return node.op == "call_module" and shape is not None and len(shape) == 2 \
+        and node_shape(node) == shape
+
+
+def row_prefix(ctx: SliceContext, site: AttentionSite, P: fx.Node,
+               chain: list[fx.Node]) -> tuple[list[fx.Node], fx.Node]:
+    """The chain up to the first node after the last per-row op that holds P's values in P's
+    layout again (``bn(y.flatten(0, 1)).reshape_as(y)``), and that node; ``([], P)`` without
+    per-row ops."""
+    rows = [i for i, n in enumerate(chain) if row_op(ctx, n)]
+    if not rows:
+        return [], P
+    p_shape = tensor_shape(P)
+    code = torch.arange(math.prod(p_shape), dtype=torch.float64).reshape(p_shape)
+    at = ctx.flow.run({P: code}).index
+    for i in range(rows[-1] + 1, len(chain)):
+        q = at.get(chain[i])
+        if isinstance(q, torch.Tensor) and torch.equal(q, code):
+            return chain[:i + 1], chain[i]
+    raise HiapError(f"{site.name}: {chain[rows[-1]].name} normalises the rows of {P.name}, but no "
+                    "later point holds them in the projection's layout again; prepare with "
+                    "PruneConfig(heads=False, head_dims=False) to keep this attention whole, or "
+                    "report the model")
 
 
 def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx.Node,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -11,7 +12,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_sizes
-from hiap_fx.graph.ir import node_dtype, node_shape
+from hiap_fx.graph.ir import node_dtype, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext
 from hiap_fx.plan import AttentionSite
@@ -74,6 +75,47 @@ def projection_rows(ctx: SliceContext, proj, rows: list[Optional[int]], suffix: 
     if proj.bias and not proj.bias.startswith("node:"):
         b_node = ctx.params.add(ctx.graph, proj.bias, suffix, padded(ctx.params.get(proj.bias), rows, 0))
     return ctx.graph.call_function(F.linear, (ctx.nodes[proj.node].args[0], w_node, b_node))
+
+
+def replay_prefix(ctx: SliceContext, prefix: list[fx.Node], P: fx.Node, y: fx.Node,
+                  rows: list[Optional[int]], suffix: str) -> fx.Node:
+    """The per-row ops between a projection and its operand layout (a batch norm over its rows)
+    replayed on the new rows ``y``: their statistics and affine taken at ``rows`` (zero for a
+    padded row, which then stays zero)."""
+    if not prefix:
+        return y
+    g = ctx.graph
+    mapping: dict[fx.Node, fx.Node] = {P: y}
+    full = tensor_shape(P)[-1]
+    for n in prefix:
+        new = g.node_copy(n, lambda a: mapping.get(a, a))
+        if n.op == "call_module":
+            target = sliced_module(ctx, str(n.target), rows, suffix)
+            new.target = target
+        rewrite_sizes(new, {full: len(rows)} if full != len(rows) else {})
+        mapping[n] = new
+    return mapping[prefix[-1]]
+
+
+def sliced_module(ctx: SliceContext, target: str, rows: list[Optional[int]], suffix: str) -> str:
+    """A copy of the per-channel module at ``target`` (a batch norm) for ``rows``, registered
+    next to it; returns its path."""
+    module = copy.deepcopy(ctx.gm.get_submodule(target))
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if tensor.dim() == 0:
+            continue
+        value = padded(tensor.detach(), rows, 0)
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, name, value)
+    if hasattr(module, "num_features"):
+        module.num_features = len(rows)
+    path = f"{target}_{suffix}"
+    while path in dict(ctx.gm.named_modules()):
+        path += "_"
+    ctx.gm.add_submodule(path, module)
+    return path
 
 
 def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: OperandLayout, y: fx.Node,

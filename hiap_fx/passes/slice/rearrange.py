@@ -1,10 +1,11 @@
-"""Kernel output rearranged before the output projection: replay the movement ops on the compact heads.
+"""Kernel output rearranged before the output projection: replay those ops on the compact heads.
 
 Many hybrid and windowed attentions do not feed ``(attn @ v)`` straight into the output
 projection: the token axis is reshaped into H x W, windows or grids are reversed, or the output
 is made sequence-first, and only then comes the projection. Heads stay a separate axis until
 they are merged into the channel axis, so the compact kernel output (live heads, padded width)
-can go through the *same* ops. Their size arguments may name the head count or the head width
+can go through the *same* ops (element-wise ones too: LeViT's activation before its projection;
+padded slots meet zero columns of the projection). Their size arguments may name the head count or the head width
 (``reshape(B, H, W, heads * dim)``), or sizes that merely equal them (a window of 8 beside 8
 heads): which occurrences to rewrite is decided by trying, smallest change first, and accepting
 the first replay that provably moves every token where the original did and yields one
@@ -42,6 +43,18 @@ class OutputReplay:
     order: list[tuple[int, int]]  # projection input channel -> (live head position, slot)
 
 
+def moves_only(name: str) -> bool:
+    """Whether canonical op ``name`` only moves, casts or copies data."""
+    return in_family(name, "movement") or in_family(name, "cast") or name in (
+        "contiguous", "clone", "dropout", "identity")
+
+
+def graph_modules(node: fx.Node) -> dict[str, Any]:
+    """The submodules of the graph module that owns ``node`` (names of call_module ops)."""
+    owner = node.graph.owning_module
+    return dict(owner.named_modules()) if owner is not None else {}
+
+
 def output_chain(av: fx.Node, proj_input: fx.Node) -> list[fx.Node]:
     """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
     one must only move data (else :class:`HiapError`)."""
@@ -52,14 +65,15 @@ def output_chain(av: fx.Node, proj_input: fx.Node) -> list[fx.Node]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     # shape queries of the kernel output or of the chain come along (they follow the new sizes)
     chain = sorted(path, key=order.__getitem__)
+    modules = graph_modules(av)
     for n in chain:
         if not is_tensor_node(n):
             continue
-        name = op_name(n)
-        if not (in_family(name, "movement") or in_family(name, "cast")
-                or name in ("contiguous", "clone", "dropout", "identity")):
+        name = op_name(n, modules)
+        if not (moves_only(name) or in_family(name, "unary") or in_family(name, "activation")):
             raise HiapError(f"{n.name} ({name}) between the kernel output {av.name} and the output "
-                            f"projection input {proj_input.name} does not only move data")
+                            f"projection input {proj_input.name} neither moves data nor acts "
+                            "element-wise")
         other = [a for a in n.all_input_nodes if a not in path and a is not av
                  and a.op != "get_attr" and is_tensor_node(a)]
         if other and not in_family(name, "cast"):
@@ -179,6 +193,10 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
     env: dict[fx.Node, Any] = {start: value}
     inside = set(chain) | {start}
     for n in chain:
+        name = op_name(n, flow.modules)
+        if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through
+            env[n] = env[n.args[0]] if isinstance(n.args[0], fx.Node) else value
+            continue
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
                 return env[a] if a in env else flow.value(a)
