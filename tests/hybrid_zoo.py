@@ -8,7 +8,10 @@ attention is written the way some efficient family writes it:
 * ``seq_first``: the kernel output is made sequence-first (N, B, C) before the projection;
 * ``window``: windowed attention whose output windows are reversed *before* the projection,
   with a window side equal to the head count (a size that must not be rewritten);
-* ``res_scale``: MetaFormer's res-scale, ``x * gamma + branch(x)`` for both sub-layers.
+* ``res_scale``: MetaFormer's res-scale, ``x * gamma + branch(x)`` for both sub-layers;
+* ``conv_qkv``: q/k/v and the output projection are 1x1 convolutions over a (B, C, H, W) map;
+* ``bn_rows``: LeViT's linear + BatchNorm1d over its rows (``bn(y.flatten(0, 1)).reshape_as(y)``)
+  for q/k/v, and an activation between the kernel output and the projection.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMS = ("grid_out", "seq_first", "window", "res_scale")
+FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer")
 
 
@@ -69,14 +72,74 @@ class _MapAttention(nn.Module):
         return self.proj(o)
 
 
+class _ConvAttention(nn.Module):
+    """Attention over a (B, H, W, C) map computed on its (B, C, H, W) transpose with 1x1 convs."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Conv2d(dim, 3 * heads * head_dim, 1)
+        self.proj = nn.Conv2d(heads * head_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        m = x.permute(0, 3, 1, 2)
+        q, k, v = self.qkv(m).reshape(B, 3, self.heads, self.head_dim, H * W).transpose(-1, -2).unbind(1)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        o = o.transpose(-1, -2).reshape(B, -1, H, W)
+        return self.proj(o).permute(0, 2, 3, 1)
+
+
+class _LinearNorm(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out, bias=False)
+        self.bn = nn.BatchNorm1d(dim_out)
+        with torch.no_grad():  # statistics as after training (not the identity of a fresh BN)
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class _BnRowsAttention(nn.Module):
+    """LeViT's spelling: per-head [q | k | v] rows from one linear + batch norm, manual kernel,
+    an activation before the projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = _LinearNorm(dim, 3 * heads * head_dim)
+        self.act = nn.Hardswish()
+        self.proj = _LinearNorm(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        t = x.reshape(B, H * W, C)
+        q, k, v = self.qkv(t).view(B, H * W, self.heads, -1).split([self.head_dim] * 3, dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
+        o = (attn @ v).transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim)
+        return self.proj(self.act(o)).reshape(B, H, W, C)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int) -> None:
         super().__init__()
         self.form = form
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form == "res_scale" else form,
-                                  spelling, window)
+        if form == "conv_qkv":
+            self.attn: nn.Module = _ConvAttention(dim, heads, head_dim)
+        elif form == "bn_rows":
+            self.attn = _BnRowsAttention(dim, heads, head_dim)
+        else:
+            self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form == "res_scale" else form,
+                                      spelling, window)
         self.mlp = _Mlp(dim, hidden)
         self.res_scale1 = nn.Parameter(torch.rand(dim) + 0.5)
         self.res_scale2 = nn.Parameter(torch.rand(dim) + 0.5)

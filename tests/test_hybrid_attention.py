@@ -27,7 +27,10 @@ def test_every_attention_is_a_site_on_its_residual(form, spelling):
     plan = prepared.plan
     assert len(plan.attention) == 2 and len(plan.ffn) == 2, plan.unclaimed
     assert {(s.num_heads, s.head_dim) for s in plan.attention} == {(2, 4)}
-    assert all(s.residual is not None for s in plan.attention + plan.ffn)
+    assert all(s.residual is not None for s in plan.ffn)
+    # LeViT's projection ends in a batch norm, which does not map a closed branch to zero: its
+    # attention is gated (heads, dims) but cannot leave the residual stream as a whole
+    assert all((s.residual is None) == (form == "bn_rows") for s in plan.attention)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

@@ -8,7 +8,10 @@ After this pass:
 * every attention kernel is ``F.scaled_dot_product_attention(..., scale=s)`` with ``s`` explicit;
 * every view/reshape/unflatten is ``Tensor.reshape(x, *sizes)``;
 * every dropout is an ``nn.Dropout`` module call (follows ``train()`` / ``eval()``);
-* identity modules are gone.
+* identity modules are gone;
+* a pointwise (1x1) convolution next to attention (its q/k/v or output projection over a
+  (B, C, H, W) map) is the linear it is: ``movedim(F.linear(movedim(x, 1, -1), W2d, b), -1, 1)``,
+  its weight stored as the 2-D matrix, so heads and dims are found and cut as for any linear.
 Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonical name.
 """
 
@@ -223,8 +226,85 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
             new = _functional_node(node, cg)
         if new is not None:
             _replace(node, new)
+    pointwise_convs_as_linears(cg)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return cg
+
+
+_ATTENTION_OPS = ("scaled_dot_product_attention", "matmul", "bmm", "einsum")
+
+
+def _near(node: fx.Node, step: Callable[[fx.Node], list[fx.Node]], depth: int = 12) -> bool:
+    """Whether an attention op (sdpa, or a product of activations) is reached from ``node``
+    through ``step`` within ``depth`` ops, not crossing another projection."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for m in step(n):
+                if m in seen or m.op == "get_attr":
+                    continue
+                seen.add(m)
+                name = op_name(m)
+                if name in _ATTENTION_OPS or attention_kernel(m) is not None:
+                    return True
+                if name not in ("linear", "conv1d", "conv2d", "conv3d"):
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _pointwise(node: fx.Node, gm: fx.GraphModule) -> Optional[tuple[nn.Module, str, torch.Tensor]]:
+    """(holder module, attribute, weight) of a 1x1, stride-1, unpadded, ungrouped convolution
+    whose weight is a parameter read by this node alone; else None."""
+    if op_name(node) not in ("conv1d", "conv2d", "conv3d") or node.op != "call_function":
+        return None
+    args = list(node.args) + [None] * (7 - len(node.args))
+    w = args[1]
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or len(w.users) != 1:
+        return None
+    if sum(n.op == "get_attr" and n.target == w.target for n in node.graph.nodes) != 1:
+        return None
+    mod_path, _, attr = str(w.target).rpartition(".")
+    holder = gm.get_submodule(mod_path) if mod_path else gm
+    weight = getattr(holder, attr, None)
+    if not isinstance(weight, torch.Tensor) or any(k != 1 for k in weight.shape[2:]):
+        return None
+
+    def all_are(v: Any, value: int) -> bool:
+        return v is None or v == value or (isinstance(v, (tuple, list)) and all(x == value for x in v))
+
+    stride, padding, dilation, groups = args[3], args[4], args[5], args[6]
+    if not (all_are(stride, 1) and (padding in ("valid", "same") or all_are(padding, 0))
+            and all_are(dilation, 1) and groups in (None, 1)):
+        return None
+    return holder, attr, weight
+
+
+def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
+    """Rewrite pointwise convolutions next to attention as linears over the channel axis (see
+    the module docstring); others (a CNN stem, MBConv blocks) keep their spelling."""
+    gm = cg.gm
+    g = gm.graph
+    for node in list(g.nodes):
+        found = _pointwise(node, gm)
+        if found is None:
+            continue
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or not (_near(node, lambda n: list(n.users)) or
+                                             _near(x, lambda n: n.all_input_nodes)):
+            continue
+        holder, attr, weight = found
+        flat = nn.Parameter(weight.detach().reshape(weight.shape[0], weight.shape[1]).clone(),
+                            requires_grad=weight.requires_grad)
+        setattr(holder, attr, flat)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with g.inserting_before(node):
+            moved = g.call_method("movedim", (x, 1, -1))
+            lin = g.call_function(F.linear, (moved, node.args[1], bias))
+            back = g.call_method("movedim", (lin, -1, 1))
+        node.replace_all_uses_with(back)
+        g.erase_node(node)

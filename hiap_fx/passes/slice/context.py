@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import fx
@@ -210,10 +210,11 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
     rest = [i for i in range(len(b_shape)) if i not in source]
     heads, dims = table.shape
     options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
-    # size-1 axes fit several roles (a batch of 1, one head, head dim 1): prefer dims last and
-    # the head axis latest, as written by every layout seen, so that a batch of 1 stays axis 0
-    last = len(b_shape) - 1
-    options.sort(key=lambda o: (o[1] != last, o[0] is None, -(o[0] if o[0] is not None else 0)))
+    # size-1 axes fit several roles (a batch of 1, one head, head dim 1), which index flow
+    # cannot tell apart: of the layouts that fit, take the one closest to the source order
+    # (fewest inversions; a head axis where one fits), so that a batch of 1 stays axis 0 and k^T
+    # keeps its dims before its tokens
+    fits: list[tuple[tuple[bool, int], Any]] = []
     unplaced = sorted({start[merged_index[a]] for a in range(lead_axes)
                        if a not in target and a not in split_to})  # size 1
     for head_axis, dim_axis in options:
@@ -240,6 +241,7 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
                 for i in range(len(b_shape)) if i not in new_axes]
         if sorted(perm) != list(range(dim_src + 1)):
             continue
-        return perm, head_axis is not None, new_axes, sorted(merges, reverse=True), \
-            sorted(splits, reverse=True)
-    return None
+        inversions = sum(a > b for i, a in enumerate(perm) for b in perm[i + 1:])
+        fits.append(((head_axis is None, inversions), (perm, head_axis is not None, new_axes, sorted(merges, reverse=True),
+                                  sorted(splits, reverse=True))))
+    return min(fits, key=lambda f: f[0])[1] if fits else None
