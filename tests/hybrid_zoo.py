@@ -10,6 +10,8 @@ attention is written the way some efficient family writes it:
   with a window side equal to the head count (a size that must not be rewritten);
 * ``res_scale``: MetaFormer's res-scale, ``x * gamma + branch(x)`` for both sub-layers;
 * ``conv_qkv``: q/k/v and the output projection are 1x1 convolutions over a (B, C, H, W) map;
+* ``einsum``: the kernel as two einsums (``"bhid,bhjd->bhij"``, ``"bhij,bhjd->bhid"``);
+* ``v_left``: channels-first heads (B, h, d, N) and values on the left, ``v @ softmax(.)^T``;
 * ``bn_rows``: LeViT's linear + BatchNorm1d over its rows (``bn(y.flatten(0, 1)).reshape_as(y)``)
   for q/k/v, and an activation between the kernel output and the projection.
 """
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows")
+FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer")
 
 
@@ -46,6 +48,13 @@ class _MapAttention(nn.Module):
     def _attend(self, t: torch.Tensor) -> torch.Tensor:  # (B', N', C) -> (B', heads, N', d)
         b, n, _ = t.shape
         q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.form == "einsum":
+            attn = torch.einsum("bhid,bhjd->bhij", q, k * self.head_dim ** -0.5).softmax(dim=-1)
+            return torch.einsum("bhij,bhjd->bhid", attn, v)
+        if self.form == "v_left":  # heads as (B', h, d, N'): v @ attn^T
+            q, k, v = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)
+            attn = ((q.transpose(-2, -1) @ k) * self.head_dim ** -0.5).softmax(dim=-1)
+            return (v @ attn.transpose(-2, -1)).transpose(-2, -1)
         return F.scaled_dot_product_attention(q, k, v)
 
     def _channels(self, x: torch.Tensor) -> int:
@@ -65,6 +74,8 @@ class _MapAttention(nn.Module):
             o = o.reshape(B, H // ws, W // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, -1)
             return self.proj(o)
         o = self._attend(x.reshape(B, H * W, C))
+        if self.form in ("einsum", "v_left"):
+            return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
         if self.form == "seq_first":
             o = o.permute(2, 0, 1, 3).reshape(H * W, B, self._channels(x))
             return self.proj(o).transpose(0, 1).reshape(B, H, W, -1)

@@ -4,7 +4,9 @@ After this pass:
 * every linear layer is ``F.linear(x, <get_attr weight>, <get_attr bias or None>)``;
 * every convolution is ``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``;
 * every layer norm is ``F.layer_norm(x, shape, weight, bias, eps)``;
-* every softmax is ``F.softmax(x, dim=d)``; every matmul/bmm is ``torch.matmul(a, b)``;
+* every softmax is ``F.softmax(x, dim=d)``; every matmul/bmm is ``torch.matmul(a, b)``, and so
+  is a two-operand einsum of the attention kind (shared batch letters, one contracted letter, at
+  most one free letter per side: ``"bhid,bhjd->bhij"``), between permutes;
 * every attention kernel is ``F.scaled_dot_product_attention(..., scale=s)`` with ``s`` explicit;
 * every view/reshape/unflatten is ``Tensor.reshape(x, *sizes)``;
 * every dropout is an ``nn.Dropout`` module call (follows ``train()`` / ``eval()``);
@@ -156,6 +158,8 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
             return g.call_method("reshape", tuple(args))
         if name == "unflatten":
             return _unflatten(node)
+        if name == "einsum":
+            return einsum_as_matmul(node)
         if name == "dropout" and node.op == "call_function":
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             return _dropout_module(cg, node, args[0], float(cast(Any, p)))
@@ -195,6 +199,68 @@ def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
     return node.graph.call_function(F.scaled_dot_product_attention, tuple(node.args[:3]), kwargs)
 
 
+def _einsum_letters(equation: str, ranks: list[int]) -> Optional[tuple[list[str], str]]:
+    """The operand subscripts and output of an einsum equation, ``...`` spelled out."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    spare = [c for c in "ZYXWVUTSRQPONM" if c not in eq]
+    ellipsis = ""
+    for i, term in enumerate(terms):
+        if "..." in term:
+            n = ranks[i] - (len(term) - 3)
+            ellipsis = "".join(spare[:n]) if len(ellipsis) < n else ellipsis
+            terms[i] = term.replace("...", ellipsis[len(ellipsis) - n:] if n else "")
+    out = out.replace("...", ellipsis)
+    if any(len(t) != r or len(set(t)) != len(t) for t, r in zip(terms, ranks)):
+        return None
+    return terms, out
+
+
+def einsum_as_matmul(node: fx.Node) -> Optional[fx.Node]:
+    """``einsum(eq, a, b)`` as ``permute(matmul(permute(a), permute(b)))`` when the equation is
+    a batched matrix product (see the module docstring); else ``None`` (left as is)."""
+    args = list(node.args)
+    if not args or not isinstance(args[0], str):
+        return None
+    operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if len(operands) != 2 or not all(isinstance(o, fx.Node) and node_shape(o) is not None for o in operands):
+        return None
+    a, b = operands
+    parsed = _einsum_letters(args[0], [len(node_shape(a) or ()), len(node_shape(b) or ())])
+    if parsed is None:
+        return None
+    (ta, tb), out = parsed
+    batch = [c for c in out if c in ta and c in tb]
+    left = [c for c in ta if c in out and c not in tb]
+    right = [c for c in tb if c in out and c not in ta]
+    contract = [c for c in ta if c in tb and c not in out]
+    if len(contract) != 1 or len(left) > 1 or len(right) > 1 or \
+            set(ta) | set(tb) != set(out) | set(contract) or len(out) != len(set(out)):
+        return None
+    g = node.graph
+    pa = [ta.index(c) for c in batch + left + contract]
+    pb = [tb.index(c) for c in batch + contract + right]
+    x = g.call_method("permute", (a, *pa)) if pa != list(range(len(ta))) else a
+    y = g.call_method("permute", (b, *pb)) if pb != list(range(len(tb))) else b
+    if not left:
+        x = g.call_method("unsqueeze", (x, -2))
+    if not right:
+        y = g.call_method("unsqueeze", (y, -1))
+    z = g.call_function(torch.matmul, (x, y))
+    if not right:
+        z = g.call_method("squeeze", (z, -1))
+    if not left:
+        z = g.call_method("squeeze", (z, -2 if right else -1))
+    have = batch + left + right
+    perm = [have.index(c) for c in out]
+    return g.call_method("permute", (z, *perm)) if perm != list(range(len(out))) else z
+
+
 def _unflatten(node: fx.Node) -> Optional[fx.Node]:
     x = node.args[0]
     dim: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -227,6 +293,7 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
         if new is not None:
             _replace(node, new)
     pointwise_convs_as_linears(cg)
+    values_on_the_right(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -308,3 +375,52 @@ def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
             back = g.call_method("movedim", (lin, -1, 1))
         node.replace_all_uses_with(back)
         g.erase_node(node)
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """``x.transpose(-2, -1)`` / ``x.mT`` / a permute swapping the last two axes."""
+    shape = node_shape(node)
+    rank = len(shape) if shape is not None else 0
+    if rank < 2 or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return False
+    name = op_name(node)
+    if name == "mT":
+        return True
+    if name in ("transpose", "swapaxes") and len(node.args) == 3 and all(isinstance(a, int) for a in node.args[1:]):
+        return sorted(a % rank for a in cast(tuple, node.args[1:])) == [rank - 2, rank - 1]
+    if name == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        want = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return [int(d) % rank for d in cast(tuple, dims)] == want
+    return False
+
+
+def _from_softmax(node: Any) -> bool:
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return False
+        name = op_name(node)
+        if name in ("softmax", "_softmax", "_safe_softmax"):
+            return True
+        if node.op == "call_module" or name not in ("dropout", "to", "type_as", "float", "contiguous"):
+            return False
+        node = node.args[0]
+    return False
+
+
+def values_on_the_right(graph: fx.Graph) -> None:
+    """``v @ P^T`` with ``P`` a softmax output (values on the left, as in some efficient
+    attention families) becomes ``(P @ v^T)^T``, the form attention discovery reads."""
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.matmul and len(node.args) == 2):
+            continue
+        v, pt = node.args
+        if not (isinstance(v, fx.Node) and isinstance(pt, fx.Node) and _swaps_last_two(pt)
+                and _from_softmax(pt.args[0]) and (node_shape(v) or ())[-2:] != ()):
+            continue
+        with graph.inserting_before(node):
+            vt = graph.call_method("transpose", (v, -2, -1))
+            out = graph.call_function(torch.matmul, (pt.args[0], vt))
+            back = graph.call_method("transpose", (out, -2, -1))
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
