@@ -97,8 +97,9 @@ def count_attention_calls(model: nn.Module, *inputs: Any) -> AttentionCensus:
 
 
 #: HF transformers image-classification classes left out of the attention set: they need
-#: inputs other than pixel values, or wrap another library (timm) or a whole language model.
-HF_SKIP = {"TimmWrapperForImageClassification", "ShieldGemma2ForImageClassification",
+#: inputs other than pixel values, need a library not on PyPI for CPU (Dinat: natten), or wrap
+#: another library (timm) or a whole language model.
+HF_SKIP = {"DinatForImageClassification", "TimmWrapperForImageClassification", "ShieldGemma2ForImageClassification",
            "PerceiverForImageClassificationFourier", "PerceiverForImageClassificationConvProcessing",
            "PerceiverForImageClassificationLearned", "ImageGPTForImageClassification"}
 
@@ -139,11 +140,19 @@ def small_hf_kwargs(cls_name: str) -> dict[str, Any]:
 
     config = getattr(transformers, cls_name).config_class()
     kwargs: dict[str, Any] = {}
-    for key in ("num_hidden_layers",):
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) > 2:
-            kwargs[key] = 2
     for key in ("depths", "depth"):
         value = getattr(config, key, None)
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
             kwargs[key] = [min(v, 1) for v in value]
+    num = getattr(config, "num_hidden_layers", None)
+    if not kwargs and isinstance(num, int) and num > 2:  # staged models derive it from depths
+        kwargs["num_hidden_layers"] = 2
+    try:  # per-stage lists elsewhere in the config may not allow the cut: then the default
+        with torch.device("meta"):
+            model = getattr(transformers, cls_name)(type(config)(**kwargs))
+            size = getattr(model.config, "image_size", 224)
+            side = size if isinstance(size, int) else max(size)
+            model.eval()(torch.empty(1, getattr(model.config, "num_channels", 3), side, side))
+    except Exception:  # noqa: BLE001
+        return {}
     return kwargs
