@@ -104,8 +104,9 @@ class IndexFlow:
     def _is_index_value(v: Any) -> bool:
         if isinstance(v, torch.Tensor):
             return v.dtype == torch.float64
-        if isinstance(v, (tuple, list)) and v:
-            return all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in v)
+        if isinstance(v, (tuple, list)) and v:  # integer members: a reduction's indices
+            return all(isinstance(t, torch.Tensor) and (t.dtype == torch.float64 or not t.is_floating_point())
+                       for t in v) and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in v)
         return False
 
     # -- main ---------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class IndexFlow:
 
         if node.op == "output" or (stop is not None and stop(node)):
             return stop_here()
+        if name == "getattr" and len(node.args) == 2 and node.args[1] == "values" and node.args[0] in index:
+            return getattr(index[node.args[0]], "values", None)  # ``x.max(dim).values``
         if name in ("getattr", "size", "dim", "numel", "sym_size"):
             return None  # sizes: not data
         if in_family(name, "cast") or name in ("dropout", "identity", "contiguous", "clone", "detach"):
@@ -230,9 +233,13 @@ class IndexFlow:
             return stop_here()
         outs = out if isinstance(out, (tuple, list)) else [out]
         allowed = torch.unique(torch.cat([src.flatten(), torch.tensor([SENTINEL], dtype=torch.float64)]))
+        floats = 0
         for t in outs:
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and isinstance(out, (tuple, list)):
+                continue  # the indices beside a reduction's values (``max(dim)``): not features
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float64:
                 return stop_here()
             if not torch.isin(torch.unique(t), allowed).all():
                 return stop_here()
-        return out
+            floats += 1
+        return out if floats else stop_here()
