@@ -187,7 +187,8 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
         models = args.models or DEFAULT_MODELS
     table = run_coverage(models, out=args.out, readme=args.readme, jobs=args.jobs,
                          timeout=args.timeout, extra_rows=skipped,
-                         cache_dir=os.path.join(args.cache, "rows") if args.cache else None)
+                         cache_dir=os.path.join(args.cache, "rows") if args.cache else None,
+                         cached_only=args.report, marker="attention-coverage" if args.attention else "coverage")
     print(table)
     return 0
 
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "HF transformers image classifier (depth cut) and torchvision's attention models")
     c.add_argument("--cache", help="keep each finished model's row (and the census) in this folder; "
                    "a second run resumes from it (default with --attention: ./coverage-cache)")
+    c.add_argument("--report", action="store_true", help="with --cache: probe nothing, tabulate the "
+                   "cached rows (models not probed yet are counted as pending)")
     c.add_argument("--max-params", type=float, default=7e8, help="with --all / --attention: skip (and list) "
                    "models with more parameters than this")
     c.add_argument("--jobs", type=int, default=0, help="run each model in its own process, this "

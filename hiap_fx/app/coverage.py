@@ -234,7 +234,7 @@ def _calls(row: dict[str, Any]) -> int:
 def attention_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Per source, of the attention calls the models make, how many became sites that finalize
     exactly; models fully sited / partly sited / FFN only / refused; the commonest reasons."""
-    with_calls = [r for r in rows if r["status"] != "skipped" and _calls(r) > 0]
+    with_calls = [r for r in rows if r["status"] not in ("skipped", "pending") and _calls(r) > 0]
     if not with_calls:
         return []
     lines = ["", "Attention calls (sdpa, or softmax over q @ k^T, counted by running each model; a "
@@ -278,7 +278,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
     skipped for size are counted apart. ``details`` folds the table into a <details> block."""
     lines = []
     for family in ("timm", "HF transformers", "torchvision", "other"):
-        group = [r for r in rows if _family(r) == family]
+        group = [r for r in rows if _family(r) == family and r["status"] != "pending"]
         tried = [r for r in group if r["status"] != "skipped"]
         if not group:
             continue
@@ -292,6 +292,10 @@ def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
                         "reported)" if ffn_only else "")
                      + (f", {counts}" if counts else "")
                      + (f"; {skipped} more skipped for size (listed at the end)" if skipped else ""))
+    pending = [r for r in rows if r["status"] == "pending"]
+    if pending:
+        lines.append(f"- **{len(pending)} more not probed yet** (the run is resumable: the same "
+                     "command continues from the cached rows)")
     lines += attention_summary(rows)
     lines += ["", "ok = prepared, reproduced exactly with every gate on, costed exactly (dense MACs = "
               "corrected counter = hard MACs), and finalized with 30% of every gate's units closed "
@@ -300,7 +304,9 @@ def to_markdown(rows: Sequence[dict[str, Any]], details: bool = False) -> str:
         lines += ["<details><summary>the table, one row per model</summary>", ""]
     lines += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in _COLUMNS) + " |")
+        if r["status"] != "pending":
+            lines.append("| " + " | ".join(str(r.get(c, "")).replace("|", "/").replace("\n", " ")
+                                           for c in _COLUMNS) + " |")
     if details:
         lines += ["", "</details>"]
     return "\n".join(lines)
@@ -336,6 +342,8 @@ def _cached(cache_dir: Optional[str], entry: ModelSpec, run: Any) -> dict[str, A
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)
+    if run is None:
+        return {"model": name, "status": "pending", "reason": "not probed yet"}
     row = run(entry)
     if row.get("status") != "timeout":
         write_text(path, json.dumps(row) + "\n")
@@ -344,12 +352,15 @@ def _cached(cache_dir: Optional[str], entry: ModelSpec, run: Any) -> dict[str, A
 
 def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
                  readme: Optional[str] = None, jobs: int = 0, timeout: float = 600.0,
-                 extra_rows: Sequence[dict[str, Any]] = (), cache_dir: Optional[str] = None) -> str:
+                 extra_rows: Sequence[dict[str, Any]] = (), cache_dir: Optional[str] = None,
+                 cached_only: bool = False, marker: str = "coverage") -> str:
     """Probe every model, return the markdown table, optionally write it to files.
 
     ``jobs`` > 0 runs each model in its own process, ``jobs`` at a time, each for at most
     ``timeout`` seconds; ``extra_rows`` (e.g. models skipped for size) are appended as given;
-    ``cache_dir`` keeps each finished row, so a second call reuses them."""
+    ``cache_dir`` keeps each finished row, so a second call reuses them; ``cached_only`` probes
+    nothing and reports models without a cached row as pending; ``readme`` replaces the section
+    between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -357,7 +368,11 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
     models = list(models)
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-    if jobs > 0:
+    if cached_only:
+        if not cache_dir:
+            raise ValueError("cached_only needs a cache_dir")
+        rows = [_cached(cache_dir, m, None) for m in models]
+    elif jobs > 0:
         torch_threads = max(1, (os.cpu_count() or 1) // jobs)
         os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads))
         with ThreadPoolExecutor(jobs) as pool:
@@ -372,9 +387,9 @@ def run_coverage(models: Sequence[ModelSpec], out: Optional[str] = None,
     if readme:
         with open(readme) as fh:
             text = fh.read()
-        pattern = re.compile(r"(<!-- coverage:start -->\n).*?(<!-- coverage:end -->)", re.S)
+        pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"{readme} has no '<!-- coverage:start -->' ... end markers")
+            raise ValueError(f"{readme} has no '<!-- {marker}:start -->' ... end markers")
         text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
         write_text(readme, text)
     return table
