@@ -115,7 +115,8 @@ def meta_census(name: str) -> dict[str, Any]:
 
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False).eval()
-        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", (3, 224, 224)))
         census = count_attention_calls(model, torch.empty(1, *size))
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     step = max(patch) if isinstance(patch, (tuple, list)) else int(patch or 0)

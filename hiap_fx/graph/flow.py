@@ -159,8 +159,10 @@ class IndexFlow:
 
         if node.op == "output" or (stop is not None and stop(node)):
             return stop_here()
-        if name == "getattr" and len(node.args) == 2 and node.args[1] == "values" and node.args[0] in index:
-            return getattr(index[node.args[0]], "values", None)  # ``x.max(dim).values``
+        source = node.args[0] if node.args else None
+        if name == "getattr" and len(node.args) == 2 and node.args[1] == "values" \
+                and isinstance(source, fx.Node) and source in index:
+            return getattr(index[source], "values", None)  # ``x.max(dim).values``
         if name in ("getattr", "size", "dim", "numel", "sym_size"):
             return None  # sizes: not data
         if in_family(name, "cast") or name in ("dropout", "identity", "contiguous", "clone", "detach"):

@@ -196,12 +196,13 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         merged_index[a] = a - shift
     lead = lead_axes - shift
     # after the merges, split axes are unflattened: lead axis m starts at start[m]
-    start, extra = {}, 0
+    start: dict[int, int] = {}
+    extra = 0
     for m in range(lead):
         start[m] = m + extra
-        a = next((a for a in split_to if merged_index[a] == m), None)
-        if a is not None:
-            extra += len(split_to[a]) - 1
+        split = next((a for a in split_to if merged_index[a] == m), None)
+        if split is not None:
+            extra += len(split_to[split]) - 1
     splits = [(merged_index[a], tuple(b_shape[i] for i in order)) for a, order in split_to.items()]
     lead_total = lead + extra
     source = {t: start[merged_index[a]] for a, t in target.items()}

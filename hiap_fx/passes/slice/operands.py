@@ -110,7 +110,7 @@ def sliced_module(ctx: SliceContext, target: str, rows: list[Optional[int]], suf
         else:
             setattr(module, name, value)
     if hasattr(module, "num_features"):
-        module.num_features = len(rows)
+        setattr(module, "num_features", len(rows))
     path = f"{target}_{suffix}"
     while path in dict(ctx.gm.named_modules()):
         path += "_"

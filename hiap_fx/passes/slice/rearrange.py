@@ -29,7 +29,7 @@ from hiap_fx.graph.ops import SIZE_KWARGS, in_family, op_kind, op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
 
 #: At most this many size occurrences are tried in combination (2**n replays at worst).
-MAX_CHOICES = 10
+MAX_CHOICES = 6
 
 Choice = tuple[fx.Node, Any]  # (node, argument position or kwarg name)
 
@@ -87,7 +87,7 @@ def _is_shape(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return False
     if node.op == "call_function" and node.target is getattr:
-        return len(node.args) == 2 and node.args[1] == "shape"
+        return len(node.args) == 2 and bool(node.args[1] == "shape")
     return op_name(node) == "size" and len(node.args) == 1
 
 
@@ -284,8 +284,11 @@ def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx
     inside = set(replay.chain) | {av}
     for n in replay.chain:
         args, kwargs = _rewritten(flow, n, replay.rewrite, inside)
-        new = graph.create_node(n.op, n.target, map_aggregate(args, lambda a: mapping.get(a, a)),
-                                map_aggregate(kwargs, lambda a: mapping.get(a, a)))
+        def remap(a: Any) -> Any:
+            return mapping.get(a, a) if isinstance(a, fx.Node) else a
+
+        new = graph.create_node(n.op, n.target, cast(tuple, map_aggregate(args, remap)),
+                                cast(dict, map_aggregate(kwargs, remap)))
         new.meta = dict(n.meta)
         mapping[n] = new
     return mapping[replay.chain[-1]] if replay.chain else new_out
