@@ -4,7 +4,8 @@ Each block is a pre-norm transformer block over a (B, H, W, C) map or (B, N, C) 
 attention is written the way some efficient family writes it:
 
 * ``grid_out``: the kernel output is reshaped to (B, H, W, C) before the output projection, the
-  channel count read from ``x.shape`` (a graph node), a literal or ``-1``;
+  channel count read from ``x.shape`` (a graph node), a literal, ``-1`` or computed from
+  the kernel output (``o.shape[-1] * heads``);
 * ``seq_first``: the kernel output is made sequence-first (N, B, C) before the projection;
 * ``window``: windowed attention whose output windows are reversed *before* the projection,
   with a window side equal to the head count (a size that must not be rewritten);
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left")
-CHANNEL_SPELLINGS = ("shape", "literal", "infer")
+CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
 class _Mlp(nn.Module):
@@ -57,7 +58,9 @@ class _MapAttention(nn.Module):
             return (v @ attn.transpose(-2, -1)).transpose(-2, -1)
         return F.scaled_dot_product_attention(q, k, v)
 
-    def _channels(self, x: torch.Tensor) -> int:
+    def _channels(self, x: torch.Tensor, o: torch.Tensor) -> int:
+        if self.spelling == "kernel":
+            return o.shape[-1] * self.heads  # the kernel output's width times a literal head count
         if self.spelling == "shape":
             return x.shape[-1]  # C of the input map (= heads * head_dim here): a graph node
         if self.spelling == "literal":
@@ -70,16 +73,16 @@ class _MapAttention(nn.Module):
             ws = self.window
             t = x.reshape(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
             o = self._attend(t)  # (B*nW, heads, ws*ws, d)
-            o = o.transpose(1, 2).reshape(o.shape[0], ws, ws, self._channels(x))
+            o = o.transpose(1, 2).reshape(o.shape[0], ws, ws, self._channels(x, o))
             o = o.reshape(B, H // ws, W // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, -1)
             return self.proj(o)
         o = self._attend(x.reshape(B, H * W, C))
         if self.form in ("einsum", "v_left"):
             return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
         if self.form == "seq_first":
-            o = o.permute(2, 0, 1, 3).reshape(H * W, B, self._channels(x))
+            o = o.permute(2, 0, 1, 3).reshape(H * W, B, self._channels(x, o))
             return self.proj(o).transpose(0, 1).reshape(B, H, W, -1)
-        o = o.transpose(1, 2).reshape(B, H, W, self._channels(x))
+        o = o.transpose(1, 2).reshape(B, H, W, self._channels(x, o))
         return self.proj(o)
 
 

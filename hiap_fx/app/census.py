@@ -97,9 +97,10 @@ def count_attention_calls(model: nn.Module, *inputs: Any) -> AttentionCensus:
 
 
 #: HF transformers image-classification classes left out of the attention set: they need
-#: inputs other than pixel values, need a library not on PyPI for CPU (Dinat: natten), or wrap
-#: another library (timm) or a whole language model.
-HF_SKIP = {"DinatForImageClassification", "TimmWrapperForImageClassification", "ShieldGemma2ForImageClassification",
+#: inputs other than pixel values (Siglip2: patches with spatial shapes and a mask), a library
+#: not on PyPI for CPU (Dinat: natten), or wrap another library (timm) or a language model.
+HF_SKIP = {"DinatForImageClassification", "Siglip2ForImageClassification",
+           "TimmWrapperForImageClassification", "ShieldGemma2ForImageClassification",
            "PerceiverForImageClassificationFourier", "PerceiverForImageClassificationConvProcessing",
            "PerceiverForImageClassificationLearned", "ImageGPTForImageClassification"}
 

@@ -152,10 +152,13 @@ def _size_choices(flow: IndexFlow, chain: list[fx.Node], table: dict[int, int]) 
 
     for n in chain:
         where = op_kind(op_name(n)).size_args
+        if not is_tensor_node(n) and op_name(n) in ("mul", "add", "sub", "floordiv", "truediv"):
+            where = "all"  # integer arithmetic on sizes (``t.shape[-1] * num_heads``)
         if where is None:
             continue
-        positions: list[Any] = list(range(1, len(n.args))) if where == "rest" else [
-            p for p in where if isinstance(p, int) and p < len(n.args)]
+        positions: list[Any] = list(range(len(n.args))) if where == "all" else \
+            list(range(1, len(n.args))) if where == "rest" else [
+                p for p in where if isinstance(p, int) and p < len(n.args)]
         positions += [k for k in n.kwargs if k in SIZE_KWARGS]
         for p in positions:
             arg = n.args[p] if isinstance(p, int) else n.kwargs[p]
