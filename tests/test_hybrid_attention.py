@@ -9,6 +9,7 @@ import torch
 from conftest import assert_close_outputs
 from hybrid_zoo import CHANNEL_SPELLINGS, FORMS, HybridNet, example
 from hypothesis import HealthCheck, given, settings
+from hypothesis import example as pinned
 from hypothesis import strategies as st
 from independent_macs import randomise_gates
 
@@ -37,6 +38,8 @@ def test_every_attention_is_a_site_on_its_residual(form, spelling):
 @given(form=st.sampled_from(FORMS), spelling=st.sampled_from(CHANNEL_SPELLINGS),
        heads=st.integers(1, 4), head_dim=st.integers(1, 4), p_off=st.sampled_from([0.2, 0.5, 0.8, 1.0]),
        seed=st.integers(0, 10_000))
+# head count = head width: a literal 2 in ``o.shape[-1] * 2`` names the heads, not the width
+@pinned(form="grid_out", spelling="kernel", heads=2, head_dim=2, p_off=0.2, seed=0)
 def test_random_decisions_finalize_exactly(form, spelling, heads, head_dim, p_off, seed):
     torch.manual_seed(seed)
     net = HybridNet(form, heads=heads, head_dim=head_dim, spelling=spelling)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch.nn.functional as F
 from torch import fx
@@ -21,7 +21,7 @@ from hiap_fx.passes.slice.operands import (
     replay_prefix,
     shape_operand,
 )
-from hiap_fx.passes.slice.rearrange import graph_modules, moves_only, output_chain, plan_output_replay, replay_output
+from hiap_fx.passes.slice.rearrange import moves_only, output_chain, plan_output_replay, replay_output
 from hiap_fx.plan import AttentionSite
 
 
@@ -63,7 +63,7 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
-        if direct_output(av, out_head, proj_in):
+        if direct_output(av, out_head, proj_in, ctx.flow.modules):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
             order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
         else:  # the token axis is rearranged first (H x W, windows reversed): replay those ops
@@ -114,12 +114,11 @@ def to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.
     return out
 
 
-def direct_output(av: fx.Node, out_head: Optional[int], proj_in: fx.Node) -> bool:
+def direct_output(av: fx.Node, out_head: Optional[int], proj_in: fx.Node, modules: dict[str, Any]) -> bool:
     """Whether the kernel output reaches the projection only by merging heads into channels
     (else the ops in between are replayed: :mod:`hiap_fx.passes.slice.rearrange`)."""
-    modules = graph_modules(av)
     return same_lead(tensor_shape(av), out_head, tensor_shape(proj_in)) and all(
-        moves_only(op_name(n, modules)) for n in output_chain(av, proj_in) if is_tensor_node(n))
+        moves_only(op_name(n, modules)) for n in output_chain(av, proj_in, modules) if is_tensor_node(n))
 
 
 def same_lead(kernel_out: tuple[int, ...], out_head: Optional[int], proj_in: tuple[int, ...]) -> bool:

@@ -47,7 +47,7 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-            if not direct_output(av, head, out_lin.args[0]):
+            if not direct_output(av, head, out_lin.args[0], check.flow.modules):
                 # rearranged before the projection (H x W, windows reversed): it must replay for
                 # fewer heads and narrower heads (finalize plans again for the real decisions)
                 out_shape = tensor_shape(av)

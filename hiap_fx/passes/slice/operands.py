@@ -101,20 +101,15 @@ def sliced_module(ctx: SliceContext, target: str, rows: list[Optional[int]], suf
     """A copy of the per-channel module at ``target`` (a batch norm) for ``rows``, registered
     next to it; returns its path."""
     module = copy.deepcopy(ctx.gm.get_submodule(target))
-    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        if tensor.dim() == 0:
-            continue
-        value = padded(tensor.detach(), rows, 0)
-        if isinstance(tensor, torch.nn.Parameter):
-            setattr(module, name, torch.nn.Parameter(value, requires_grad=tensor.requires_grad))
-        else:
-            setattr(module, name, value)
-    if hasattr(module, "num_features"):
-        setattr(module, "num_features", len(rows))
     path = f"{target}_{suffix}"
     while path in dict(ctx.gm.named_modules()):
         path += "_"
     ctx.gm.add_submodule(path, module)
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if tensor.dim() > 0:
+            ctx.params.replace(f"{path}.{name}", padded(tensor.detach(), rows, 0))
+    if hasattr(module, "num_features"):
+        setattr(module, "num_features", len(rows))
     return path
 
 

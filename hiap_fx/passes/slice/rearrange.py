@@ -49,15 +49,10 @@ def moves_only(name: str) -> bool:
         "contiguous", "clone", "dropout", "identity")
 
 
-def graph_modules(node: fx.Node) -> dict[str, Any]:
-    """The submodules of the graph module that owns ``node`` (names of call_module ops)."""
-    owner = node.graph.owning_module
-    return dict(owner.named_modules()) if owner is not None else {}
-
-
-def output_chain(av: fx.Node, proj_input: fx.Node) -> list[fx.Node]:
+def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any]) -> list[fx.Node]:
     """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
-    one must only move data (else :class:`HiapError`)."""
+    one must move data or act element-wise (else :class:`HiapError`); ``modules`` names the
+    graph module's submodules (for call_module ops)."""
     if proj_input is av:
         return []
     path = descendants(av) & (data_ancestors(proj_input) | {proj_input})
@@ -65,7 +60,6 @@ def output_chain(av: fx.Node, proj_input: fx.Node) -> list[fx.Node]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     # shape queries of the kernel output or of the chain come along (they follow the new sizes)
     chain = sorted(path, key=order.__getitem__)
-    modules = graph_modules(av)
     for n in chain:
         if not is_tensor_node(n):
             continue
@@ -136,10 +130,12 @@ def _recorded_int(flow: IndexFlow, v: Any) -> Optional[int]:
     return None
 
 
-def _size_choices(flow: IndexFlow, chain: list[fx.Node], table: dict[int, int]) -> list[tuple[Choice, int]]:
-    """Every (node, arg) whose size arguments hold a value of ``table`` (as a literal or as a
-    node recorded with that value, e.g. ``C`` of ``B, N, C = x.shape``), once per value."""
-    found: list[tuple[Choice, int]] = []
+def _size_choices(flow: IndexFlow, chain: list[fx.Node],
+                  pairs: list[tuple[int, int]]) -> list[tuple[Choice, int, int]]:
+    """Every (node, arg, old, new) whose size arguments hold the ``old`` of one of the ``pairs``,
+    as a literal or as a node recorded with that value (``C`` of ``B, N, C = x.shape``); an
+    occurrence may name either of two equal sizes (head count = head width): both are offered."""
+    found: list[tuple[Choice, int, int]] = []
 
     inside = set(chain)
 
@@ -162,8 +158,8 @@ def _size_choices(flow: IndexFlow, chain: list[fx.Node], table: dict[int, int]) 
         positions += [k for k in n.kwargs if k in SIZE_KWARGS]
         for p in positions:
             arg = n.args[p] if isinstance(p, int) else n.kwargs[p]
-            for v in sorted(set(values(arg)) & set(table)):
-                found.append(((n, p), v))
+            held = set(values(arg))
+            found.extend(((n, p), old, new) for old, new in pairs if old in held)
     return found
 
 
@@ -224,7 +220,7 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
                        heads: int, width: int) -> OutputReplay:
     """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each, reaches
     the projection input through the original ops (see the module docstring)."""
-    chain = output_chain(av, proj_input)
+    chain = output_chain(av, proj_input, flow.modules)
     dense = tensor_shape(av)
     proj_shape = tensor_shape(proj_input)
     rank = len(dense)
@@ -234,9 +230,9 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
     compact[-1] = width
     if h_axis is not None:
         compact[h_axis] = heads
-    table = {k: v for k, v in {H: heads, D: width, H * D: heads * width}.items() if k != v}
-    if h_axis is None:
-        table = {k: v for k, v in {D: width}.items() if k != v}
+    # which size each occurrence names is not known: a head count equal to the head width offers both
+    pairs = [(H, heads), (D, width), (H * D, heads * width)] if h_axis is not None else [(D, width)]
+    pairs = list(dict.fromkeys((old, new) for old, new in pairs if old != new))
     lead_axes = [a for a in range(rank - 1) if a != h_axis]
 
     def lead_code(shape: list[int]) -> torch.Tensor:
@@ -253,12 +249,14 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
     channel = feature_index(tuple(compact), -1)
     if h_axis is not None:
         channel = channel + feature_index(tuple(compact), h_axis) * width
-    choices = _size_choices(flow, chain, table)[:MAX_CHOICES]
+    choices = _size_choices(flow, chain, pairs)[:MAX_CHOICES]
     for k in range(len(choices) + 1):
         for picked in itertools.combinations(choices, k):
             rewrite: dict[Choice, dict[int, int]] = {}
-            for where, v in picked:
-                rewrite.setdefault(where, {})[v] = table[v]
+            for where, old, new in picked:
+                rewrite.setdefault(where, {}).setdefault(old, new)
+            if sum(len(m) for m in rewrite.values()) < len(picked):
+                continue  # one occurrence given two new values
             lead = _execute(flow, chain, av, lead_code(compact), rewrite)
             if lead is None or tuple(lead.shape[:-1]) != tuple(proj_shape[:-1]) \
                     or lead.shape[-1] != heads * width or not torch.equal(lead[..., 0], want):
