@@ -58,6 +58,7 @@ HIAP: dict[str, dict[str, Any]] = {
     **{name: {**ABLATION_BASE, **change} for name, change in {
         "HiAP ablation base (FT 30%)": {},
         "HiAP FT 50%": {"finetune_fraction": 0.5},
+        "HiAP FT 70%": {"finetune_fraction": 0.7},
         "HiAP no recovery FT": {"finetune_fraction": 0.0},
         "HiAP no importance init": {"importance_init": 0.0},
         "HiAP importance 4": {"importance_init": 4.0},

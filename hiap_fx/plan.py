@@ -55,9 +55,10 @@ class CoreLayout(_Base):
     q_head_axis: Optional[int] = Field(description="head axis of q (None: one head, no axis)")
     k_head_axis: Optional[int] = Field(description="head axis of k as the kernel reads it")
     k_dim_axis: int = Field(description="axis of k holding the qk dims (-1, or -2 for k^T)")
-    out_head_axis: Optional[int] = Field(description="head axis of the kernel output "
-                                         "(its dims are on the last axis)")
+    out_head_axis: Optional[int] = Field(description="head axis of the kernel output")
     k_token_axis: int = Field(-2, description="axis of k holding the key tokens")
+    out_dim_axis: int = Field(-1, description="axis of the kernel output holding the head dims "
+                              "(-2 for channel attention)")
 
 
 class AttentionSite(_Site):
@@ -72,10 +73,14 @@ class AttentionSite(_Site):
     num_kv_heads: int
     head_dim: int = Field(description="q/k width per head")
     v_dim: int = Field(description="v width per head")
-    tokens: int = Field(description="query tokens at the example input")
+    tokens: int = Field(description="query tokens at the example input (channel attention: the "
+                        "head dims, which are the kernel's tokens)")
     kv_tokens: int = Field(0, description="key/value tokens at the example input")
     kv_of_head: list[int] = Field(description="kv head used by each query head (GQA groups)")
     layout: CoreLayout
+    transposed: bool = Field(False, description="channel attention (XCiT's cross-covariance "
+                             "attention): each head's dims are the kernel's tokens and the tokens "
+                             "are contracted, so only whole heads are gated")
     q: Projection
     k: Projection
     v: Projection

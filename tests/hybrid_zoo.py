@@ -14,7 +14,11 @@ attention is written the way some efficient family writes it:
 * ``einsum``: the kernel as two einsums (``"bhid,bhjd->bhij"``, ``"bhij,bhjd->bhid"``);
 * ``v_left``: channels-first heads (B, h, d, N) and values on the left, ``v @ softmax(.)^T``;
 * ``bn_rows``: LeViT's linear + BatchNorm1d over its rows (``bn(y.flatten(0, 1)).reshape_as(y)``)
-  for q/k/v, and an activation between the kernel output and the projection.
+  for q/k/v, and an activation between the kernel output and the projection;
+* ``channel``: XCiT's cross-covariance attention: heads as (B, h, d, N), q and k normalised over
+  the tokens, a learned temperature per head, a (d x d) attention whose tokens are the head's dims;
+* ``clipped``: Gemma4's vision attention: every projection's output clamped to learned bounds,
+  an RMS norm per head over q, k and v, a rotary embedding over two halves of each head.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left")
+FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
+         "clipped")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -141,9 +146,67 @@ class _BnRowsAttention(nn.Module):
         return self.proj(self.act(o)).reshape(B, H, W, C)
 
 
+class _ChannelAttention(nn.Module):
+    """XCiT's cross-covariance attention: a (d x d) attention per head over its channels."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        t = x.reshape(B, H * W, C)
+        q, k, v = self.qkv(t).reshape(B, H * W, 3, self.heads, self.head_dim).permute(2, 0, 3, 4, 1).unbind(0)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        o = (attn @ v).permute(0, 3, 1, 2).reshape(B, H * W, C)
+        return self.proj(o).reshape(B, H, W, C)
+
+
+class _ClippedAttention(nn.Module):
+    """Gemma4's spelling: clamped projections, per-head RMS norms, rotary halves, sdpa."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, tokens: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        angle = torch.arange(tokens, dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, head_dim)[None, :]
+        self.register_buffer("cos", angle.cos()[:, None, :])  # (N, 1, d): shared by the heads
+        self.register_buffer("sin", angle.sin()[:, None, :])
+        self.q, self.k, self.v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.proj = nn.Linear(inner, dim)
+        self.register_buffer("lo", torch.tensor(-0.3))
+        self.register_buffer("hi", torch.tensor(0.4))
+        self.q_norm, self.k_norm = nn.RMSNorm(head_dim), nn.RMSNorm(head_dim)
+        self.v_norm = nn.RMSNorm(head_dim, elementwise_affine=False)
+        with torch.no_grad():
+            self.q_norm.weight.uniform_(0.5, 1.5)
+            self.k_norm.weight.uniform_(0.5, 1.5)
+
+    def _rotary(self, t: torch.Tensor) -> torch.Tensor:  # t: (B, N, h, d)
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t * self.cos + rotated * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        t = x.reshape(B, H * W, C)
+        shape = (B, H * W, self.heads, self.head_dim)
+        q = self.q_norm(torch.clamp(self.q(t), self.lo, self.hi).view(shape))
+        k = self.k_norm(torch.clamp(self.k(t), self.lo, self.hi).view(shape))
+        v = self.v_norm(torch.clamp(self.v(t), self.lo, self.hi).view(shape))
+        q, k = self._rotary(q).transpose(1, 2), self._rotary(k).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), scale=1.0)
+        o = o.transpose(1, 2).reshape(B, H * W, -1)
+        return self.proj(torch.clamp(o, self.lo, self.hi)).reshape(B, H, W, C)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
-                 window: int) -> None:
+                 window: int, tokens: int) -> None:
         super().__init__()
         self.form = form
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -151,6 +214,10 @@ class HybridBlock(nn.Module):
             self.attn: nn.Module = _ConvAttention(dim, heads, head_dim)
         elif form == "bn_rows":
             self.attn = _BnRowsAttention(dim, heads, head_dim)
+        elif form == "channel":
+            self.attn = _ChannelAttention(dim, heads, head_dim)
+        elif form == "clipped":
+            self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         else:
             self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form == "res_scale" else form,
                                       spelling, window)
@@ -175,7 +242,7 @@ class HybridNet(nn.Module):
         self.side = side
         dim = heads * head_dim
         self.stem = nn.Conv2d(3, dim, 2, stride=2)
-        self.blocks = nn.ModuleList(HybridBlock(dim, heads, head_dim, hidden, form, spelling, window)
+        self.blocks = nn.ModuleList(HybridBlock(dim, heads, head_dim, hidden, form, spelling, window, side * side)
                                     for _ in range(depth))
         self.head = nn.Linear(dim, classes)
 

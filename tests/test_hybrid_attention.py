@@ -51,3 +51,40 @@ def test_random_decisions_finalize_exactly(form, spelling, heads, head_dim, p_of
     with torch.no_grad():
         assert_close_outputs(prepared(x), compact(x), rel=1e-4)
     assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+
+
+def test_channel_attention_gates_whole_heads():
+    """XCiT's cross-covariance attention: each head's dims are the kernel's tokens, so the site is
+    transposed, only whole heads are gated, and the kernel's cost follows the live heads."""
+    net = HybridNet("channel", heads=3, head_dim=4)
+    prepared = _prepare(net)
+    assert all(s.transposed and s.tokens == 4 and s.layout.out_dim_axis == -2 for s in prepared.plan.attention)
+    bundles = prepared.site_gates()
+    sites = [s.name for s in prepared.plan.attention]
+    assert all(set(bundles[name].gates()) == {"head"} for name in sites)
+    with torch.no_grad():  # every head open but head 1 of the first attention
+        for name in sites:
+            bundles[name].gates()["head"].logits.fill_(3.0)
+        bundles[sites[0]].gates()["head"].logits[1] = -3.0
+    compact = hiap_fx.finalize(prepared.eval())
+    x = example(net, batch=3)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    dense, kept = prepared.dense_macs, hiap_fx.count_macs(compact, example(net, 1))
+    assert kept == prepared.hard_macs() < dense
+
+
+def test_clipped_projections_keep_their_clamp_and_norms():
+    """Gemma4's clamped projections are replayed on the kept rows; the per-head RMS norm over v
+    leaves only whole heads to gate there."""
+    net = HybridNet("clipped", heads=3, head_dim=4)
+    prepared = _prepare(net)
+    assert len(prepared.plan.attention) == 2
+    assert all(s.v.dims_mixed and not s.transposed for s in prepared.plan.attention)
+    randomise_gates(prepared, 3, 0.4)
+    compact = hiap_fx.finalize(prepared.eval())
+    code = compact.code
+    assert code.count("clamp") >= 6  # q, k, v and the output of both blocks
+    x = example(net, batch=3)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)

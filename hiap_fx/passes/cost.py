@@ -70,6 +70,8 @@ class _Builder:
             return None, 0
         t0 = sites[0].tokens
         for s in sites:
+            if s.transposed:  # its kernel's tokens are head dims
+                return None, t0
             q = self.nodes[s.core_nodes[0]].args[0]
             shape = node_shape(q)
             if not isinstance(shape, tuple) or s.tokens != t0 or s.kv_tokens != t0:
@@ -137,6 +139,18 @@ class _Builder:
         nk = site.kv_tokens or site.tokens
         dims = (math.prod(q_shape[:-1]) // max(1, H * site.tokens), H, site.tokens, nk, dq, dv)
         term = NodeTerm("sdpa", heads=heads_live, qk_width=wq, v_width=wv, dims=dims)
+        if site.transposed:
+            # channel attention: the kernel's tokens are the head dims (never cut) and the
+            # tokens are contracted; its work is the dense work per head times the live heads
+            rows, n = math.prod(q_shape) // (H * site.tokens * q_shape[-1]), q_shape[-1]
+            term = NodeTerm("sdpa", heads=heads_live, qk_width=sympy.Integer(n), v_width=sympy.Integer(n),
+                            dims=(rows, H, site.tokens, nk, n, n))
+            roles = [(site.core_nodes[0], "sdpa")] if site.kind == "sdpa" else \
+                [(site.core_nodes[0], "qk"), (site.core_nodes[-1], "av")]
+            for node, kind in roles:
+                self.kernels[node] = (H, heads_live, "heads", -1)
+                self.terms[node] = dataclasses.replace(term, kind=kind)
+            return
         if site.kind == "sdpa":
             # equal q/k and v head dims stay equal (zero padding): CPU flash attention needs them
             kw = kernel_width(wq, wv, dq) if dq == dv else None
@@ -182,6 +196,12 @@ class _Builder:
             return None
         name = op_name(n)
         dep = n.name in self.cg.input_dependent
+        if node_shape(n) is None:  # a region returning several values (export's grad-mode
+            # wrapper around a rotary table): MACs we do not model, a constant term
+            if n.name in self.kernels:
+                raise HiapError(f"internal: attention kernel {n.name} returns no single tensor; "
+                                "please report this model")
+            return self.rows(dense, dep)
         out = tensor_shape(n)
         if node_macs(n) != dense:  # an op whose MACs we do not model: a constant term
             if n.name in self.kernels or self._weight_is_cut(n):
@@ -217,6 +237,8 @@ class _Builder:
 
     def _kernel_expr(self, n: fx.Node, dep: bool) -> sympy.Expr:
         heads, head_sum, role, key_axis = self.kernels[n.name]
+        if role == "heads":  # the dense work of one head, times the live heads
+            return self.rows(measured_macs(n) // heads, dep) * head_sum
         a = tensor_shape(n.args[0])
         if role == "sdpa":  # rows of q per head x key tokens
             rows, keys = math.prod(a[:-1]), tensor_shape(n.args[1])[key_axis]

@@ -44,7 +44,9 @@ def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneC
     lay = site.layout
     v_dims = cfg.head_dims and site.v_dim > 1
     if v_dims and site.v.dims_mixed:
-        notes.append(f"{site.name}: value dims are mixed before the kernel; only whole heads are gated")
+        notes.append(f"{site.name}: " + ("channel attention (each head's dims are its tokens)"
+                                         if site.transposed else "value dims are mixed before the kernel")
+                     + "; only whole heads are gated")
         v_dims = False
     qk = cfg.qk_dims and site.head_dim > 1
     if qk and (site.q.dims_mixed or site.k.dims_mixed):
@@ -59,7 +61,8 @@ def _attention_gates(site: AttentionSite, nodes: dict[str, fx.Node], cfg: PruneC
         return None
     out_shape = None
     if heads or v_dims:
-        out_shape = broadcast_shape(_rank(out_node), lay.out_head_axis, site.num_heads, -1, site.v_dim)
+        out_shape = broadcast_shape(_rank(out_node), lay.out_head_axis, site.num_heads, lay.out_dim_axis,
+                                    site.v_dim)
     q_shape = k_shape = None
     k_rows_per_kv = len(site.k.index) != site.num_heads
     if qk:

@@ -10,17 +10,18 @@ from torch import fx
 from hiap_fx.graph.flow import feature_index
 from hiap_fx.graph.ir import node_rank, node_shape, tensor_shape
 from hiap_fx.graph.queries import ancestors
-from hiap_fx.passes.discover.operands import operand_projection, path_events
+from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
 
 
-def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int) -> Projection:
+def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int,
+                   dim_axis: int = -1) -> Projection:
     out_shape = node_shape(core.out)
     if out_shape is None:
         raise Reject(f"no shape recorded for {core.out.name}")
     h_axis = head_axis if head_axis >= 0 else None
-    code = feature_index(out_shape, -1)
+    code = feature_index(out_shape, dim_axis)
     if h_axis is not None:
         code = code + feature_index(out_shape, h_axis) * v_dim
     flow = g.flow.run({core.out: code})
@@ -119,11 +120,31 @@ def head_params(g: GraphView, s: fx.Node, s_shape: tuple[int, ...], axis_in_s: i
 
 
 def attention_site(g: GraphView, core: Core) -> AttentionSite:
-    qp, q_head_axis, q_table = operand_projection(g, core, core.q, "q", -1, core.token_axis)
+    """The site of ``core``: q/k/v features on their last axis (dims) and tokens on the other
+    (the usual attention), or else with the two swapped (channel attention)."""
+    try:
+        return _site(g, core, transposed=False)
+    except TokenDependent as usual:
+        try:
+            return _site(g, core, transposed=True)
+        except Reject:
+            raise usual from None
+
+
+def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
+    # channel attention (XCiT): each head's features are the kernel's tokens, the tokens are
+    # contracted; its dims cannot be cut (a key row would leave every query's softmax)
+    q_axes, v_axes = (-1, core.token_axis), (-1, core.token_axis)
+    k_axes = (core.k_dim_axis, core.k_token_axis)
+    if transposed:
+        q_axes, k_axes, v_axes = q_axes[::-1], k_axes[::-1], v_axes[::-1]
+    qp, q_head_axis, q_table = operand_projection(g, core, core.q, "q", *q_axes)
     heads, head_dim = q_table.shape
     q_heads = (q_head_axis - node_rank(core.q), heads) if q_head_axis >= 0 else None
-    kp, k_head_axis, k_table = operand_projection(g, core, core.k, "k", core.k_dim_axis, core.k_token_axis, q_heads)
-    vp, v_head_axis, v_table = operand_projection(g, core, core.v, "v", -1, core.token_axis, q_heads)
+    kp, k_head_axis, k_table = operand_projection(g, core, core.k, "k", *k_axes, q_heads)
+    vp, v_head_axis, v_table = operand_projection(g, core, core.v, "v", *v_axes, q_heads)
+    if transposed:
+        qp, kp, vp = (p.model_copy(update={"dims_mixed": True}) for p in (qp, kp, vp))
     if core.kernel is not None and core.kernel.scale_arg is None:
         # the kernel derives its scale from the head dim: cutting q/k dims would change it
         qp, kp = qp.model_copy(update={"dims_mixed": True}), kp.model_copy(update={"dims_mixed": True})
@@ -134,7 +155,10 @@ def attention_site(g: GraphView, core: Core) -> AttentionSite:
     # a v shared by every head (multi-query) has no head axis; the output follows q's heads
     out_head_axis = v_head_axis if node_rank(core.out) == node_rank(core.v) and v_head_axis >= 0 \
         else q_head_axis
-    out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim)
+    out_dim_axis = v_axes[0] % node_rank(core.v) - node_rank(core.v)  # same rank as the output
+    if transposed and (out_head_axis < 0 < heads - 1 or out_head_axis - node_rank(core.out) > out_dim_axis):
+        raise Reject(f"{core.nodes[0].name}: channel attention without a head axis before its dims")
+    out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
     side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q))
     q_shape, k_shape = node_shape(core.q), node_shape(core.k)
 
@@ -143,12 +167,13 @@ def attention_site(g: GraphView, core: Core) -> AttentionSite:
 
     layout = CoreLayout(q_head_axis=neg(q_head_axis, core.q), k_head_axis=neg(k_head_axis, core.k),
                         k_dim_axis=core.k_dim_axis, out_head_axis=neg(out_head_axis, core.out),
-                        k_token_axis=core.k_token_axis % node_rank(core.k) - node_rank(core.k))
+                        k_token_axis=core.k_token_axis % node_rank(core.k) - node_rank(core.k),
+                        out_dim_axis=out_dim_axis)
     return AttentionSite(
         name="", kind=core.kind, core_nodes=[n.name for n in core.nodes], num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, v_dim=v_dim,
         tokens=q_shape[core.token_axis] if q_shape else 0, kernel=core.kernel.name if core.kernel else None,
-        kv_tokens=k_shape[core.k_token_axis] if k_shape else 0,
+        kv_tokens=k_shape[core.k_token_axis] if k_shape else 0, transposed=transposed,
         kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
         q=qp, k=kp, v=vp, out=out, side=side)
 

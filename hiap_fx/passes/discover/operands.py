@@ -15,6 +15,11 @@ from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import Projection
 
 
+class TokenDependent(Reject):
+    """An operand whose projection features vary along the axis read as its tokens (they may be
+    the kernel's tokens: channel attention)."""
+
+
 def source_linears(g: GraphView, start: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
     todo = deque([start])
@@ -96,7 +101,11 @@ def head_table(idx: torch.Tensor, head_axis: int, dim_axis: int, role: str, core
     flat = t.reshape(-1, t.shape[-2], t.shape[-1])
     table = flat[0]
     if not torch.equal(flat, table.expand_as(flat)):
-        raise Reject(f"{role} of {core.nodes[0].name}: projection features depend on the token")
+        raise TokenDependent(f"{role} of {core.nodes[0].name}: projection features depend on the token")
     if (table < 0).any():
         raise Reject(f"{role} of {core.nodes[0].name}: mixes projection features with other data")
+    if table.shape[-1] > 1 and any(len(set(row)) < len(row) for row in table.tolist()):
+        # one feature at every position of the axis read as dims: those are tokens
+        raise TokenDependent(f"{role} of {core.nodes[0].name}: the axis read as its dims repeats "
+                             "one projection feature")
     return table

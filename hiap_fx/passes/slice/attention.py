@@ -63,11 +63,12 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
-        if direct_output(av, out_head, proj_in, ctx.flow.modules):
+        if not site.transposed and direct_output(av, out_head, proj_in, ctx.flow.modules):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
             order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
         else:  # the token axis is rearranged first (H x W, windows reversed): replay those ops
-            replay = plan_output_replay(ctx.flow, av, proj_in, out_head, len(live), width["v"])
+            replay = plan_output_replay(ctx.flow, av, proj_in, out_head, len(live), width["v"],
+                                        site.layout.out_dim_axis)
             x = replay_output(ctx.flow, g, replay, av, out)
             order = replay.order
         cols = [site.out.index[live[i]][dims["v"][live[i]][j]] if j < len(dims["v"][live[i]]) else PAD

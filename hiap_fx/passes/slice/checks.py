@@ -47,13 +47,14 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-            if not direct_output(av, head, out_lin.args[0], check.flow.modules):
+            if site.transposed or not direct_output(av, head, out_lin.args[0], check.flow.modules):
                 # rearranged before the projection (H x W, windows reversed): it must replay for
                 # fewer heads and narrower heads (finalize plans again for the real decisions)
                 out_shape = tensor_shape(av)
                 heads = out_shape[head] if head is not None else 1
+                dims = out_shape[site.layout.out_dim_axis]
                 plan_output_replay(check.flow, av, out_lin.args[0], head, max(1, heads - 1),
-                                   max(1, out_shape[-1] - 1))
+                                   dims if site.transposed else max(1, dims - 1), site.layout.out_dim_axis)
         except HiapError as exc:
             bad[site.name] = str(exc)
     return bad

@@ -59,11 +59,17 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
     # shape queries (x.size(0), x.shape) are not data; those after the boundary are replayed
     path = {n for n in full_path if is_tensor_node(n)}
     chain: list[fx.Node] = []
+    prefix_run: set[fx.Node] = set()
     cur = P
     while True:
         nxt = [u for u in cur.users if u in path and reads_data(u, cur)]
-        if len(nxt) != 1 or not (in_family(op_name(nxt[0]), "movement") or row_op(ctx, nxt[0])):
+        # element-wise ops right after the projection (a clamp) are replayed on the new rows;
+        # later ones are simply replayed after the boundary
+        leading = len(nxt) == 1 and (cur is P or cur in prefix_run) and scalar_pointwise(ctx, nxt[0], cur)
+        if len(nxt) != 1 or not (in_family(op_name(nxt[0]), "movement") or row_op(ctx, nxt[0]) or leading):
             break
+        if leading:
+            prefix_run.add(nxt[0])
         cur = nxt[0]
         chain.append(cur)
     prefix, start = row_prefix(ctx, site, P, chain)
@@ -123,18 +129,35 @@ def row_op(ctx: SliceContext, node: fx.Node) -> bool:
         and node_shape(node) == shape
 
 
+def scalar_pointwise(ctx: SliceContext, node: fx.Node, x: fx.Node) -> bool:
+    """An element-wise op on ``x`` whose other operands are plain numbers or one-element
+    constants (Gemma4's clipped linears: ``clamp(y, lo, hi)``): it acts on each row alike, so
+    it is replayed on the kept rows."""
+    name = op_name(node, ctx.flow.modules)
+    if not (in_family(name, "unary") or in_family(name, "cast") or in_family(name, "binary")):
+        return False
+    others = [a for a in node.all_input_nodes if a is not x]
+    return all(a.name not in ctx.cg.input_dependent and (s := node_shape(a)) is not None
+               and math.prod(s) == 1 for a in others) and node_shape(node) == node_shape(x)
+
+
+def layout_op(ctx: SliceContext, node: fx.Node, x: fx.Node) -> bool:
+    """An op between a projection and its operand layout that is replayed on the new rows."""
+    return row_op(ctx, node) or scalar_pointwise(ctx, node, x)
+
+
 def row_prefix(ctx: SliceContext, site: AttentionSite, P: fx.Node,
                chain: list[fx.Node]) -> tuple[list[fx.Node], fx.Node]:
-    """The chain up to the first node after the last per-row op that holds P's values in P's
-    layout again (``bn(y.flatten(0, 1)).reshape_as(y)``), and that node; ``([], P)`` without
-    per-row ops."""
-    rows = [i for i, n in enumerate(chain) if row_op(ctx, n)]
+    """The chain up to the first node from the last per-row op on that holds P's values in P's
+    layout again (``bn(y.flatten(0, 1)).reshape_as(y)``, or a clamp itself), and that node;
+    ``([], P)`` without per-row ops."""
+    rows = [i for i, n in enumerate(chain) if layout_op(ctx, n, chain[i - 1] if i else P)]
     if not rows:
         return [], P
     p_shape = tensor_shape(P)
     code = torch.arange(math.prod(p_shape), dtype=torch.float64).reshape(p_shape)
     at = ctx.flow.run({P: code}).index
-    for i in range(rows[-1] + 1, len(chain)):
+    for i in range(rows[-1], len(chain)):
         q = at.get(chain[i])
         if isinstance(q, torch.Tensor) and torch.equal(q, code):
             return chain[:i + 1], chain[i]

@@ -14,7 +14,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_sizes
 from hiap_fx.graph.ir import node_dtype, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
-from hiap_fx.passes.slice.context import OperandLayout, SliceContext
+from hiap_fx.passes.slice.context import OperandLayout, SliceContext, row_op
 from hiap_fx.plan import AttentionSite
 
 PAD = None  # a padded row or column: zero weight, zero bias
@@ -89,7 +89,7 @@ def replay_prefix(ctx: SliceContext, prefix: list[fx.Node], P: fx.Node, y: fx.No
     full = tensor_shape(P)[-1]
     for n in prefix:
         new = g.node_copy(n, lambda a: mapping.get(a, a))
-        if n.op == "call_module":
+        if n.op == "call_module" and row_op(ctx, n):
             target = sliced_module(ctx, str(n.target), rows, suffix)
             new.target = target
         rewrite_sizes(new, {full: len(rows)} if full != len(rows) else {})

@@ -217,23 +217,25 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
 
 
 def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_axis: Optional[int],
-                       heads: int, width: int) -> OutputReplay:
-    """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each, reaches
-    the projection input through the original ops (see the module docstring)."""
+                       heads: int, width: int, dim_axis: int = -1) -> OutputReplay:
+    """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each (on
+    ``dim_axis``), reaches the projection input through the original ops (see the module
+    docstring)."""
     chain = output_chain(av, proj_input, flow.modules)
     dense = tensor_shape(av)
     proj_shape = tensor_shape(proj_input)
     rank = len(dense)
     h_axis = head_axis % rank if head_axis is not None else None
-    H, D = (dense[h_axis] if h_axis is not None else 1), dense[-1]
+    d_axis = dim_axis % rank
+    H, D = (dense[h_axis] if h_axis is not None else 1), dense[d_axis]
     compact = list(dense)
-    compact[-1] = width
+    compact[d_axis] = width
     if h_axis is not None:
         compact[h_axis] = heads
     # which size each occurrence names is not known: a head count equal to the head width offers both
     pairs = [(H, heads), (D, width), (H * D, heads * width)] if h_axis is not None else [(D, width)]
     pairs = list(dict.fromkeys((old, new) for old, new in pairs if old != new))
-    lead_axes = [a for a in range(rank - 1) if a != h_axis]
+    lead_axes = [a for a in range(rank) if a not in (h_axis, d_axis)]
 
     def lead_code(shape: list[int]) -> torch.Tensor:
         code = torch.zeros(shape, dtype=torch.float64)
@@ -246,7 +248,7 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
         raise HiapError(f"cannot replay the ops from the kernel output {av.name} to "
                         f"{proj_input.name} on index values; please report the model")
     want = want[..., 0]
-    channel = feature_index(tuple(compact), -1)
+    channel = feature_index(tuple(compact), d_axis)
     if h_axis is not None:
         channel = channel + feature_index(tuple(compact), h_axis) * width
     choices = _size_choices(flow, chain, pairs)[:MAX_CHOICES]
