@@ -15,6 +15,8 @@ attention is written the way some efficient family writes it:
 * ``v_left``: channels-first heads (B, h, d, N) and values on the left, ``v @ softmax(.)^T``;
 * ``bn_rows``: LeViT's linear + BatchNorm1d over its rows (``bn(y.flatten(0, 1)).reshape_as(y)``)
   for q/k/v, and an activation between the kernel output and the projection;
+* ``conv_bn``: LeViT's conv mode: q/k/v per head from one 1x1 convolution + BatchNorm2d over a
+  (B, C, H, W) map, channels-first heads, ``v @ softmax(q^T k)^T``;
 * ``channel``: XCiT's cross-covariance attention: heads as (B, h, d, N), q and k normalised over
   the tokens, a learned temperature per head, a (d x d) attention whose tokens are the head's dims;
 * ``clipped``: Gemma4's vision attention: every projection's output clamped to learned bounds,
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped")
+         "clipped", "conv_bn")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -109,16 +111,42 @@ class _ConvAttention(nn.Module):
         return self.proj(o).permute(0, 2, 3, 1)
 
 
+class _ConvBnAttention(nn.Module):
+    """LeViT's conv mode: ConvNorm q/k/v rows per head, channels-first heads, values on the left."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Conv2d(dim, 3 * heads * head_dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(3 * heads * head_dim)
+        _trained_statistics(self.bn)
+        self.proj = nn.Conv2d(heads * head_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        m = x.permute(0, 3, 1, 2)
+        d = self.head_dim
+        q, k, v = self.bn(self.qkv(m)).view(B, self.heads, -1, H * W).split([d, d, d], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * d ** -0.5).softmax(dim=-1)
+        o = (v @ attn.transpose(-2, -1)).view(B, -1, H, W)
+        return self.proj(o).permute(0, 2, 3, 1)
+
+
+def _trained_statistics(bn: nn.Module) -> None:
+    """Batch-norm statistics as after training (not the identity of a fresh norm)."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+
+
 class _LinearNorm(nn.Module):
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim_in, dim_out, bias=False)
         self.bn = nn.BatchNorm1d(dim_out)
-        with torch.no_grad():  # statistics as after training (not the identity of a fresh BN)
-            self.bn.running_mean.uniform_(-0.5, 0.5)
-            self.bn.running_var.uniform_(0.5, 2.0)
-            self.bn.weight.uniform_(0.5, 1.5)
-            self.bn.bias.uniform_(-0.5, 0.5)
+        _trained_statistics(self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
@@ -214,6 +242,8 @@ class HybridBlock(nn.Module):
             self.attn: nn.Module = _ConvAttention(dim, heads, head_dim)
         elif form == "bn_rows":
             self.attn = _BnRowsAttention(dim, heads, head_dim)
+        elif form == "conv_bn":
+            self.attn = _ConvBnAttention(dim, heads, head_dim)
         elif form == "channel":
             self.attn = _ChannelAttention(dim, heads, head_dim)
         elif form == "clipped":

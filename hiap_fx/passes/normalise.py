@@ -369,12 +369,34 @@ def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
                             requires_grad=weight.requires_grad)
         setattr(holder, attr, flat)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        norm = _batch_norm_after(node, gm)
         with g.inserting_before(node):
             moved = g.call_method("movedim", (x, 1, -1))
             lin = g.call_function(F.linear, (moved, node.args[1], bias))
-            back = g.call_method("movedim", (lin, -1, 1))
+            if norm is not None:
+                # conv + batch norm: the norm over the rows of the linear (the same statistics
+                # over the same elements), which finalize cuts with the rows (LeViT's ConvNorm)
+                rows = g.call_method("reshape", (lin, -1, weight.shape[0], *[1] * (weight.dim() - 2)))
+                with g.inserting_before(norm):
+                    normed = g.call_module(str(norm.target), (rows,))
+                    same = g.call_method("reshape_as", (normed, lin))
+                    back = g.call_method("movedim", (same, -1, 1))
+                norm.replace_all_uses_with(back)
+                g.erase_node(norm)
+            else:
+                back = g.call_method("movedim", (lin, -1, 1))
         node.replace_all_uses_with(back)
         g.erase_node(node)
+
+
+def _batch_norm_after(conv: fx.Node, gm: fx.GraphModule) -> Optional[fx.Node]:
+    """The batch-norm module call that is the only user of ``conv`` (ConvNorm), else None."""
+    users = list(conv.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    module = gm.get_submodule(str(users[0].target))
+    return users[0] if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+        users[0].args[:1] == (conv,) and len(users[0].args) == 1 and not users[0].kwargs else None
 
 
 def _swaps_last_two(node: fx.Node) -> bool:

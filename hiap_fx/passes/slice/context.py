@@ -118,15 +118,16 @@ def reads_data(user: fx.Node, node: fx.Node) -> bool:
 
 
 def row_op(ctx: SliceContext, node: fx.Node) -> bool:
-    """A per-row op after a projection: a batch norm over the rows of a (tokens, rows) matrix
-    (LeViT's linear + BatchNorm1d), whose statistics and affine are sliced with the rows."""
+    """A per-row op after a projection: a batch norm over the rows of a (tokens, rows) matrix,
+    or of (tokens, rows, 1, 1) (LeViT's linear + BatchNorm1d, ConvNorm), whose statistics and
+    affine are sliced with the rows."""
     name = op_name(node, ctx.flow.modules)
     x = node.args[0] if node.args else None
     if not in_family(name, "channel_norm") or not isinstance(x, fx.Node):
         return False
     shape = node_shape(x)
-    return node.op == "call_module" and shape is not None and len(shape) == 2 \
-        and node_shape(node) == shape
+    return node.op == "call_module" and shape is not None and len(shape) >= 2 \
+        and all(s == 1 for s in shape[2:]) and node_shape(node) == shape
 
 
 def scalar_pointwise(ctx: SliceContext, node: fx.Node, x: fx.Node) -> bool:
