@@ -70,6 +70,12 @@ HIAP: dict[str, dict[str, Any]] = {
         "HiAP lambda 5:1": {"lambda_macro": 5.0},
     }.items()},
 }
+#: HiAP steering CPU latency (batch 64) to the measured latency of the best baseline at the same MAC
+#: budget (its seed-0 model / the dense teacher, ``latency_p<patch>.json``): the two meet at equal
+#: latency. Calibration times this machine: run it on an idle machine (cached afterwards).
+MATCHED = "HiAP latency-matched"
+LATENCY_BATCH = 64
+HIAP[MATCHED] = {"cost": "latency", "latency_batch": LATENCY_BATCH}
 BASELINES: dict[str, Callable[[nn.Module, torch.Tensor, float, int], nn.Module]] = {
     "uniform + FT": lambda d, x, t, s: baselines.uniform_structured(d, x, t),
     "L1 FFN + FT": lambda d, x, t, s: baselines.l1_ffn(d, x, t),
@@ -85,12 +91,30 @@ def slug(method: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
 
 
-def hiap_config(method: str, target: float, seed: int) -> hiap_fx.PruneConfig:
+def hiap_config(method: str, target: float, seed: int, matched: Optional[float] = None) -> hiap_fx.PruneConfig:
+    """The config of a HiAP variant at MAC budget ``target`` (the latency-matched one steers to
+    the latency fraction ``matched`` instead)."""
+    if method == MATCHED:
+        return hiap_fx.PruneConfig(target_macs=None, target_latency=matched, lr=LR, seed=seed, **HIAP[method])
     return hiap_fx.PruneConfig(target_macs=target, lr=LR, seed=seed, **HIAP[method])
 
 
+def matched_target(out: Path, patch: int, target: float) -> Optional[tuple[str, float]]:
+    """(best baseline by mean accuracy at ``target``, its measured latency fraction), or None
+    while either is not there yet."""
+    rows = [r for r in rows_of(out) if r["patch"] == patch]
+    means = {m: statistics.mean(r["accuracy"] for r in sel) for m in BASELINES
+             if (sel := select(rows, patch, m, target))}
+    store = out / f"latency_p{patch}.json"
+    if not means or not store.exists():
+        return None
+    best = max(means, key=means.__getitem__)
+    latency = json.loads(store.read_text()).get(f"{slug(best)}_{round(100 * target)}")
+    return (best, latency) if latency else None
+
+
 def run_one(method: str, target: float, seed: int, dense: nn.Module, train: DataLoader,
-            test: DataLoader, steps: int) -> tuple[dict, Optional[nn.Module]]:
+            test: DataLoader, steps: int, matched: Optional[float] = None) -> tuple[dict, Optional[nn.Module]]:
     """Train one method to one target from ``dense`` in ``steps`` steps; its result row and model
     (None, with the reason in the row, when the method cannot reach the target)."""
     example = next(iter(train))[0][:2]
@@ -98,7 +122,7 @@ def run_one(method: str, target: float, seed: int, dense: nn.Module, train: Data
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "target": target, "seed": seed, "steps": steps}
     if method in HIAP:
-        cfg = hiap_config(method, target, seed)
+        cfg = hiap_config(method, target, seed, matched)
         row["config"] = cfg.model_dump()
         result = hiap_fx.prune(dense, train, cfg, steps=steps, eval_data=test, eval_every=steps,
                                progress=False)
@@ -188,10 +212,27 @@ def table(rows: list[dict], patch: int, target: float, dense_acc: float,
         before = [100 * r["accuracy_before_finetune"] for r in sel if r.get("accuracy_before_finetune") is not None]
         macs = statistics.mean(100 * r["macs_ratio"] for r in sel)
         lat = latency.get(f"{slug(method)}_{round(100 * target)}")
-        lines.append(f"| {method} | {mean:.2f} ± {std:.2f} | "
+        label = method
+        if method == MATCHED and sel[0].get("matched"):
+            m = sel[0]["matched"]
+            label = f"{method} (to {m['baseline']}: {100 * m['latency']:.0f}%)"
+        lines.append(f"| {label} | {mean:.2f} ± {std:.2f} | "
                      f"{f'{statistics.mean(before):.2f}' if before else '-'} | {macs:.1f}% | "
                      f"{f'{100 * lat:.0f}%' if lat else '-'} | {len(sel)} |")
     return lines + [""]
+
+
+def matched_note(rows: list[dict], patch: int, target: float) -> Optional[str]:
+    """HiAP steering latency against the baseline whose measured latency it was given."""
+    ours = select(rows, patch, MATCHED, target)
+    if not ours or not ours[0].get("matched"):
+        return None
+    base = ours[0]["matched"]["baseline"]
+    mine, theirs = [100 * r["accuracy"] for r in ours], [100 * r["accuracy"] for r in select(rows, patch, base, target)]
+    (a, sa), (b, sb) = stats(mine), stats(theirs)
+    return (f"- patch {patch}, at the latency of {base} ({100 * ours[0]['matched']['latency']:.0f}% of dense, "
+            f"{100 * target:.0f}% MACs budget): HiAP steering latency {a:.2f} ± {sa:.2f}% vs {b:.2f} ± {sb:.2f}% "
+            f"({a - b:+.2f} pp; {len(mine)} vs {len(theirs)} seeds).")
 
 
 def significance(rows: list[dict], patch: int, target: float) -> Optional[str]:
@@ -354,12 +395,22 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
         for _, method, target, seed in runs:
             path = out / f"p{patch}" / f"{slug(method)}_{round(100 * target)}_s{seed}.json"
             cached = json.loads(path.read_text()) if path.exists() else None
+            match = matched_target(out, patch, target) if method == MATCHED else None
+            if method == MATCHED and match is None:
+                if not args.report:
+                    print(f"p{patch} {method} {100 * target:.0f}%: no baseline latency measured yet "
+                          "(run --latency first)", flush=True)
+                continue
             fresh = cached is not None and cached["steps"] == steps and (
-                method not in HIAP or cached.get("config") == hiap_config(method, target, seed).model_dump())
+                method not in HIAP or cached.get("config") == hiap_config(
+                    method, target, seed, match[1] if match else None).model_dump())
             if args.report or (fresh and not args.rerun) or not claim(path):
                 continue
             try:
-                row, model = run_one(method, target, seed, dense, train, test, steps)
+                row, model = run_one(method, target, seed, dense, train, test, steps,
+                                     match[1] if match else None)
+                if match:
+                    row["matched"] = {"baseline": match[0], "latency": match[1]}
             finally:
                 release(path)
             row["patch"], row["teacher_accuracy"] = patch, teachers[patch]
@@ -383,6 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
         for target in TARGETS:
             lines += table(rows, patch, target, teachers[patch], latency.get(patch, {}))
     lines += [s for s in (significance(rows, p, t) for p in patches for t in TARGETS) if s]
+    lines += [s for s in (matched_note(rows, p, t) for p in patches for t in TARGETS) if s]
     lines += ["", *[s for s in (findings(rows, p, t) for p in patches for t in TARGETS) if s]]
     print("\n".join(lines))
     if rows:

@@ -19,6 +19,8 @@ attention is written the way some efficient family writes it:
   (B, C, H, W) map, channels-first heads, ``v @ softmax(q^T k)^T``;
 * ``channel``: XCiT's cross-covariance attention: heads as (B, h, d, N), q and k normalised over
   the tokens, a learned temperature per head, a (d x d) attention whose tokens are the head's dims;
+* ``nested``: EdgeNeXt's block: the attention's residual stream is inside the FFN's residual
+  branch (``shortcut + mlp(x + attn(x))``), so closing the FFN kills the attention too;
 * ``clipped``: Gemma4's vision attention: every projection's output clamped to learned bounds,
   an RMS norm per head over q, k and v, a rotary embedding over two halves of each head.
 """
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped", "conv_bn")
+         "clipped", "conv_bn", "nested")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -249,13 +251,16 @@ class HybridBlock(nn.Module):
         elif form == "clipped":
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         else:
-            self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form == "res_scale" else form,
+            self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form in ("res_scale", "nested") else form,
                                       spelling, window)
         self.mlp = _Mlp(dim, hidden)
         self.res_scale1 = nn.Parameter(torch.rand(dim) + 0.5)
         self.res_scale2 = nn.Parameter(torch.rand(dim) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "nested":
+            inner = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(inner))
         if self.form == "res_scale":
             x = x * self.res_scale1 + self.attn(self.norm1(x))
             return self.res_scale2 * x + self.mlp(self.norm2(x))

@@ -88,3 +88,17 @@ def test_clipped_projections_keep_their_clamp_and_norms():
     x = example(net, batch=3)
     with torch.no_grad():
         assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+
+
+def test_attention_inside_a_closed_ffn_branch_dies_with_it():
+    """EdgeNeXt's block: the attention sits inside the FFN's residual branch, so closing the FFN
+    block removes the attention as well; the cost model counts that (MACs of the compact model)."""
+    net = HybridNet("nested", heads=2, head_dim=4)
+    prepared = _prepare(net)
+    bundles = prepared.site_gates()
+    with torch.no_grad():
+        for site in prepared.plan.ffn:
+            bundles[site.name].gates()["ffn"].logits.fill_(-3.0)
+    compact = hiap_fx.finalize(prepared.eval())  # verifies output and MACs
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    assert "scaled_dot_product_attention" not in compact.code

@@ -283,51 +283,50 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: Mapping[str, nn.Mod
     for ffn_site in plan.ffn:
         b.ffn(ffn_site)
     node_exprs: dict[str, sympy.Expr] = {}
-    owner = _exclusive_nodes(cg, plan)
+    owners = _dies_with(cg, plan)
+    micro = {s.symbol for s in b.sources if s.micro}
+    factored: set[str] = set()
     for n in cg.gm.graph.nodes:
         e = b.node_expr(n)
         if e is not None:
-            if n.name in owner:  # dies with its site (e.g. a bias-table MLP); kept factored
-                e = e * b.site_alive[owner[n.name]]
+            if n.name in owners:  # dies with the sites it feeds (a bias-table MLP, a block's
+                # attention inside the branch of its FFN); kept factored where it can be
+                e = e * sympy.Mul(*[b.site_alive[s] for s in owners[n.name]])
+                if not e.free_symbols & micro:
+                    factored.add(n.name)
             node_exprs[n.name] = e
     model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
                       batch=b.batch, tokens=b.tokens, example_batch=b.b0, example_tokens=b.t0,
-                      group_sizes=b.group_sizes, factored_nodes=set(owner), terms=b.terms,
+                      group_sizes=b.group_sizes, factored_nodes=factored, terms=b.terms,
                       site_alive=b.site_alive)
     _check_dense(model, cg)
     return model
 
 
-def _exclusive_nodes(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
-    """MAC nodes outside the sites whose results reach the model output only through one site
-    (a per-head bias MLP, a spatial-reduction conv feeding only k/v): they die with that site.
-    Returns node name -> site name."""
-    site_of: dict[str, str] = {}
+def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
+    """MAC nodes that die with sites other than their own: every path from the node to the
+    model output passes through the site's output projection (a per-head bias MLP, a
+    spatial-reduction conv feeding only k/v, or a whole attention inside the residual branch of
+    the FFN after it, as in EdgeNeXt's blocks). Returns node name -> those sites."""
+    order = list(cg.gm.graph.nodes)
+    own: dict[str, set[str]] = {}
+    outs: dict[str, str] = {}
     for s in plan.attention:
-        for n in [s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes]:
-            site_of[n] = s.name
+        own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes}
+        outs[s.name] = s.out.node
     for f in plan.ffn:
-        for n in [p.node for p in f.inputs] + [f.out.node]:
-            site_of[n] = f.name
-    owner: dict[str, str] = {}
-    for n in cg.gm.graph.nodes:
-        if n.name in site_of or not measured_macs(n):
-            continue
-        sites: set[str] = set()
-        todo, seen, escapes = [n], {n}, False
-        while todo and not escapes:
-            cur = todo.pop()
-            for u in cur.users:
-                if u.name in site_of:
-                    sites.add(site_of[u.name])
-                elif u.op == "output":
-                    escapes = True
-                elif u not in seen:
-                    seen.add(u)
-                    todo.append(u)
-        if not escapes and len(sites) == 1:
-            owner[n.name] = sites.pop()
-    return owner
+        own[f.name] = {p.node for p in f.inputs} | {f.out.node}
+        outs[f.name] = f.out.node
+    owners: dict[str, list[str]] = {}
+    for site, out in outs.items():
+        dead = {out}
+        for n in reversed(order):
+            if n.name != out and n.op != "output" and n.users and all(u.name in dead for u in n.users):
+                dead.add(n.name)
+        for n in order:
+            if n.name in dead and n.name not in own[site] and measured_macs(n):
+                owners.setdefault(n.name, []).append(site)
+    return owners
 
 
 def _check_dense(model: CostModel, cg: CapturedGraph) -> None:
