@@ -284,16 +284,15 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: Mapping[str, nn.Mod
         b.ffn(ffn_site)
     node_exprs: dict[str, sympy.Expr] = {}
     owners = _dies_with(cg, plan)
-    micro = {s.symbol for s in b.sources if s.micro}
     factored: set[str] = set()
     for n in cg.gm.graph.nodes:
         e = b.node_expr(n)
         if e is not None:
             if n.name in owners:  # dies with the sites it feeds (a bias-table MLP, a block's
-                # attention inside the branch of its FFN); kept factored where it can be
+                # attention inside the branch of its FFN); kept factored: a product over heads
+                # would expand into 2^heads terms
                 e = e * sympy.Mul(*[b.site_alive[s] for s in owners[n.name]])
-                if not e.free_symbols & micro:
-                    factored.add(n.name)
+                factored.add(n.name)
             node_exprs[n.name] = e
     model = CostModel(expr=sympy.Add(*node_exprs.values()), node_exprs=node_exprs, sources=b.sources,
                       batch=b.batch, tokens=b.tokens, example_batch=b.b0, example_tokens=b.t0,
@@ -304,29 +303,59 @@ def build_cost_model(cg: CapturedGraph, plan: Plan, bundles: Mapping[str, nn.Mod
 
 
 def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
-    """MAC nodes that die with sites other than their own: every path from the node to the
-    model output passes through the site's output projection (a per-head bias MLP, a
-    spatial-reduction conv feeding only k/v, or a whole attention inside the residual branch of
-    the FFN after it, as in EdgeNeXt's blocks). Returns node name -> those sites."""
+    """MAC nodes that die with sites other than their own: nodes whose results reach the model
+    output only through one site (a per-head bias MLP, a spatial-reduction conv feeding only
+    k/v), and, for a site on a residual branch (which leaves the graph when it closes), every
+    node all of whose paths to the output pass through its output projection (a whole attention
+    inside the residual branch of the FFN after it, as in EdgeNeXt's blocks). Returns node name
+    -> those sites."""
     order = list(cg.gm.graph.nodes)
     own: dict[str, set[str]] = {}
     outs: dict[str, str] = {}
     for s in plan.attention:
         own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes}
-        outs[s.name] = s.out.node
+        if s.residual is not None:
+            outs[s.name] = s.out.node
     for f in plan.ffn:
         own[f.name] = {p.node for p in f.inputs} | {f.out.node}
-        outs[f.name] = f.out.node
-    owners: dict[str, list[str]] = {}
+        if f.residual is not None:
+            outs[f.name] = f.out.node
+    owners: dict[str, list[str]] = {n: [s] for n, s in _exclusive_nodes(cg, own).items()}
     for site, out in outs.items():
         dead = {out}
         for n in reversed(order):
             if n.name != out and n.op != "output" and n.users and all(u.name in dead for u in n.users):
                 dead.add(n.name)
         for n in order:
-            if n.name in dead and n.name not in own[site] and measured_macs(n):
+            if n.name in dead and n.name not in own[site] and measured_macs(n) and \
+                    site not in owners.get(n.name, []):
                 owners.setdefault(n.name, []).append(site)
     return owners
+
+
+def _exclusive_nodes(cg: CapturedGraph, own: dict[str, set[str]]) -> dict[str, str]:
+    """MAC nodes outside the sites (``own``: site -> its nodes) whose results reach the model
+    output only through one site. Returns node name -> site name."""
+    site_of = {n: site for site, nodes in own.items() for n in nodes}
+    owner: dict[str, str] = {}
+    for n in cg.gm.graph.nodes:
+        if n.name in site_of or not measured_macs(n):
+            continue
+        sites: set[str] = set()
+        todo, seen, escapes = [n], {n}, False
+        while todo and not escapes:
+            cur = todo.pop()
+            for u in cur.users:
+                if u.name in site_of:
+                    sites.add(site_of[u.name])
+                elif u.op == "output":
+                    escapes = True
+                elif u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        if not escapes and len(sites) == 1:
+            owner[n.name] = sites.pop()
+    return owner
 
 
 def _check_dense(model: CostModel, cg: CapturedGraph) -> None:

@@ -126,7 +126,10 @@ def row_op(ctx: SliceContext, node: fx.Node) -> bool:
     if not in_family(name, "channel_norm") or not isinstance(x, fx.Node):
         return False
     shape = node_shape(x)
-    return node.op == "call_module" and shape is not None and len(shape) >= 2 \
+    if node.op == "call_function" and not all(  # an exported batch norm: tensors by argument
+            isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:5] if a is not None):
+        return False
+    return node.op in ("call_module", "call_function") and shape is not None and len(shape) >= 2 \
         and all(s == 1 for s in shape[2:]) and node_shape(node) == shape
 
 

@@ -88,7 +88,12 @@ def replay_prefix(ctx: SliceContext, prefix: list[fx.Node], P: fx.Node, y: fx.No
     mapping: dict[fx.Node, fx.Node] = {P: y}
     full = tensor_shape(P)[-1]
     for n in prefix:
-        new = g.node_copy(n, lambda a: mapping.get(a, a))
+        cut: dict[Any, Any] = {}
+        if n.op == "call_function" and row_op(ctx, n):  # an exported batch norm: its weight,
+            # bias and statistics are arguments
+            cut = {a: ctx.params.add(g, str(a.target), suffix, padded(ctx.params.get(str(a.target)).detach(), rows, 0))
+                   for a in n.args[1:5] if isinstance(a, fx.Node)}
+        new = g.node_copy(n, lambda a: mapping.get(a, cut.get(a, a)))
         if n.op == "call_module" and row_op(ctx, n):
             target = sliced_module(ctx, str(n.target), rows, suffix)
             new.target = target
