@@ -102,3 +102,18 @@ def test_attention_inside_a_closed_ffn_branch_dies_with_it():
     compact = hiap_fx.finalize(prepared.eval())  # verifies output and MACs
     assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
     assert "scaled_dot_product_attention" not in compact.code
+
+
+@pytest.mark.parametrize("form", ["bn_rows", "conv_bn", "clipped"])
+def test_export_spellings_finalize_exactly(form):
+    """The same forms captured by torch.export (batch norms become aten calls with their
+    statistics as arguments, as in HF LeViT): random decisions still finalize exactly."""
+    net = HybridNet(form, heads=3, head_dim=4)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend="export"))
+    assert prepared.plan.frontend == "export" and len(prepared.plan.attention) == 2, prepared.plan.unclaimed
+    randomise_gates(prepared, 5, 0.4)
+    compact = hiap_fx.finalize(prepared.eval())
+    x = example(net, batch=3, seed=5)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()

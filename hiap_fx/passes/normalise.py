@@ -378,7 +378,7 @@ def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
                 # over the same elements), which finalize cuts with the rows (LeViT's ConvNorm)
                 rows = g.call_method("reshape", (lin, -1, weight.shape[0], *[1] * (weight.dim() - 2)))
                 with g.inserting_before(norm):
-                    normed = g.call_module(str(norm.target), (rows,))
+                    normed = g.node_copy(norm, lambda a: rows if a is node else a)
                     same = g.call_method("reshape_as", (normed, lin))
                     back = g.call_method("movedim", (same, -1, 1))
                 norm.replace_all_uses_with(back)
@@ -390,13 +390,17 @@ def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
 
 
 def _batch_norm_after(conv: fx.Node, gm: fx.GraphModule) -> Optional[fx.Node]:
-    """The batch-norm module call that is the only user of ``conv`` (ConvNorm), else None."""
+    """The batch norm (a module call, or an exported call with its tensors as arguments) that is
+    the only user of ``conv`` and reads it as its input (ConvNorm), else None."""
     users = list(conv.users)
-    if len(users) != 1 or users[0].op != "call_module":
+    if len(users) != 1 or users[0].args[:1] != (conv,) or conv in users[0].args[1:]:
         return None
-    module = gm.get_submodule(str(users[0].target))
-    return users[0] if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-        users[0].args[:1] == (conv,) and len(users[0].args) == 1 and not users[0].kwargs else None
+    norm = users[0]
+    if norm.op == "call_module":
+        module = gm.get_submodule(str(norm.target))
+        return norm if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(norm.args) == 1 \
+            and not norm.kwargs else None
+    return norm if norm.op == "call_function" and op_name(norm) == "batch_norm" else None
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
