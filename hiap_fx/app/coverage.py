@@ -193,11 +193,15 @@ _COLUMNS = ["model", "status", "frontend", "input", "calls", "attention", "heads
 
 
 def randomise_gates(prepared: Any, seed: int, p_off: float) -> None:
-    """Pin every gate logit to -3 (closed, probability ``p_off``) or +3 (open), reproducibly."""
+    """Pin every gate logit to -3 (closed, probability ``p_off``) or +3 (open), reproducibly;
+    every attention keeps at least one head open, as ``PruneConfig(min_heads=1)`` does in
+    training (an attention off the residual stream cannot close entirely)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in prepared.gate_modules().values():
+        for key, gate in prepared.gate_modules().items():
             off = torch.rand(gate.logits.shape, generator=gen) < p_off
+            if key.endswith(".head") and bool(off.all()):
+                off.view(-1)[0] = False
             gate.logits.copy_(torch.where(off, -3.0, 3.0))
 
 
