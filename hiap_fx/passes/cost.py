@@ -137,8 +137,6 @@ class _Builder:
         self.site_alive[site.name] = one - sympy.Mul(*[one - x for x in live])
         q_shape = tensor_shape(self.nodes[site.core_nodes[0]].args[0])
         nk = site.kv_tokens or site.tokens
-        dims = (math.prod(q_shape[:-1]) // max(1, H * site.tokens), H, site.tokens, nk, dq, dv)
-        term = NodeTerm("sdpa", heads=heads_live, qk_width=wq, v_width=wv, dims=dims)
         if site.transposed:
             # channel attention: the kernel's tokens are the head dims (never cut) and the
             # tokens are contracted; its work is the dense work per head times the live heads
@@ -151,6 +149,8 @@ class _Builder:
                 self.kernels[node] = (H, heads_live, "heads", -1)
                 self.terms[node] = dataclasses.replace(term, kind=kind)
             return
+        dims = (math.prod(q_shape[:-1]) // max(1, H * site.tokens), H, site.tokens, nk, dq, dv)
+        term = NodeTerm("sdpa", heads=heads_live, qk_width=wq, v_width=wv, dims=dims)
         if site.kind == "sdpa":
             # equal q/k and v head dims stay equal (zero padding): CPU flash attention needs them
             kw = kernel_width(wq, wv, dq) if dq == dv else None
