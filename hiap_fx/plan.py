@@ -59,6 +59,10 @@ class CoreLayout(_Base):
     k_token_axis: int = Field(-2, description="axis of k holding the key tokens")
     out_dim_axis: int = Field(-1, description="axis of the kernel output holding the head dims "
                               "(-2 for channel attention)")
+    batch_folded: list[Literal["q", "k", "out"]] = Field(
+        default_factory=list, description="kernel tensors whose head axis also holds the batch "
+        "(heads folded into the batch axis, ``reshape(B * heads, N, d)``); finalize then also "
+        "checks a batch of two")
 
 
 class AttentionSite(_Site):
@@ -81,6 +85,9 @@ class AttentionSite(_Site):
     transposed: bool = Field(False, description="channel attention (XCiT's cross-covariance "
                              "attention): each head's dims are the kernel's tokens and the tokens "
                              "are contracted, so only whole heads are gated")
+    logits_terms: list[str] = Field(default_factory=list, description="logits-side inputs "
+                                    "computed from q or k (relative-position terms): finalize "
+                                    "computes them again from the rebuilt operands")
     q: Projection
     k: Projection
     v: Projection

@@ -22,7 +22,10 @@ attention is written the way some efficient family writes it:
 * ``nested``: EdgeNeXt's block: the attention's residual stream is inside the FFN's residual
   branch (``shortcut + mlp(x + attn(x))``), so closing the FFN kills the attention too;
 * ``clipped``: Gemma4's vision attention: every projection's output clamped to learned bounds,
-  an RMS norm per head over q, k and v, a rotary embedding over two halves of each head.
+  an RMS norm per head over q, k and v, a rotary embedding over two halves of each head;
+* ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
+  axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
+  the logits (sdpa's mask, or q @ k^T + term).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped", "conv_bn", "nested")
+         "clipped", "conv_bn", "nested", "folded", "folded_manual")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -234,6 +237,40 @@ class _ClippedAttention(nn.Module):
         return self.proj(torch.clamp(o, self.lo, self.hi)).reshape(B, H, W, C)
 
 
+class _FoldedAttention(nn.Module):
+    """SAM-ViT's and BoTNet's spelling: heads folded into the batch axis
+    (``reshape(3, B * heads, N, d)``), a decomposed relative-position term computed from q (two
+    einsums with per-axis tables shared by the heads) added to the logits; ``manual`` writes
+    q @ k^T / softmax / @ v instead of sdpa."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, side: int, manual: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.manual = heads, head_dim, manual
+        inner = heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+        self.rel_h = nn.Parameter(torch.randn(2 * side - 1, head_dim) * 0.3)
+        self.rel_w = nn.Parameter(torch.randn(2 * side - 1, head_dim) * 0.3)
+        pos = torch.arange(side)
+        self.register_buffer("rel_index", pos[:, None] - pos[None, :] + side - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x.reshape(B, H * W, C)).reshape(B, H * W, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.heads, H * W, -1).unbind(0)
+        r_q = q.reshape(-1, H, W, q.shape[-1])
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, self.rel_h[self.rel_index])
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, self.rel_w[self.rel_index])
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, H * W, H * W)
+        if self.manual:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias
+            o = attn.softmax(dim=-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        o = o.view(B, self.heads, H * W, -1).permute(0, 2, 1, 3).reshape(B, H, W, -1)
+        return self.proj(o)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -250,6 +287,8 @@ class HybridBlock(nn.Module):
             self.attn = _ChannelAttention(dim, heads, head_dim)
         elif form == "clipped":
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
+        elif form in ("folded", "folded_manual"):
+            self.attn = _FoldedAttention(dim, heads, head_dim, int(tokens ** 0.5), form == "folded_manual")
         else:
             self.attn = _MapAttention(dim, heads, head_dim, "grid_out" if form in ("res_scale", "nested") else form,
                                       spelling, window)

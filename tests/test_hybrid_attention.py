@@ -117,3 +117,47 @@ def test_export_spellings_finalize_exactly(form):
     with torch.no_grad():
         assert_close_outputs(prepared(x), compact(x), rel=1e-4)
     assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+
+
+@pytest.mark.parametrize("form", ["folded", "folded_manual"])
+def test_heads_folded_into_the_batch_axis(form):
+    """SAM-ViT / BoTNet: q, k, v as (B * heads, N, d) and a relative-position term computed from
+    q. The head masks act per (batch, head) slice, the term is computed again from the rebuilt
+    q (only whole heads: it contracts q's dims with shared tables), its MACs follow the live
+    heads, and finalize also checks a batch of two."""
+    net = HybridNet(form, heads=3, head_dim=4)
+    prepared = _prepare(net)
+    sites = prepared.plan.attention
+    assert len(sites) == 2, prepared.plan.unclaimed
+    assert all(s.layout.batch_folded == ["q", "k", "out"] and len(s.logits_terms) == 1 and s.q.dims_mixed
+               for s in sites)
+    x = example(net, batch=3, seed=1)
+    with torch.no_grad():  # every gate open: the gated model is the model, at any batch
+        assert_close_outputs(net(x), prepared.eval()(x), rel=1e-5)
+    bundles = prepared.site_gates()
+    with torch.no_grad():
+        for site in sites:
+            bundles[site.name].gates()["head"].logits.copy_(torch.tensor([3.0, -3.0, 3.0]))
+    compact = hiap_fx.finalize(prepared.eval())
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs() < prepared.dense_macs
+    rows = [p.shape[0] for p in compact.parameters() if p.dim() == 2]
+    assert rows.count(3 * 2 * 4) == 2 and 3 * 3 * 4 not in rows  # one qkv linear of 2 live heads per block
+
+
+def test_folded_heads_at_a_larger_example_batch_say_what_to_do():
+    net = HybridNet("folded")
+    with pytest.warns(hiap_fx.HiapWarning):
+        prepared = hiap_fx.prepare(net.eval(), example(net, 2), hiap_fx.PruneConfig(target_macs=None))
+    assert not prepared.plan.attention
+    assert all("example_inputs[:1]" in u.reason for u in prepared.plan.unclaimed if "attention" in u.what)
+
+
+def test_folded_mask_matches_a_loop_over_the_batch():
+    from hiap_fx.gated.bundles import folded_mask_mul
+
+    x, mask = torch.randn(2 * 3, 5, 4), torch.tensor([1.0, 0.0, 0.5]).reshape(3, 1, 1)
+    want = torch.cat([x[3 * b:3 * b + 3] * mask for b in range(2)])
+    assert torch.equal(folded_mask_mul(x, mask, -3), want)
+    assert torch.equal(folded_mask_mul(x, mask, 0), want)

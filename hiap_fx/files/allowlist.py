@@ -145,6 +145,7 @@ def _torch_op(path: list[str]) -> Any:
 
 def _vouched_functions() -> dict[str, Callable]:
     """Functions the registries of this process vouch for, by stored name."""
+    from hiap_fx.gated import bundles  # noqa: F401  (registers the folded-batch mask)
     from hiap_fx.handlers import ensure_builtin_handlers
     from hiap_fx.passes import arguments  # noqa: F401  (registers the fixed-argument guard)
     from hiap_fx.registry import ATTENTION_KERNELS, SAFE_FUNCTIONS, TRACE_HOOKS

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hiap_fx.gated.gates import Gate
+from hiap_fx.registry import SAFE_FUNCTIONS
 
 #: attribute of the prepared graph module that holds the per-site gate bundles
 GATES_ATTR = "hiap_gates"
@@ -28,6 +29,17 @@ def broadcast_shape(rank: int, head_axis: Optional[int], heads: int, dim_axis: i
         raise ValueError("several heads but no head axis")
     shape[dim_axis] = dims
     return shape
+
+
+def folded_mask_mul(x: torch.Tensor, mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` times a head mask along ``axis``, where that axis of ``x`` holds the batch and the
+    heads folded into one (``B * heads``, batch-major) and the mask holds only the heads."""
+    a = axis % x.dim()
+    heads = mask.shape[a]
+    return (x.unflatten(a, (-1, heads)) * mask.unsqueeze(a)).flatten(a, a + 1)
+
+
+SAFE_FUNCTIONS.append(folded_mask_mul)
 
 
 class SiteGates(nn.Module):

@@ -184,6 +184,47 @@ def _conv_macs(node: fx.Node) -> int:
     return math.prod(out) * math.prod(w[1:]) if out is not None and w else 0
 
 
+def einsum_letters(equation: str, ranks: list[int]) -> Optional[tuple[list[str], str]]:
+    """The operand subscripts and output of an einsum equation, ``...`` spelled out."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    spare = [c for c in "ZYXWVUTSRQPONM" if c not in eq]
+    ellipsis = ""
+    for i, term in enumerate(terms):
+        if "..." in term:
+            n = ranks[i] - (len(term) - 3)
+            ellipsis = "".join(spare[:n]) if len(ellipsis) < n else ellipsis
+            terms[i] = term.replace("...", ellipsis[len(ellipsis) - n:] if n else "")
+    out = out.replace("...", ellipsis)
+    if any(len(t) != r or len(set(t)) != len(t) for t, r in zip(terms, ranks)):
+        return None
+    return terms, out
+
+
+def _einsum_macs(node: fx.Node) -> int:
+    """A two-operand einsum: the product of the sizes of all its letters (each output element
+    sums over the contracted ones)."""
+    args = list(node.args)
+    operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    found = [node_shape(a) if isinstance(a, fx.Node) else None for a in operands]
+    shapes = [s for s in found if s is not None]
+    if not args or not isinstance(args[0], str) or len(found) != 2 or len(shapes) != 2:
+        return 0
+    parsed = einsum_letters(args[0], [len(s) for s in shapes])
+    if parsed is None:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, shape in zip(parsed[0], shapes):
+        for letter, size in zip(term, shape):
+            sizes[letter] = max(sizes.get(letter, 1), size)
+    return math.prod(sizes.values())
+
+
 def attention_macs(node: fx.Node, token_axis: int = -2) -> int:
     """rows x key tokens x (q/k dim + v dim) of an attention kernel call (sdpa or registered)."""
     q, k, v = (node_shape(a) for a in node.args[:3])
@@ -215,6 +256,7 @@ OP_KINDS: dict[str, OpKind] = {
     **{n: OpKind(macs=_matmul_macs, function=torch.matmul) for n in ("matmul", "bmm", "mm")},
     **{n: OpKind(macs=_matmul_macs) for n in ("baddbmm", "addmm")},
     "scaled_dot_product_attention": OpKind(macs=attention_macs),
+    "einsum": OpKind(macs=_einsum_macs),
     "layer_norm": OpKind(function=F.layer_norm),
     "softmax": OpKind(function=F.softmax),
     **{n: OpKind(size_args="rest") for n in ("reshape", "view", "expand", "repeat", "_unsafe_view")},

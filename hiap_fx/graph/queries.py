@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 from torch import fx
 
+from hiap_fx.graph.ir import is_tensor_node, node_shape
 from hiap_fx.graph.ops import op_name
 
 
@@ -38,3 +40,29 @@ def data_ancestors(node: fx.Node) -> set[fx.Node]:
         return n.all_input_nodes
 
     return reach(node, inputs)
+
+
+def region_between(sources: Iterable[fx.Node], target: fx.Node) -> set[fx.Node]:
+    """The nodes on paths from any of ``sources`` to ``target`` (``target`` included, the sources
+    not); empty when no source reaches it."""
+    up = ancestors(target)
+    region: set[fx.Node] = set()
+    for src in sources:
+        if src in up:
+            region |= descendants(src) & up
+    return region | {target} if region or any(s in up for s in sources) else set()
+
+
+def scaling_chain(operand: fx.Node, dependent: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """``operand`` and the nodes it is computed from by scalings (``q * scale``: one input that
+    ``dependent`` holds to depend on the model input, the others one-element constants)."""
+    chain = {operand}
+    cur = operand
+    while op_name(cur) in ("mul", "div"):
+        data = [a for a in cur.all_input_nodes if dependent(a) and is_tensor_node(a)]
+        consts = [node_shape(a) for a in cur.all_input_nodes if a not in data and is_tensor_node(a)]
+        if len(data) != 1 or any(s is None or math.prod(s) != 1 for s in consts):
+            break
+        cur = data[0]
+        chain.add(cur)
+    return chain

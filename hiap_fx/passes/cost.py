@@ -33,6 +33,7 @@ from hiap_fx.gated.decisions import gate_key
 from hiap_fx.graph.ir import CapturedGraph, arg_node, node_shape, recorded_macs, tensor_shape
 from hiap_fx.graph.node_macs import node_macs
 from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.queries import region_between, scaling_chain
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
 _PREFIX_TOKENS = 16  # rows this far below N (patches without cls/register tokens) become N - k
@@ -135,6 +136,11 @@ class _Builder:
                 kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
                 self._cut(t.param, t.axis, len(t.index), kept)
         self.site_alive[site.name] = one - sympy.Mul(*[one - x for x in live])
+        for term_node in term_nodes(self.cg, self.nodes, site):
+            # computed again from the live heads' q/k (a relative-position term): its work
+            # is the dense work per head times the live heads
+            if measured_macs(term_node):
+                self.kernels[term_node.name] = (H, heads_live, "heads", -1)
         q_shape = tensor_shape(self.nodes[site.core_nodes[0]].args[0])
         nk = site.kv_tokens or site.tokens
         if site.transposed:
@@ -253,6 +259,17 @@ class _Builder:
                             lambda e: e.base)
 
 
+def term_nodes(cg: CapturedGraph, nodes: Mapping[str, fx.Node], site: AttentionSite) -> set[fx.Node]:
+    """The nodes of the site's logits-side terms computed from q or k (relative positions)."""
+    core = nodes[site.core_nodes[0]]
+    dependent = lambda n: n.name in cg.input_dependent  # noqa: E731
+    sources = scaling_chain(arg_node(core, 0), dependent) | scaling_chain(arg_node(core, 1), dependent)
+    found: set[fx.Node] = set()
+    for name in site.logits_terms:
+        found |= region_between(sources, nodes[name])
+    return found
+
+
 def padded_width(live: list[sympy.Expr], kept: list[sympy.Expr], full: int) -> sympy.Expr:
     """The width every live head is padded to: the widest kept count among live heads (the full
     width when the count is not gated; with no live head the head count is 0 anyway)."""
@@ -312,8 +329,10 @@ def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
     order = list(cg.gm.graph.nodes)
     own: dict[str, set[str]] = {}
     outs: dict[str, str] = {}
+    nodes = {n.name: n for n in order}
     for s in plan.attention:
-        own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes}
+        own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes,
+                       *(n.name for n in term_nodes(cg, nodes, s))}
         if s.residual is not None:
             outs[s.name] = s.out.node
     for f in plan.ffn:

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any
+from typing import Any, Optional
 
 from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
-from hiap_fx.gated.bundles import GATES_ATTR, AttentionGates, FFNGates, SiteGates, broadcast_shape
+from hiap_fx.gated.bundles import (
+    GATES_ATTR,
+    AttentionGates,
+    FFNGates,
+    SiteGates,
+    broadcast_shape,
+    folded_mask_mul,
+)
 from hiap_fx.gated.importance import init_from_importance
 from hiap_fx.graph.ir import arg_node, copy_facts, node_rank
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
@@ -98,16 +105,24 @@ def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
     copy_facts(src, dst, macs=0)
 
 
-def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node) -> None:
+def _mask_mul(graph: fx.Graph, x: Any, factor: fx.Node, folded: Optional[int]) -> fx.Node:
+    """``x * factor``; with heads folded into the batch axis ``folded``, the mask is applied
+    per (batch, head) slice (:func:`folded_mask_mul`)."""
+    if folded is None:
+        return graph.call_function(operator.mul, (x, factor))
+    return graph.call_function(folded_mask_mul, (x, factor, folded))
+
+
+def _multiply_output(graph: fx.Graph, node: fx.Node, factor: fx.Node, folded: Optional[int] = None) -> None:
     with graph.inserting_after(node):
-        scaled = graph.call_function(operator.mul, (node, factor))
+        scaled = _mask_mul(graph, node, factor, folded)
     _copy_meta(node, scaled)
     node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
 
 
-def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node) -> None:
+def _multiply_arg(graph: fx.Graph, user: fx.Node, pos: int, factor: fx.Node, folded: Optional[int] = None) -> None:
     with graph.inserting_before(user):
-        scaled = graph.call_function(operator.mul, (user.args[pos], factor))
+        scaled = _mask_mul(graph, user.args[pos], factor, folded)
     _copy_meta(arg_node(user, pos), scaled)
     user.update_arg(pos, scaled)
 
@@ -158,11 +173,16 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
         bundles[site.name] = bundle
         m = masks_of(site.name, bundle)
         core, out = nodes[site.core_nodes[0]], nodes[site.core_nodes[-1]]
+        lay = site.layout
+
+        def fold(role: str, axis: Optional[int]) -> Optional[int]:
+            return axis if role in lay.batch_folded else None
+
         if "q" in m:
-            _multiply_arg(graph, core, 0, m["q"])
-            _multiply_arg(graph, core, 1, m["k"])
+            _multiply_arg(graph, core, 0, m["q"], fold("q", lay.q_head_axis))
+            _multiply_arg(graph, core, 1, m["k"], fold("k", lay.k_head_axis))
         if "out" in m:
-            _multiply_output(graph, out, m["out"])
+            _multiply_output(graph, out, m["out"], fold("out", lay.out_head_axis))
         if "branch" in m:
             _multiply_output(graph, nodes[site.out.node], m["branch"])
     for ffn_site in plan.ffn:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hiap_fx.graph.ir import CapturedGraph, node_shape
-from hiap_fx.graph.ops import op_kind, op_name
+from hiap_fx.graph.ops import einsum_letters, op_kind, op_name
 from hiap_fx.registry import attention_kernel
 
 
@@ -199,28 +199,6 @@ def _pinned_sdpa(node: fx.Node) -> Optional[fx.Node]:
     return node.graph.call_function(F.scaled_dot_product_attention, tuple(node.args[:3]), kwargs)
 
 
-def _einsum_letters(equation: str, ranks: list[int]) -> Optional[tuple[list[str], str]]:
-    """The operand subscripts and output of an einsum equation, ``...`` spelled out."""
-    eq = equation.replace(" ", "")
-    if "->" not in eq:
-        return None
-    lhs, out = eq.split("->")
-    terms = lhs.split(",")
-    if len(terms) != len(ranks):
-        return None
-    spare = [c for c in "ZYXWVUTSRQPONM" if c not in eq]
-    ellipsis = ""
-    for i, term in enumerate(terms):
-        if "..." in term:
-            n = ranks[i] - (len(term) - 3)
-            ellipsis = "".join(spare[:n]) if len(ellipsis) < n else ellipsis
-            terms[i] = term.replace("...", ellipsis[len(ellipsis) - n:] if n else "")
-    out = out.replace("...", ellipsis)
-    if any(len(t) != r or len(set(t)) != len(t) for t, r in zip(terms, ranks)):
-        return None
-    return terms, out
-
-
 def einsum_as_matmul(node: fx.Node) -> Optional[fx.Node]:
     """``einsum(eq, a, b)`` as ``permute(matmul(permute(a), permute(b)))`` when the equation is
     a batched matrix product (see the module docstring); else ``None`` (left as is)."""
@@ -231,7 +209,7 @@ def einsum_as_matmul(node: fx.Node) -> Optional[fx.Node]:
     if len(operands) != 2 or not all(isinstance(o, fx.Node) and node_shape(o) is not None for o in operands):
         return None
     a, b = operands
-    parsed = _einsum_letters(args[0], [len(node_shape(a) or ()), len(node_shape(b) or ())])
+    parsed = einsum_letters(args[0], [len(node_shape(a) or ()), len(node_shape(b) or ())])
     if parsed is None:
         return None
     (ta, tb), out = parsed

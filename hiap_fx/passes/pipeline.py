@@ -303,5 +303,6 @@ def finalize_model(prepared: PreparedModel, verify: bool = True, rtol: float = 1
     compact = compile_compact(prepared.captured, prepared.decisions())
     compact.eval()
     if verify:
-        verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol)
+        folded = any(site.layout.batch_folded for site in prepared.plan.attention)
+        verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol, batch_of_two=folded)
     return compact

@@ -12,24 +12,34 @@ from hiap_fx.graph.counting import count_macs
 from hiap_fx.passes.capture import outputs_match
 
 
+def second_sample(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The example inputs with a second, different sample appended on the batch axis (each
+    input next to its flip along the last axis)."""
+    return tuple(torch.cat([x, x.flip(-1)]) if x.dim() else x for x in example_inputs)
+
+
 def verify_compact(compact: nn.Module, prepared: Any, example_inputs: tuple[torch.Tensor, ...],
-                   rtol: float = 1e-4) -> None:
+                   rtol: float = 1e-4, batch_of_two: bool = False) -> None:
     """Raise ``HiapError`` unless ``compact`` equals ``prepared.eval()`` on ``example_inputs``
-    (max abs diff <= rtol x max abs output) and its counted MACs equal ``prepared.hard_macs()``."""
+    (max abs diff <= rtol x max abs output) and its counted MACs equal ``prepared.hard_macs()``;
+    with ``batch_of_two`` (heads folded into the batch axis), outputs are also compared on a
+    batch of two different samples, where a wrong (batch, head) order would show."""
+    runs = [example_inputs] + ([second_sample(example_inputs)] if batch_of_two else [])
     was_training = prepared.training
     prepared.eval()
-    try:
-        with torch.no_grad():
-            want = prepared(*example_inputs)
-            got = compact(*example_inputs)
-    finally:
-        prepared.train(was_training)
-    ok, err = outputs_match(want, got, rtol=rtol)
-    if not ok:
-        raise HiapError(f"finalize check failed: the compact model's output differs from the "
-                        f"hard-gated model's by {err:.2e} (relative to the output scale; allowed "
-                        f"{rtol:.0e}). Please report the model; finalize(prepared, verify=False) "
-                        "returns the unverified result")
+    for inputs in runs:
+        try:
+            with torch.no_grad():
+                want = prepared(*inputs)
+                got = compact(*inputs)
+        finally:
+            prepared.train(was_training)
+        ok, err = outputs_match(want, got, rtol=rtol)
+        if not ok:
+            raise HiapError(f"finalize check failed: the compact model's output differs from the "
+                            f"hard-gated model's by {err:.2e} at batch {inputs[0].shape[0]} "
+                            f"(relative to the output scale; allowed {rtol:.0e}). Please report "
+                            "the model; finalize(prepared, verify=False) returns the unverified result")
     macs, predicted = count_macs(compact, example_inputs), prepared.hard_macs()
     if macs != predicted:
         raise HiapError(f"finalize check failed: the compact model counts {macs:,} MACs, the cost "

@@ -8,8 +8,8 @@ import torch
 from torch import fx
 
 from hiap_fx.graph.flow import feature_index
-from hiap_fx.graph.ir import node_rank, node_shape, tensor_shape
-from hiap_fx.graph.queries import ancestors
+from hiap_fx.graph.ir import is_tensor_node, node_rank, node_shape, tensor_shape
+from hiap_fx.graph.queries import ancestors, region_between, scaling_chain
 from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
@@ -50,12 +50,55 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
                       index=table.reshape(heads, v_dim).tolist())
 
 
-def side_tensors(g: GraphView, core: Core, heads: int, head_axis: int, logits_rank: int) -> list[SideTensor]:
-    """Parameters that carry one entry per head into the attention logits (biases, mixers)."""
+def operand_terms(g: GraphView, core: Core, heads: int, head_axis: int) -> list[fx.Node]:
+    """Logits-side inputs computed from q or k (with constants and sizes) alone: relative-position
+    terms such as SAM's ``rel_pos(q)``, which finalize computes again from the rebuilt q/k.
+    ``head_axis``: q's head axis counted from the end (a parameter with the head count there
+    may hold one slice per head, which the recomputed term could not cut: refused)."""
+    sources = scaling_chain(core.q, g.dependent) | scaling_chain(core.k, g.dependent)
+    terms = []
+    for s in core.logits_inputs:
+        if not g.dependent(s):
+            continue
+        region = region_between(sources, s)
+        if not region or any(a.op == "placeholder" or (g.dependent(a) and is_tensor_node(a)
+                                                       and a not in region and a not in sources)
+                             for n in region for a in n.all_input_nodes):
+            continue  # the term also reads other activations
+        params = {p for n in region for a in n.all_input_nodes if not g.dependent(a) and is_tensor_node(a)
+                  for p in constant_ancestors(g, a) if p.op == "get_attr"}
+        for p in params:
+            value = g.cg.values.get(p.name)
+            if isinstance(value, torch.Tensor) and heads > 1 and value.dim() >= -head_axis \
+                    and value.shape[head_axis] == heads:
+                raise Reject(f"{s.name} enters the attention computed from q or k and {p.target}, "
+                             "which may hold one slice per head; heads cannot be cut safely")
+        terms.append(s)
+    return terms
+
+
+def constant_ancestors(g: GraphView, node: fx.Node) -> set[fx.Node]:
+    """``node`` and its ancestors through nodes that do not depend on the input."""
+    found = {node}
+    todo = [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in found and not g.dependent(a):
+                found.add(a)
+                todo.append(a)
+    return found
+
+
+def side_tensors(g: GraphView, core: Core, heads: int, head_axis: int, logits_rank: int,
+                 terms: list[fx.Node]) -> list[SideTensor]:
+    """Parameters that carry one entry per head into the attention logits (biases, mixers);
+    ``terms`` (computed from q/k, :func:`operand_terms`) are left to finalize to recompute."""
     side: list[SideTensor] = []
     if head_axis < 0:
         return side
     for s in core.logits_inputs:
+        if s in terms:
+            continue
         s_shape = node_shape(s)
         if s_shape is None:
             continue
@@ -123,12 +166,30 @@ def attention_site(g: GraphView, core: Core) -> AttentionSite:
     """The site of ``core``: q/k/v features on their last axis (dims) and tokens on the other
     (the usual attention), or else with the two swapped (channel attention)."""
     try:
-        return _site(g, core, transposed=False)
-    except TokenDependent as usual:
         try:
-            return _site(g, core, transposed=True)
-        except Reject:
-            raise usual from None
+            return _site(g, core, transposed=False)
+        except TokenDependent as usual:
+            try:
+                return _site(g, core, transposed=True)
+            except Reject:
+                raise usual from None
+    except Reject as exc:
+        if folded_at_batch(g, core):
+            raise Reject(f"{exc}; its heads look folded into the batch axis (reshape(B * heads, "
+                         "...)), which hiap_fx reads on an example batch of 1: prepare with "
+                         "example_inputs[:1]") from None
+        raise
+
+
+def folded_at_batch(g: GraphView, core: Core) -> bool:
+    """Whether the example batch is above 1 and q's leading axis holds a multiple of it with no
+    axis of q holding the batch alone (heads folded into the batch axis)."""
+    first = g.cg.example_inputs[0] if g.cg.example_inputs else None
+    shape = node_shape(core.q)
+    if first is None or first.dim() == 0 or shape is None:
+        return False
+    b0 = int(first.shape[0])
+    return b0 > 1 and shape[0] % b0 == 0 and shape[0] > b0 and b0 not in shape
 
 
 def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
@@ -159,7 +220,15 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
     if transposed and (out_head_axis < 0 < heads - 1 or out_head_axis - node_rank(core.out) > out_dim_axis):
         raise Reject(f"{core.nodes[0].name}: channel attention without a head axis before its dims")
     out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
-    side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q))
+    terms = operand_terms(g, core, heads, q_head_axis - node_rank(core.q) if q_head_axis >= 0 else -1)
+    side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q), terms)
+    for role, operand in (("q", core.q), ("k", core.k)):
+        if any(scaling_chain(operand, g.dependent) & ancestors(t) for t in terms):  # the term contracts the operand's dims
+            # with shared tables: only whole heads can be cut
+            if role == "q":
+                qp = qp.model_copy(update={"dims_mixed": True})
+            else:
+                kp = kp.model_copy(update={"dims_mixed": True})
     q_shape, k_shape = node_shape(core.q), node_shape(core.k)
 
     def neg(axis: int, node: fx.Node) -> Optional[int]:
@@ -175,6 +244,7 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
         tokens=q_shape[core.token_axis] if q_shape else 0, kernel=core.kernel.name if core.kernel else None,
         kv_tokens=k_shape[core.k_token_axis] if k_shape else 0, transposed=transposed,
         kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
+        logits_terms=[t.name for t in terms],
         q=qp, k=kp, v=vp, out=out, side=side)
 
 

@@ -12,7 +12,7 @@ from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
-from hiap_fx.passes.slice.kernel import kernel_call, manual_logits
+from hiap_fx.passes.slice.kernel import kernel_call, manual_logits, operand_terms
 from hiap_fx.passes.slice.operands import (
     PAD,
     operand_rows,
@@ -52,15 +52,16 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
     out_head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
     with g.inserting_before(out_lin):
         op = projected_operands(ctx, site, live, dims, width)
+        terms = operand_terms(ctx, site, op["q"], op["k"], live)
         if site.kind == "sdpa":
             if site.head_dim == site.v_dim:  # one head dim for q, k and v: CPU flash attention
                 common = max(width["q"], width["v"])
                 op = {role: pad_last(g, t, common - width[role]) for role, t in op.items()}
-            out = kernel_call(ctx, core, op["q"], op["k"], op["v"], live, site.layout.q_head_axis)
+            out = kernel_call(ctx, core, op["q"], op["k"], op["v"], live, site.layout.q_head_axis, terms)
             if site.head_dim == site.v_dim and width["v"] < common:
                 out = g.call_method("narrow", (out, -1, 0, width["v"]))
         else:
-            probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live)
+            probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live, terms)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
         if not site.transposed and direct_output(av, out_head, proj_in, ctx.flow.modules):
@@ -150,7 +151,7 @@ def out_head_axis(site: AttentionSite, kernel_out: tuple[int, ...], proj_in: tup
     if site.layout.out_head_axis is not None or len(kernel_out) == len(proj_in):
         return site.layout.out_head_axis
     ones = [a - len(kernel_out) for a in range(1, len(kernel_out) - 1) if kernel_out[a] == 1]
-    if not ones:
-        raise HiapError(f"{site.name}: cannot tell how the kernel output {kernel_out} becomes the "
-                        f"output projection input {proj_in}; please report the model")
+    if not ones:  # no axis for the one head (folded into the batch axis): the replay of the
+        # ops up to the projection is checked by index flow
+        return None
     return -3 if -3 in ones else ones[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional
+
 from torch import fx
 
 from hiap_fx.errors import HiapError
@@ -60,9 +62,31 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
     return bad
 
 
+def mark_folded_batch(cg: CapturedGraph, plan: Plan) -> None:
+    """Record on each site which kernel tensors hold the batch inside their head axis (heads
+    folded into the batch axis): the gates then mask per (batch, head) slice, and finalize
+    checks a batch of two as well."""
+    ctx = SliceContext(cg, plan, {})
+    for site in plan.attention:
+        core, av = ctx.nodes[site.core_nodes[0]], ctx.nodes[site.core_nodes[-1]]
+        lay = site.layout
+        tensors: dict[Literal["q", "k", "out"], tuple[Any, Optional[int]]] = {
+            "q": (core.args[0], lay.q_head_axis), "k": (core.args[1], lay.k_head_axis),
+            "out": (av, lay.out_head_axis)}
+        folded: list[Literal["q", "k", "out"]] = []
+        for role, (node, axis) in tensors.items():
+            if not isinstance(node, fx.Node) or axis is None:
+                continue
+            found = ctx.folded_axis(node)
+            if found is not None and found == axis % len(tensor_shape(node)):
+                folded.append(role)
+        site.layout.batch_folded = folded
+
+
 def drop_unsliceable(cg: CapturedGraph, plan: Plan) -> None:
     """Report attention sites that finalize could not rebuild as unclaimed (never gate them)."""
 
+    mark_folded_batch(cg, plan)
     bad = unsliceable_attention(cg, plan)
     if not bad:
         return

@@ -12,6 +12,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.gated.decisions import Decisions
+from hiap_fx.graph.batch_shapes import shapes_at_batch
 from hiap_fx.graph.editing import Params
 from hiap_fx.graph.flow import IndexFlow, feature_index, varies_along
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, node_shape, tensor_shape
@@ -33,6 +34,8 @@ class OperandLayout:
     replay: list[fx.Node]  # original path nodes after the boundary, in graph order
     operand: fx.Node
     prefix: list[fx.Node] = field(default_factory=list)  # per-row ops replayed on the new rows first
+    fold: Optional[int] = None  # perm[fold] (the batch) and perm[fold + 1] (the heads) are one
+    # boundary axis: heads folded into the batch axis, flattened after the permute
 
 
 class SliceContext:
@@ -45,6 +48,26 @@ class SliceContext:
         self.flow = IndexFlow(cg)
         self.nodes = {n.name: n for n in self.graph.nodes}
         self.params = Params(cg.gm)
+        self._batch2: Optional[dict[str, tuple[int, ...]]] = None
+        self.rebuilt: dict[fx.Node, fx.Node] = {}  # operand-path node -> its rebuilt copy
+
+    def folded_axis(self, node: fx.Node) -> Optional[int]:
+        """The axis of ``node`` that holds the batch and more (heads folded into the batch axis,
+        ``reshape(B * heads, N, d)``): recorded at a batch of one, the only axis that doubles at
+        a batch of two and was not of size 1; ``None`` if there is none (or batch > 1)."""
+        first = self.cg.example_inputs[0] if self.cg.example_inputs else None
+        shape = node_shape(node)
+        if first is None or first.dim() == 0 or first.shape[0] != 1 or not shape or shape[0] == 1:
+            return None  # (a leading axis of 1 is the batch, alone: nothing to run)
+        if self._batch2 is None:
+            self._batch2 = shapes_at_batch(self.cg, 2) or {}
+        s1, s2 = node_shape(node), self._batch2.get(node.name)
+        if s1 is None or s2 is None or len(s1) != len(s2):
+            return None
+        grown = [i for i in range(len(s1)) if s1[i] != s2[i]]
+        if len(grown) == 1 and s1[grown[0]] > 1 and s2[grown[0]] == 2 * s1[grown[0]]:
+            return grown[0]
+        return None
 
 
 def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> OperandLayout:
@@ -88,7 +111,7 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
         if B is start and prefix:
             after = after - set(prefix)
         return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], perm[4],
-                             sorted(after, key=order.__getitem__), O, prefix)
+                             sorted(after, key=order.__getitem__), O, prefix, perm[5])
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
@@ -171,9 +194,15 @@ def row_prefix(ctx: SliceContext, site: AttentionSite, P: fx.Node,
                     "report the model")
 
 
+Perm = tuple[list[int], bool, list[int], list[tuple[int, int]], list[tuple[int, tuple[int, ...]]],
+             Optional[int]]
+
+
 def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx.Node,
-                   table: torch.Tensor) -> Optional[tuple[list[int], bool, list[int], list[tuple[int, int]],
-                                                          list[tuple[int, tuple[int, ...]]]]]:
+                   table: torch.Tensor) -> Optional[Perm]:
+    """How boundary ``B`` holds the axes of projection output ``P`` ([lead..., heads*dims], the
+    rows read through ``table``): see :class:`OperandLayout` (perm, has_head_axis, new_axes,
+    merges, splits, fold); ``None`` if it holds them in no way the rebuild can reproduce."""
     b_shape = node_shape(B)
     if b_shape is None or p_shape is None:
         return None
@@ -245,9 +274,13 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
     fits: list[tuple[tuple[bool, int], Any]] = []
     unplaced = sorted({start[merged_index[a]] for a in range(lead_axes)
                        if a not in target and a not in split_to})  # size 1
+    # heads folded into the batch axis: the batch (size 1 here) lives inside the head axis
+    folded = ctx.folded_axis(B)
+    batch_src = start[merged_index[0]] if lead_axes and 0 not in target and 0 not in split_to else None
     for head_axis, dim_axis in options:
         ones = [i for i in rest if i not in (head_axis, dim_axis)]
-        if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced):
+        if any(b_shape[i] != 1 for i in ones) or len(ones) < len(unplaced) - (
+                folded is not None and folded == head_axis and batch_src is not None):
             continue
         t = idx.movedim(dim_axis, -1)
         if head_axis is None:
@@ -259,17 +292,25 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         flat = t.reshape(-1, heads, dims)
         if not torch.equal(flat, table.expand_as(flat)):
             continue
+        fold = folded is not None and folded == head_axis and batch_src is not None
+        left = [u for u in unplaced if not (fold and u == batch_src)]
         # size-1 lead axes take the first size-1 axes of B, in order; the rest are new axes
         placed = dict(source)
-        placed.update(zip(ones, unplaced))
+        placed.update(zip(ones, left))
         new_axes = [i for i in ones if i not in placed]
         # source axes: [lead..., head, dim] (or [lead..., dim] without a head axis)
         dim_src = lead_total + 1 if head_axis is not None else lead_total
-        perm = [placed[i] if i in placed else (lead_total if i == head_axis else dim_src)
-                for i in range(len(b_shape)) if i not in new_axes]
+        perm: list[int] = []
+        for i in range(len(b_shape)):
+            if i in new_axes:
+                continue
+            if i == head_axis and fold and batch_src is not None:
+                perm.append(batch_src)
+            perm.append(placed[i] if i in placed else (lead_total if i == head_axis else dim_src))
         if sorted(perm) != list(range(dim_src + 1)):
             continue
         inversions = sum(a > b for i, a in enumerate(perm) for b in perm[i + 1:])
+        at = perm.index(batch_src) if fold and batch_src is not None else None
         fits.append(((head_axis is None, inversions), (perm, head_axis is not None, new_axes, sorted(merges, reverse=True),
-                                  sorted(splits, reverse=True))))
+                                  sorted(splits, reverse=True), at)))
     return min(fits, key=lambda f: f[0])[1] if fits else None

@@ -7,31 +7,67 @@ from typing import Any, Optional, cast
 import torch
 from torch import fx
 
+from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_sizes
 from hiap_fx.graph.flow import feature_index, varies_along
-from hiap_fx.graph.ir import arg_node, node_shape, tensor_shape
+from hiap_fx.graph.ir import arg_node, is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
-from hiap_fx.graph.queries import ancestors, descendants
+from hiap_fx.graph.queries import ancestors, descendants, region_between
 from hiap_fx.passes.slice.context import SliceContext
 from hiap_fx.passes.slice.operands import select_heads
 from hiap_fx.plan import AttentionSite
 
 
+def operand_terms(ctx: SliceContext, site: AttentionSite, q: fx.Node, k: fx.Node,
+                  heads: list[int]) -> dict[fx.Node, fx.Node]:
+    """The site's logits-side terms computed from q or k (relative positions), computed again
+    from the rebuilt operands ``q`` and ``k`` (``heads`` live): original term -> new term."""
+    if not site.logits_terms:
+        return {}
+    g = ctx.graph
+    core = ctx.nodes[site.core_nodes[0]]
+    old_q, old_k = arg_node(core, 0), arg_node(core, 1)
+    # the term may read q where the rebuilt operand path has a copy of it (before a scaling)
+    mapping: dict[Any, Any] = {**ctx.rebuilt, old_q: q, old_k: k}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    H = site.num_heads
+    rank = len(tensor_shape(old_q))
+    head_axis = site.layout.q_head_axis % rank if site.layout.q_head_axis is not None else None
+    for name in site.logits_terms:
+        term = ctx.nodes[name]
+        region = region_between(mapping, term) - set(mapping)
+        head_axes = logits_head_axes(ctx, old_q, head_axis, H, region)
+        for n in sorted(region, key=order.__getitem__):
+            unmapped = [a for a in n.all_input_nodes if a not in mapping and a.name in ctx.cg.input_dependent
+                        and is_tensor_node(a)]
+            if unmapped:
+                raise HiapError(f"{site.name}: the logits term {name} reads {unmapped[0].name}, "
+                                "which finalize does not rebuild; prepare with "
+                                "PruneConfig(heads=False, head_dims=False) to keep this attention whole")
+            new = g.node_copy(n, lambda a: mapping.get(a, a))
+            if n in head_axes and op_name(n) in ("reshape", "view", "_unsafe_view", "expand"):
+                rewrite_axis_size(new, head_axes[n], H, len(heads))
+            mapping[n] = new
+    return {ctx.nodes[name]: mapping[ctx.nodes[name]] for name in site.logits_terms}
+
+
 def kernel_call(ctx: SliceContext, core: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
-                head_axis: Optional[int]) -> fx.Node:
-    """The fused kernel call ``core`` over new operands, its mask (if any) cut to ``heads``."""
+                head_axis: Optional[int], terms: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The fused kernel call ``core`` over new operands, its mask (if any) cut to ``heads``
+    (or computed again from the new operands: ``terms``, :func:`operand_terms`)."""
     rank = len(tensor_shape(core.args[0]))
-    mapping: dict[Any, Any] = {core.args[0]: q, core.args[1]: k, core.args[2]: v}
+    mapping: dict[Any, Any] = {core.args[0]: q, core.args[1]: k, core.args[2]: v, **terms}
     mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
-    if isinstance(mask, fx.Node) and head_axis is not None:
+    if isinstance(mask, fx.Node) and mask not in terms and head_axis is not None:
         total = tensor_shape(core.args[0])[head_axis]
         mapping[mask] = select_heads(ctx, mask, head_axis % rank, rank, total, heads)
     return ctx.graph.node_copy(core, lambda a: mapping.get(a, a))
 
 
 def manual_logits(ctx: SliceContext, site: AttentionSite, qk: fx.Node, av: fx.Node, q: fx.Node,
-                   k: fx.Node, heads: list[int]) -> fx.Node:
-    """q @ k^T and the ops up to the probabilities, replayed for ``heads``."""
+                   k: fx.Node, heads: list[int], terms: dict[fx.Node, fx.Node]) -> fx.Node:
+    """q @ k^T and the ops up to the probabilities, replayed for ``heads`` (terms computed from
+    q/k taken from ``terms``, :func:`operand_terms`)."""
     g = ctx.graph
     probs = arg_node(av, 0)
     region = (descendants(qk) & (ancestors(probs) | {probs})) | {probs}
@@ -53,6 +89,8 @@ def manual_logits(ctx: SliceContext, site: AttentionSite, qk: fx.Node, av: fx.No
         def arg(a: Any) -> Any:
             if a in mapping:
                 return mapping[a]
+            if a in terms:
+                return terms[a]
             if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in mixer_axes:
                 target = str(a.target)
                 if target not in selected:

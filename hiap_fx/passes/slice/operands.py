@@ -139,6 +139,8 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
     t = g.call_method("unflatten", (y, -1, (heads, width))) if lay.has_head_axis else y
     if lay.perm != sorted(lay.perm):
         t = g.call_method("permute", (t, *lay.perm))
+    if lay.fold is not None:  # heads folded into the batch axis: (B, heads) -> B * heads
+        t = g.call_method("flatten", (t, lay.fold, lay.fold + 1))
     for axis in lay.new_axes:
         t = g.call_method("unsqueeze", (t, axis))
     full_heads, full_dims = len(proj.index), len(proj.index[0])
@@ -170,6 +172,7 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
             new.target, new.args = "to", (new.args[0], node_dtype(n.args[1]))
         rewrite_sizes(new, ints)
         mapping[n] = new
+    ctx.rebuilt.update(mapping)
     return mapping[lay.operand]
 
 
