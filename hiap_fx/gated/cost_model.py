@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import sympy
 import torch
+from sympy.printing.pycode import PythonCodePrinter
 
 from hiap_fx.errors import HiapError
 
@@ -102,6 +103,9 @@ class CostModel:
             if name in self.factored_nodes:
                 macro_terms.append(e)
                 continue
+            if not e.free_symbols & micro:  # no micro symbol: macro as a whole (no expansion)
+                macro_terms.append(e)
+                continue
             for term in sympy.Add.make_args(sympy.expand(e)):
                 (micro_terms if term.free_symbols & micro else macro_terms).append(term)
         self.macro_expr = sympy.Add(*macro_terms)
@@ -121,13 +125,24 @@ class CostModel:
         return [s.symbol for s in self.sources] + extra
 
     def _function(self, which: str) -> Callable:
-        if which not in self._compiled:
-            expr = {"total": self.expr, "macro": self.macro_expr, "micro": self.micro_expr}[which]
+        """The compiled expression ``which`` ("total", "macro" or "micro"): one function
+        computes the macro and micro parts (the total is their sum), printed once."""
+        if "parts" not in self._compiled:
             # plain identifiers: lambdify would otherwise rename every dotted symbol (slow)
             plain = [sympy.Symbol(f"x{i}") for i in range(len(self.arguments))]
-            expr = expr.xreplace(dict(zip(self.arguments, plain)))
-            self._compiled[which] = sympy.lambdify(plain, expr, modules=[{"Widest": maximum}, "math"], cse=False)
-        return self._compiled[which]
+            rename = dict(zip(self.arguments, plain))
+            exprs = (self.macro_expr.xreplace(rename), self.micro_expr.xreplace(rename))
+            # terms printed in the order they are stored (sorting them costs more than printing)
+            printer = PythonCodePrinter({"fully_qualified_modules": False, "inline": True,
+                                         "allow_unknown_functions": True, "order": "none"})
+            self._compiled["parts"] = sympy.lambdify(plain, exprs, modules=[{"Widest": maximum}, "math"],
+                                                     cse=False, printer=printer)
+        parts = self._compiled["parts"]
+        if which == "macro":
+            return lambda *args: parts(*args)[0]
+        if which == "micro":
+            return lambda *args: parts(*args)[1]
+        return lambda *args: sum(parts(*args))
 
     def by_site(self) -> dict[str, sympy.Expr]:
         """The expression split by site (nodes without gate symbols under ``"fixed"``)."""
@@ -139,9 +154,9 @@ class CostModel:
         return {k: sympy.factor_terms(sympy.Add(*v)) for k, v in parts.items()}
 
     def compile(self) -> "CostModel":
-        """Compile the total, macro and micro expressions to Python functions now (done once)."""
-        for which in ("total", "macro", "micro"):
-            self._function(which)
+        """Compile the macro and micro expressions (the total is their sum) to one Python function
+        now (done once)."""
+        self._function("total")
         return self
 
     def evaluate(self, values: Sequence, which: str = "total", batch: Optional[int] = None,

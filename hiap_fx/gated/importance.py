@@ -23,12 +23,17 @@ def _rows(params: Mapping[str, torch.Tensor], proj: Projection) -> Optional[torc
     """L1 norm of every weight row of ``proj`` (columns for an output projection are read by
     :func:`_columns`); None when the weight is not a 2-D parameter of the graph."""
     weight = params.get(proj.weight)
-    return None if weight is None or weight.ndim != 2 else weight.detach().float().abs().sum(1)
+    return None if weight is None or weight.ndim != 2 else _l1(weight, 1)
 
 
 def _columns(params: Mapping[str, torch.Tensor], proj: Projection) -> Optional[torch.Tensor]:
     weight = params.get(proj.weight)
-    return None if weight is None or weight.ndim != 2 else weight.detach().float().abs().sum(0)
+    return None if weight is None or weight.ndim != 2 else _l1(weight, 0)
+
+
+def _l1(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """L1 norms along ``dim`` in float32, without an |weight| copy of the whole matrix."""
+    return torch.linalg.vector_norm(weight.detach(), ord=1, dim=dim, dtype=torch.float32)
 
 
 def _per_unit(norms: torch.Tensor, index: list[list[int]]) -> torch.Tensor:

@@ -3,12 +3,14 @@ dead code removed (keeping in-place ops and registered guards)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 
 from hiap_fx.graph.ops import SIZE_KWARGS, op_kind, op_name
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def map_ints(value: Any, table: dict[int, int]) -> Any:
@@ -32,6 +34,35 @@ def rewrite_sizes(node: fx.Node, table: dict[int, int]) -> None:
         args[p] = map_ints(args[p], table)
     node.args = tuple(args)
     node.kwargs = {k: (map_ints(v, table) if k in SIZE_KWARGS else v) for k, v in node.kwargs.items()}
+
+
+def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module`` (each once)."""
+    return list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+def tree_copy(module: ModuleT) -> ModuleT:
+    """A copy of ``module``'s tree (new module objects, attributes, graphs) that shares its
+    parameters and buffers: no weight is copied. Changing the copy's structure (replacing a
+    parameter, rewriting a graph) leaves ``module`` alone; writing into a shared tensor in place
+    would not, so the passes replace tensors, never write into them."""
+    import copy
+
+    memo: dict[int, Any] = {id(t): t for t in tensors_of(module)}
+    return copy.deepcopy(module, memo)
+
+
+def unshare(module: nn.Module, other: nn.Module) -> None:
+    """Give ``module`` its own copy of every parameter and buffer it still shares with ``other``
+    (tensor by tensor: the peak is one tensor, not one model)."""
+    theirs = {t.untyped_storage().data_ptr() for t in tensors_of(other) if t.numel()}
+    for owner in module.modules():
+        for name, p in list(owner.named_parameters(recurse=False)):
+            if p.numel() and p.untyped_storage().data_ptr() in theirs:
+                setattr(owner, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, b in list(owner.named_buffers(recurse=False)):
+            if b is not None and b.numel() and b.untyped_storage().data_ptr() in theirs:
+                owner.register_buffer(name, b.detach().clone(), persistent=name not in owner._non_persistent_buffers_set)
 
 
 class Params:

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from hiap_fx.errors import CaptureError, InputError
+from hiap_fx.graph.editing import tree_copy
 from hiap_fx.graph.ir import CapturedGraph, as_input_tuple
 from hiap_fx.handlers import ensure_builtin_handlers
 from hiap_fx.passes.arguments import pin_fixed_arguments
@@ -269,7 +270,9 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
     failures: list[str] = []
     for kind in (["fx", "export"] if frontend == "auto" else [frontend]):
         try:
-            subject = copy.deepcopy(work).eval()  # tracing may write into module caches
+            # tracing may write into module caches (attributes): trace a copy of the tree,
+            # sharing the weights of ``work``, the one copy of the user's weights
+            subject = tree_copy(work).eval()
             gm = (trace_fx(subject, inputs, concrete_args) if kind == "fx"
                   else export_graph(subject, inputs, concrete_args))
             remove_assertions(gm)

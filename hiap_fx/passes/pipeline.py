@@ -20,10 +20,12 @@ same system; see ``docs/extending.md``.
 
 from __future__ import annotations
 
-import copy
+import logging
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx, nn
@@ -31,7 +33,7 @@ from torch import fx, nn
 from hiap_fx.config import PruneConfig
 from hiap_fx.errors import CaptureError, HiapWarning, NoAttentionError
 from hiap_fx.gated.prepared import PreparedModel
-from hiap_fx.graph.editing import eliminate_dead_code
+from hiap_fx.graph.editing import eliminate_dead_code, tree_copy, unshare
 from hiap_fx.graph.ir import CapturedGraph
 from hiap_fx.passes.capture import capture, remove_assertions
 from hiap_fx.passes.cost import build_cost_model
@@ -110,10 +112,26 @@ def check_pass_points() -> None:
                              f"which is not a pipeline point; choose one of {', '.join(PASS_POINTS)}")
 
 
+#: each stage's seconds, at DEBUG level: ``logging.getLogger("hiap_fx.timing")``, record
+#: arguments (stage name, seconds); benchmarks/memory.py reads them
+TIMING = logging.getLogger("hiap_fx.timing")
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Log the seconds the block takes under ``stage`` (``hiap_fx.timing``, DEBUG)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        TIMING.debug("%s %.4f", stage, time.perf_counter() - t0)
+
+
 def run_stages(stages: tuple[Stage, ...], cg: CapturedGraph) -> CapturedGraph:
     """Run ``stages`` in order, each followed by the user passes registered after it."""
     for stage in stages:
-        cg = stage.run(cg) or cg
+        with timed(stage.name):
+            cg = stage.run(cg) or cg
         cg = run_user_passes(stage.name, cg)
     return cg
 
@@ -175,8 +193,9 @@ def analyse(model: nn.Module, example_inputs: Any, config: Optional[PruneConfig]
 def _capture_and_discover(model: nn.Module, example_inputs: Any, config: PruneConfig,
                           frontend: str) -> tuple[CapturedGraph, Plan]:
     check_pass_points()
-    cg = capture(model, example_inputs, frontend=frontend,
-                 concrete_args=config.concrete_args, check=config.check_capture)
+    with timed("capture"):
+        cg = capture(model, example_inputs, frontend=frontend,
+                     concrete_args=config.concrete_args, check=config.check_capture)
     cg.model_name = type(model).__name__
     cg = run_user_passes("capture", cg)
     cg = run_stages(ANALYSIS, cg)
@@ -204,10 +223,12 @@ def gate_and_cost(cg: CapturedGraph, plan: Plan, config: PruneConfig, record_not
     ``record_notes=False`` keeps ``plan.notes`` as they are (rebuilding a stored prepared model
     whose plan already holds them)."""
     notes = list(plan.notes)
-    bundles = insert_gates(cg.gm, plan, config)
+    with timed("gate"):
+        bundles = insert_gates(cg.gm, plan, config)
     if not record_notes:
         plan.notes[:] = notes
-    cost_model = build_cost_model(cg, plan, bundles).compile()
+    with timed("cost"):
+        cost_model = build_cost_model(cg, plan, bundles).compile()
     latency_model = None
     if config.cost == "latency":
         batch = config.latency_batch or cost_model.example_batch
@@ -292,10 +313,14 @@ def compile_stages(decisions: dict[str, torch.Tensor]) -> tuple[Stage, ...]:
 
 def compile_compact(captured: CapturedGraph, decisions: dict[str, torch.Tensor]) -> fx.GraphModule:
     """The compact graph module of a prepared model's captured graph (``captured.gm`` is the gated
-    graph; it is copied, never changed) for the given hard decisions."""
-    cg = CapturedGraph(gm=copy.deepcopy(captured.gm), example_inputs=captured.example_inputs,
+    graph; it is never changed) for the given hard decisions. The compile stages run on a copy
+    of its tree that shares the weights (slicing replaces tensors, never writes into them); the
+    compact model then gets its own copy of what it still shares, tensor by tensor."""
+    cg = CapturedGraph(gm=tree_copy(captured.gm), example_inputs=captured.example_inputs,
                        frontend=captured.frontend, model_name=captured.model_name, plan=captured.plan)
-    return run_stages(compile_stages(decisions), cg).gm
+    compact = run_stages(compile_stages(decisions), cg).gm
+    unshare(compact, captured.gm)
+    return compact
 
 
 def finalize_model(prepared: PreparedModel, verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
@@ -304,5 +329,6 @@ def finalize_model(prepared: PreparedModel, verify: bool = True, rtol: float = 1
     compact.eval()
     if verify:
         folded = any(site.layout.batch_folded for site in prepared.plan.attention)
-        verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol, batch_of_two=folded)
+        with timed("verify"):
+            verify_compact(compact, prepared, prepared.example_inputs, rtol=rtol, batch_of_two=folded)
     return compact

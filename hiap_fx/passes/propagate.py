@@ -1,9 +1,9 @@
 """Propagate: run the example inputs through the graph and record what every node produced.
 
 Shapes, dtypes and MACs are recorded on each node (``hiap_fx.graph.ir.record_facts``; read them
-with ``node_shape`` / ``node_dtype`` / ``recorded_macs``); values that do not depend on the model input
-(constants, buffers, index tables, sizes) and small input-dependent values go into
-``CapturedGraph.values`` for the passes that need concrete arguments.
+with ``node_shape`` / ``node_dtype`` / ``recorded_macs``); values that do not depend on the model
+input (constants, buffers, index tables, sizes), small input-dependent values and integer or
+boolean ones go into ``CapturedGraph.values`` for the passes that need concrete arguments.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from torch import fx
 
 from hiap_fx.graph.ir import CapturedGraph, record_facts
 
-#: input-dependent tensors larger than this (elements) are recorded by shape only
-_KEEP_LIMIT = 1 << 22
+#: input-dependent float tensors larger than this (elements) are recorded by shape only (index
+#: flow reads off-path float values as sentinels anyway; integer and boolean ones, such as
+#: masks and index tables computed from the input, are kept)
+_KEEP_LIMIT = 1 << 12
 
 
 class _Recorder(fx.Interpreter):
@@ -34,7 +36,8 @@ class _Recorder(fx.Interpreter):
         if dependent:
             self.cg.input_dependent.add(n.name)
         record_facts(n, _shape_of(out), out.dtype if isinstance(out, torch.Tensor) else None, macs)
-        if not isinstance(out, torch.Tensor) or not dependent or out.numel() <= _KEEP_LIMIT:
+        if not isinstance(out, torch.Tensor) or not dependent or out.numel() <= _KEEP_LIMIT \
+                or not out.is_floating_point():
             self.cg.values[n.name] = out
         return out
 

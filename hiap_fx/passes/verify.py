@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.counting import count_macs
+from hiap_fx.graph.counting import reference_counter
 from hiap_fx.passes.capture import outputs_match
 
 
@@ -26,21 +26,29 @@ def verify_compact(compact: nn.Module, prepared: Any, example_inputs: tuple[torc
     batch of two different samples, where a wrong (batch, head) order would show."""
     runs = [example_inputs] + ([second_sample(example_inputs)] if batch_of_two else [])
     was_training = prepared.training
-    prepared.eval()
-    for inputs in runs:
-        try:
+    macs = None
+    try:
+        prepared.eval()
+        for inputs in runs:
             with torch.no_grad():
                 want = prepared(*inputs)
-                got = compact(*inputs)
-        finally:
-            prepared.train(was_training)
-        ok, err = outputs_match(want, got, rtol=rtol)
-        if not ok:
-            raise HiapError(f"finalize check failed: the compact model's output differs from the "
-                            f"hard-gated model's by {err:.2e} at batch {inputs[0].shape[0]} "
-                            f"(relative to the output scale; allowed {rtol:.0e}). Please report "
-                            "the model; finalize(prepared, verify=False) returns the unverified result")
-    macs, predicted = count_macs(compact, example_inputs), prepared.hard_macs()
+            if macs is None:  # the compact model's MACs counted on the same forward
+                with reference_counter() as counter:
+                    got = compact(*inputs)
+                macs = int(counter.get_total_flops()) // 2
+            else:
+                with torch.no_grad():
+                    got = compact(*inputs)
+            with torch.no_grad():
+                ok, err = outputs_match(want, got, rtol=rtol)
+            if not ok:
+                raise HiapError(f"finalize check failed: the compact model's output differs from the "
+                                f"hard-gated model's by {err:.2e} at batch {inputs[0].shape[0]} "
+                                f"(relative to the output scale; allowed {rtol:.0e}). Please report "
+                                "the model; finalize(prepared, verify=False) returns the unverified result")
+    finally:
+        prepared.train(was_training)
+    predicted = prepared.hard_macs()
     if macs != predicted:
         raise HiapError(f"finalize check failed: the compact model counts {macs:,} MACs, the cost "
                         f"model predicted {predicted:,}. Please report the model; "
