@@ -138,10 +138,11 @@ def test_every_gate_closed_gives_a_finite_valid_model():
     assert not prepared.plan.attention or all(site.residual is not None for site in prepared.plan.attention)
 
 
-def test_bf16_model_is_refused_with_the_fix():
+def test_inputs_in_another_dtype_than_the_weights_are_refused_with_the_fix():
     model, x = _tiny()
-    with pytest.raises(hiap_fx.InputError, match="bfloat16 weights.*model.float\\(\\).*autocast"):
-        hiap_fx.prepare(model.to(torch.bfloat16), x)
+    with pytest.raises(hiap_fx.InputError, match="example input 0 is torch.float32, the model's weights "
+                       "are torch.bfloat16.*x.to"):
+        hiap_fx.prepare(copy.deepcopy(model).to(torch.bfloat16), x)
     with pytest.raises(hiap_fx.InputError, match="example input 0 is torch.bfloat16"):
         hiap_fx.prepare(model.float(), x.to(torch.bfloat16))
 

@@ -46,10 +46,19 @@ class SiteGates(nn.Module):
     """The gates of one site, drawn once per forward; ``forward`` returns the masks by key."""
 
     site: str
+    #: the dtype of the activations the masks multiply (bf16 weights: bf16 masks, so a float32
+    #: mask does not turn the activations float32); ``None``: the gates' own float32
+    mask_dtype: Optional[torch.dtype] = None
 
     def gates(self) -> dict[str, Gate]:
         """The site's gates by kind."""
         raise NotImplementedError
+
+    def cast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``masks`` in :attr:`mask_dtype` (gradients flow back to the float32 logits)."""
+        if self.mask_dtype is None:
+            return masks
+        return {k: v.to(self.mask_dtype) for k, v in masks.items()}
 
     def mask_keys(self) -> list[str]:
         """Keys of the masks ``forward`` returns."""
@@ -111,7 +120,7 @@ class AttentionGates(SiteGates):
             masks["k"] = (qk if self.k_rows_per_kv else qk[self.kv_of_head]).reshape(self.k_shape)
         if self.emit_branch:
             masks["branch"] = 1.0 - torch.prod(1.0 - live)
-        return masks
+        return self.cast(masks)
 
 
 class FFNGates(SiteGates):
@@ -138,5 +147,5 @@ class FFNGates(SiteGates):
             masks["hidden"] = self.neuron()
         if self.block is not None:
             masks["branch"] = self.block()[0]
-        return masks
+        return self.cast(masks)
 

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import warnings
+from collections import Counter
 from typing import Any, Optional, Sequence
 
 import torch
@@ -229,24 +230,23 @@ def outputs_match(a: Any, b: Any, rtol: float = 1e-5) -> tuple[bool, float]:
 
 
 def _check_dtype_and_device(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Gates, masks and the cost model live in float32 next to the weights: refuse other weight
-    dtypes and weights and inputs on different devices up front, with the fix."""
+    """Weights and inputs on different devices, or float inputs in another dtype than the
+    weights (bf16 weights, float32 images): refused up front, with the fix. Any weight dtype is
+    prepared; gates, the controller and the cost model stay float32 next to them."""
     tensors = list(model.parameters()) + list(model.buffers())
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
-    if any(d != "torch.float32" for d in dtypes):
-        raise InputError(f"{type(model).__name__} has {', '.join(dtypes)} weights; hiap_fx prepares "
-                         "float32 models. Call model.float() first and train under torch.autocast "
-                         "(bf16/fp16) for mixed precision; finalize returns float32 weights you can "
-                         "cast afterwards")
     devices = {t.device for t in tensors} | {t.device for t in inputs}
     if len(devices) > 1:
         where = ", ".join(sorted(str(d) for d in devices))
         raise InputError(f"{type(model).__name__}'s weights and the example inputs are on different "
                          f"devices ({where}); move both to one device (model.to(x.device))")
+    counts = Counter(p.dtype for p in model.parameters() if p.is_floating_point())
+    if not counts:
+        return
+    weights = counts.most_common(1)[0][0]
     for i, t in enumerate(inputs):
-        if t.is_floating_point() and t.dtype != torch.float32:
-            raise InputError(f"example input {i} is {t.dtype}, the model's weights are float32; "
-                             "pass float32 example inputs (autocast handles mixed precision)")
+        if t.is_floating_point() and t.dtype != weights:
+            raise InputError(f"example input {i} is {t.dtype}, the model's weights are {weights}; "
+                             f"pass example inputs in the weights' dtype (x.to({weights}))")
 
 
 def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",

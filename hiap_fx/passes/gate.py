@@ -15,6 +15,7 @@ import operator
 import re
 from typing import Any, Optional
 
+import torch
 from torch import fx, nn
 
 from hiap_fx.config import PruneConfig
@@ -27,7 +28,7 @@ from hiap_fx.gated.bundles import (
     folded_mask_mul,
 )
 from hiap_fx.gated.importance import init_from_importance
-from hiap_fx.graph.ir import arg_node, copy_facts, node_rank
+from hiap_fx.graph.ir import arg_node, copy_facts, node_dtype, node_rank
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
 
@@ -100,6 +101,13 @@ def _ffn_gates(site: FFNSite, cfg: PruneConfig, notes: list[str]) -> FFNGates | 
                     align=cfg.unit_alignment(site.hidden))
 
 
+def _low_precision(node: fx.Node) -> Optional[torch.dtype]:
+    """The dtype of ``node``'s activations when it is a floating dtype other than float32 (the
+    site's masks are cast to it), else ``None``."""
+    dtype = node_dtype(node)
+    return dtype if dtype is not None and dtype.is_floating_point and dtype != torch.float32 else None
+
+
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
     """A mask multiply keeps its operand's shape and dtype (masks broadcast into it)."""
     copy_facts(src, dst, macs=0)
@@ -170,6 +178,7 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
         bundle = _attention_gates(site, nodes, cfg, plan.notes)
         if bundle is None:
             continue
+        bundle.mask_dtype = _low_precision(nodes[site.core_nodes[-1]])
         bundles[site.name] = bundle
         m = masks_of(site.name, bundle)
         core, out = nodes[site.core_nodes[0]], nodes[site.core_nodes[-1]]
@@ -189,6 +198,7 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
         ffn_bundle = _ffn_gates(ffn_site, cfg, plan.notes)
         if ffn_bundle is None:
             continue
+        ffn_bundle.mask_dtype = _low_precision(nodes[ffn_site.out.node])
         bundles[ffn_site.name] = ffn_bundle
         m = masks_of(ffn_site.name, ffn_bundle)
         out = nodes[ffn_site.out.node]
