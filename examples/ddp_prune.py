@@ -1,9 +1,18 @@
-"""HiAP under torch.distributed: ``hiap_fx.prune`` or your own loop with DistributedDataParallel.
+"""HiAP under torch.distributed: ``hiap_fx.prune`` or your own loop with DistributedDataParallel,
+or with FSDP2 (``--fsdp``: the weights sharded over the ranks, the gates replicated).
 
 Launch with torchrun, as any DDP job (one process per GPU; gloo on CPU):
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode prune --out ddp_out
     torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode own-loop --out ddp_out
+    torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode prune --fsdp --out fsdp_out
+    torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode own-loop --fsdp --out fsdp_out
+
+FSDP2: ``prune`` shards the prepared model with ``PruneConfig(distributed="fsdp")`` and gathers
+it for finalize. The own loop calls ``shard(prepared)`` before building its optimizer, checkpoints
+with ``torch.distributed.checkpoint`` (each rank writes its shards; ``sharded_state``), and here
+resumes halfway from that checkpoint into a freshly prepared, sharded model, as a restarted job
+would; ``gather(prepared)`` gives every rank the unsharded model to finalize.
 
 Several nodes: the same script, with ``--nnodes N --node_rank R --rdzv_backend c10d
 --rdzv_endpoint HOST:PORT`` on every node (torchrun's usual flags); nothing in hiap_fx changes.
@@ -55,6 +64,63 @@ def quadrant_data(n: int = 512) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def sharded_own_loop(model, data, loader, config, args, device):
+    """The own loop with FSDP2: shard, train half the steps, checkpoint with
+    torch.distributed.checkpoint, resume into a freshly prepared and sharded model, train the
+    rest, gather and finalize. Returns (unsharded prepared, compact, whether the resumed state
+    equalled the saved one)."""
+    import torch.distributed.checkpoint as dcp
+
+    from hiap_fx.training.sharding import gather, gate_parameters, load_sharded_state, shard, sharded_state
+
+    x0 = data.tensors[0][:2].to(device)
+    checkpoint = os.path.join(args.out, "dcp")
+
+    def fresh():
+        prepared = shard(hiap_fx.prepare(model, x0, config))
+        gates = gate_parameters(prepared)
+        gate_ids = {id(g) for g in gates}
+        optimizer = torch.optim.AdamW([
+            {"params": [p for p in prepared.parameters() if id(p) not in gate_ids], "lr": 1e-3},
+            {"params": gates, "lr": 10 * config.gate_init / args.steps, "weight_decay": 0.0}])
+        return prepared.train(), optimizer
+
+    def train(prepared, optimizer, start, stop):
+        step, epoch = start, start // len(loader)
+        batches = iter(()) if step == stop else None
+        while step < stop:
+            loader.sampler.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(step % len(loader)):  # the position in the epoch
+                next(batches)
+            for x, y in batches:
+                if step == stop:
+                    break
+                prepared.schedule(step, args.steps)
+                loss = F.cross_entropy(prepared(x.to(device)).float(), y.to(device)) + prepared.hiap_loss()
+                optimizer.zero_grad()
+                loss.backward()  # weights: reduce-scattered by FSDP2; gates: averaged
+                optimizer.step()
+                step += 1
+            epoch += 1
+
+    half = args.steps // 2
+    prepared, optimizer = fresh()
+    train(prepared, optimizer, 0, half)
+    dcp.save(sharded_state(prepared, optimizer), checkpoint_id=checkpoint)
+    saved = gather(prepared).state_dict()
+    prepared, optimizer = fresh()  # a restarted job: prepare and shard again, then load
+    state = sharded_state(prepared, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint)
+    load_sharded_state(prepared, state, optimizer)
+    resumed = gather(prepared).state_dict()
+    exact = saved.keys() == resumed.keys() and all(torch.equal(saved[k], resumed[k]) for k in saved)
+    train(prepared, optimizer, half, args.steps)
+    plain = gather(prepared).eval()
+    plain.land_on_budget()
+    return plain, hiap_fx.finalize(plain), exact
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["prune", "own-loop"], default="prune")
@@ -63,6 +129,7 @@ def main() -> None:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--cost", choices=["macs", "latency"], default="macs")
     parser.add_argument("--out", default="ddp_out")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -74,14 +141,19 @@ def main() -> None:
 
     data = quadrant_data()
     loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, seed=0))
-    config = hiap_fx.PruneConfig(target_macs=args.target, lr=1e-3, amp=args.amp)
+    parallel = "fsdp" if args.fsdp else "ddp"
+    config = hiap_fx.PruneConfig(target_macs=args.target, lr=1e-3, amp=args.amp, distributed=parallel)
     if args.cost == "latency":  # prune() makes every rank steer by rank 0's calibration
-        config = hiap_fx.PruneConfig(cost="latency", target_latency=args.target, lr=1e-3, amp=args.amp)
+        config = hiap_fx.PruneConfig(cost="latency", target_latency=args.target, lr=1e-3, amp=args.amp,
+                                     distributed=parallel)
     model = tiny_vit().to(device)
+    resumed_exactly = None
 
     if args.mode == "prune":
         result = hiap_fx.prune(model, loader, config, steps=args.steps, progress=False)
         prepared, compact = result.prepared, result.compact
+    elif args.fsdp:
+        prepared, compact, resumed_exactly = sharded_own_loop(model, data, loader, config, args, device)
     else:
         x0 = data.tensors[0][:2].to(device)
         prepared = hiap_fx.prepare(model, x0, config)
@@ -118,6 +190,7 @@ def main() -> None:
         "controller": {k: v.detach().cpu() for k, v in prepared.budget.state_dict().items()},
         "compact": {k: v.detach().cpu() for k, v in compact.state_dict().items()},
         "kept_ratio": prepared.budget_ratio(),
+        "resumed_exactly": resumed_exactly,
     }, os.path.join(args.out, f"rank{rank}.pt"))
     if rank == 0:
         print(f"{args.mode}: {world} ranks, kept {100 * prepared.hard_macs() / prepared.dense_macs:.1f}% "

@@ -144,6 +144,12 @@ class PruneConfig(BaseModel):
         None, description="prune(): run the forward passes under torch.autocast in this dtype "
         "(fp16 with a gradient scaler); weights, gates and the budget terms stay float32, and "
         "finalize verifies the compact model in float32.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="prune() under torch.distributed: DistributedDataParallel (every rank "
+        "holds the whole model), or FSDP2 (torch.distributed.fsdp.fully_shard: the weights "
+        "sharded over the ranks, the gates replicated; gathered for finalize). Checkpoints of "
+        "sharded runs: the own loop with hiap_fx.training.sharding.sharded_state and "
+        "torch.distributed.checkpoint.")
     hard_control_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="In this last fraction of the run the budget controller "
         "steers the MACs eval mode selects (what finalize keeps) instead of the expected MACs.")

@@ -64,3 +64,14 @@ def test_ddp_prune_with_latency_budget(tmp_path):
     exactly is that the ranks agree.)"""
     _assert_ranks_agree(_torchrun(tmp_path, "--mode", "prune", "--cost", "latency", "--target", "0.6",
                                   "--steps", "40"), 0.6, tolerance=0.15)
+
+
+@pytest.mark.parametrize("mode", ["prune", "own-loop"])
+def test_fsdp2_shards_weights_replicates_gates_and_resumes(tmp_path, mode):
+    """FSDP2 (fully_shard) on 2 CPU processes: gates and controller identical on every rank, the
+    gathered model finalizes to the same compact model everywhere, the budget is hit, and the
+    own loop's torch.distributed.checkpoint resume restores exactly the saved state."""
+    ranks = _torchrun(tmp_path, "--mode", mode, "--fsdp", "--steps", "16", "--target", "0.5")
+    _assert_ranks_agree(ranks, 0.5)
+    if mode == "own-loop":
+        assert all(r["resumed_exactly"] is True for r in ranks)

@@ -24,6 +24,7 @@ from hiap_fx.training.classify import distillation_loss, evaluate, logits_of
 from hiap_fx.training.epochs import batches_per_epoch, epoch_iterator, next_batch, rank_and_world, total_steps
 from hiap_fx.training.report import HistoryPoint, PruneReport, site_structure
 from hiap_fx.training.run import PruneRun, frozen_copy
+from hiap_fx.training.sharding import gather, is_sharded, shard
 
 
 @dataclass
@@ -177,6 +178,8 @@ def _finish(run: "PruneRun", train_data: Iterable, eval_data: Optional[Iterable]
     from hiap_fx.api import finalize
     from hiap_fx.graph.counting import count_macs
 
+    if is_sharded(run.prepared):  # every rank gathers the full weights to finalize
+        run.prepared = gather(run.prepared)
     prepared, cfg = run.prepared, run.prepared.config
     prepared.eval()
     trained_ratio = hard_ratio(prepared)
@@ -284,7 +287,18 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     rank, world = rank_and_world()
     if world > 1 and prepared.latency_model is not None:
         share_latency_model(prepared)
-    forward = _data_parallel(prepared, device) if world > 1 else prepared
+    forward: nn.Module = prepared
+    if world > 1 and cfg.distributed == "fsdp":
+        if checkpoint is not None or run.step:
+            raise InputError("prune(checkpoint=...) does not write sharded checkpoints yet; with "
+                             "PruneConfig(distributed='fsdp') checkpoint in an own loop with "
+                             "hiap_fx.training.sharding.sharded_state and torch.distributed."
+                             "checkpoint (docs/api.md), or use distributed='ddp'; a run is "
+                             "not resumed into a sharded one either")
+        shard(prepared)  # weights sharded, gates replicated; the optimizer sees the shards
+        run.rebuild_optimizer()
+    elif world > 1:
+        forward = _data_parallel(prepared, device)
     autocast, scaler = _mixed_precision(cfg, device)
     bar = tqdm(total=total, initial=run.step, desc="hiap prune", disable=not progress or rank != 0,
                dynamic_ncols=True)

@@ -80,6 +80,12 @@ class PruneRun:
         self.checkpoint_path: Optional[Path] = None  # where and at which step the last one went
         self.checkpoint_step: Optional[int] = None
 
+    def rebuild_optimizer(self) -> None:
+        """A new optimizer and schedule over the prepared model's current parameters (after
+        sharding replaced them; at step 0)."""
+        self.optimizer = build_optimizer(self.prepared, self.prepared.config, self.total)
+        self.scheduler = build_scheduler(self.optimizer, self.total)
+
     def save(self, path: Union[str, Path]) -> None:
         """Write a checkpoint (atomically, as data): prepared model (weights, gates, controller),
         teacher weights, optimizer, schedule position, RNG states and history."""
