@@ -71,7 +71,7 @@ def sharded_own_loop(model, data, loader, config, args, device):
     equalled the saved one)."""
     import torch.distributed.checkpoint as dcp
 
-    from hiap_fx.training.sharding import gather, gate_parameters, load_sharded_state, shard, sharded_state
+    from hiap_fx.training.sharding import gate_parameters, gather, load_sharded_state, shard, sharded_state
 
     x0 = data.tensors[0][:2].to(device)
     checkpoint = os.path.join(args.out, "dcp")
