@@ -179,9 +179,10 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     if args.attention:
         args.cache = args.cache or "coverage-cache"
         os.makedirs(args.cache, exist_ok=True)
-        models, skipped = attention_set(os.path.join(args.cache, "census.jsonl"), max_params=args.max_params)
+        models, skipped = attention_set(os.path.join(args.cache, "census.jsonl"),
+                                        **({"max_params": args.max_params} if args.max_params else {}))
     elif args.all:
-        family, skipped = timm_vit_family(max_params=args.max_params)
+        family, skipped = timm_vit_family(**({"max_params": args.max_params} if args.max_params else {}))
         models = [*family, *OTHER_MODELS]
     else:
         models = args.models or DEFAULT_MODELS
@@ -285,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a second run resumes from it (default with --attention: ./coverage-cache)")
     c.add_argument("--report", action="store_true", help="with --cache: probe nothing, tabulate the "
                    "cached rows (models not probed yet are counted as pending)")
-    c.add_argument("--max-params", type=float, default=7e8, help="with --all / --attention: skip (and list) "
-                   "models with more parameters than this")
+    c.add_argument("--max-params", type=float, default=None, help="with --all / --attention: skip (and "
+                   "list) models with more parameters than this (default 7e8 with --all; 3e9 with "
+                   "--attention, whose models over 7e8 are probed in bf16)")
     c.add_argument("--jobs", type=int, default=0, help="run each model in its own process, this "
                    "many at a time (0: in this process)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per model with --jobs")

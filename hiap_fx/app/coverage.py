@@ -84,12 +84,17 @@ def timm_vit_family(max_params: float = 7e8) -> tuple[list[ModelSpec], list[dict
     return entries, skipped
 
 
-def attention_set(cache: str, max_params: float = 7e8) -> tuple[list[ModelSpec], list[dict[str, Any]]]:
+#: models above this many parameters are probed with bf16 weights (as giants are deployed)
+BF16_ABOVE = 7e8
+
+
+def attention_set(cache: str, max_params: float = 3e9) -> tuple[list[ModelSpec], list[dict[str, Any]]]:
     """Every timm model that makes an attention call (sdpa, or softmax over q @ k^T; counted on
     the meta device, cached line by line in ``cache`` so an interrupted census resumes), each
-    asked for a small image where it has a patch size, plus every HF transformers
-    image-classification class (depth cut, widths kept) and torchvision's attention models.
-    Returns the entries and the rows of timm models skipped for size."""
+    asked for a small image where it has a patch size (models over ``BF16_ABOVE`` parameters in
+    bf16), plus every HF transformers image-classification class (depth cut, widths kept) and
+    torchvision's attention models. Returns the entries and the rows of timm models skipped for
+    size (over ``max_params``: the model, the prepared copy and the compact one do not fit)."""
     import timm
 
     from hiap_fx.app.census import TORCHVISION_ATTENTION, hf_image_classifiers, meta_census, small_hf_kwargs
@@ -115,15 +120,25 @@ def attention_set(cache: str, max_params: float = 7e8) -> tuple[list[ModelSpec],
         if row["calls"] == 0:
             continue
         if row["params"] > max_params:
+            gib = 2 * row["params"] / 2**30
             skipped.append({"model": name, "status": "skipped", "calls": row["calls"],
-                            "reason": f"{row['params'] / 1e6:.0f}M parameters > "
-                                      f"{max_params / 1e6:.0f}M limit of this CPU run"})
+                            "reason": f"{row['params'] / 1e6:.0f}M parameters: {gib:.0f} GiB of bf16 "
+                                      "weights; the model, its prepared copy and the compact model "
+                                      f"(about 2.8x the weights in the probe) exceed this 24 GiB "
+                                      f"machine above {max_params / 1e9:.0f}B parameters"})
             continue
         step = row["patch"]
-        entries.append((name, {"img_size": -(-SMALL_SIDE // step) * step} if step else {}))
+        kwargs: dict[str, Any] = {"img_size": -(-SMALL_SIDE // step) * step} if step else {}
+        if row["params"] > BF16_ABOVE:
+            kwargs[DTYPE_KEY] = "bfloat16"
+        entries.append((name, kwargs))
     entries += [(f"hf:{cls}", small_hf_kwargs(cls)) for cls in hf_image_classifiers()]
     entries += [(f"torchvision:{name}", {}) for name in TORCHVISION_ATTENTION]
     return entries, skipped
+
+
+#: a probe's keyword that is not the model's: the dtype its weights are cast to
+DTYPE_KEY = "hiap_dtype"
 
 
 def probe(entry: ModelSpec) -> dict[str, Any]:
@@ -136,17 +151,19 @@ def probe(entry: ModelSpec) -> dict[str, Any]:
     from hiap_fx.passes.capture import outputs_match
 
     name, kwargs = _spec(entry)
+    dtype = getattr(torch, kwargs.pop(DTYPE_KEY, "float32"))
     row: dict[str, Any] = {"model": name}
     t0 = time.perf_counter()
     try:
         model, x = _build(name, kwargs, load_model, default_input)
-        row["input"] = "x".join(map(str, x.shape[1:]))
+        model, x = model.to(dtype), x.to(dtype)
+        row["input"] = "x".join(map(str, x.shape[1:])) + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}")
         row["calls"] = count_attention_calls(model, x).calls
         prepared = prepare(model, x)
         plan = prepared.plan
-        x2 = torch.randn(2, *x.shape[1:])
+        x2 = torch.randn(2, *x.shape[1:]).to(dtype)
         with torch.no_grad():
-            ok, err = outputs_match(model(x2), prepared.eval()(x2), rtol=1e-4)
+            ok, err = outputs_match(model(x2), prepared.eval()(x2), rtol=max(1e-4, 8 * torch.finfo(dtype).eps))
         counted = count_macs(model, x)
         cost_ok = prepared.dense_macs == counted == prepared.hard_macs()
         row["finalize"] = _finalize_check(prepared)
