@@ -222,13 +222,12 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
     out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
     terms = operand_terms(g, core, heads, q_head_axis - node_rank(core.q) if q_head_axis >= 0 else -1)
     side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q), terms)
-    for role, operand in (("q", core.q), ("k", core.k)):
-        if any(scaling_chain(operand, g.dependent) & ancestors(t) for t in terms):  # the term contracts the operand's dims
-            # with shared tables: only whole heads can be cut
-            if role == "q":
-                qp = qp.model_copy(update={"dims_mixed": True})
-            else:
-                kp = kp.model_copy(update={"dims_mixed": True})
+    read = set().union(*(ancestors(t) for t in terms))
+    # a term contracts the dims of what it reads with shared tables: only whole heads can be cut
+    if scaling_chain(core.q, g.dependent) & read:
+        qp = qp.model_copy(update={"dims_mixed": True})
+    if scaling_chain(core.k, g.dependent) & read:
+        kp = kp.model_copy(update={"dims_mixed": True})
     q_shape, k_shape = node_shape(core.q), node_shape(core.k)
 
     def neg(axis: int, node: fx.Node) -> Optional[int]:
