@@ -16,7 +16,7 @@ widest heads, the only ones whose dims save compute.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import sympy
 import torch
@@ -94,22 +94,23 @@ class CostModel:
     macro_expr: sympy.Expr = field(init=False)
     micro_expr: sympy.Expr = field(init=False)
     _compiled: dict[str, Callable] = field(init=False, default_factory=dict)
+    _forms: dict[tuple, tuple[sympy.Expr, sympy.Expr]] = field(init=False, default_factory=dict)
+    _node_forms: list[tuple[tuple, tuple[int, ...]]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         micro = {s.symbol for s in self.sources if s.micro}
+        split = _MicroSplit({s.symbol: i for i, s in enumerate(self.sources)}, micro)
         macro_terms: list[sympy.Expr] = []
         micro_terms: list[sympy.Expr] = []
         for name, e in self.node_exprs.items():
-            if name in self.factored_nodes:
-                macro_terms.append(e)
-                continue
-            if not e.free_symbols & micro:  # no micro symbol: macro as a whole (no expansion)
-                macro_terms.append(e)
-                continue
-            for term in sympy.Add.make_args(sympy.expand(e)):
-                (micro_terms if term.free_symbols & micro else macro_terms).append(term)
+            # no micro symbol: macro as a whole (no expansion)
+            expand = name not in self.factored_nodes and bool(e.free_symbols & micro)
+            macro_part, micro_part = split(e, expand)
+            macro_terms.append(macro_part)
+            micro_terms.append(micro_part)
         self.macro_expr = sympy.Add(*macro_terms)
         self.micro_expr = sympy.Add(*micro_terms)
+        self._forms, self._node_forms = split.forms, split.uses
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -126,23 +127,43 @@ class CostModel:
 
     def _function(self, which: str) -> Callable:
         """The compiled expression ``which`` ("total", "macro" or "micro"): one function
-        computes the macro and micro parts (the total is their sum), printed once."""
+        computes the macro and micro parts (the total is their sum). Each distinct node form
+        (repeated blocks share theirs) is printed once and called per node on its symbols."""
         if "parts" not in self._compiled:
-            # plain identifiers: lambdify would otherwise rename every dotted symbol (slow)
-            plain = [sympy.Symbol(f"x{i}") for i in range(len(self.arguments))]
-            rename = dict(zip(self.arguments, plain))
-            exprs = (self.macro_expr.xreplace(rename), self.micro_expr.xreplace(rename))
-            # terms printed in the order they are stored (sorting them costs more than printing)
-            printer = PythonCodePrinter({"fully_qualified_modules": False, "inline": True,
-                                         "allow_unknown_functions": True, "order": "none"})
-            self._compiled["parts"] = sympy.lambdify(plain, exprs, modules=[{"Widest": maximum}, "math"],
-                                                     cse=False, printer=printer)
+            self._compiled["parts"] = self._compile_parts()
         parts = self._compiled["parts"]
         if which == "macro":
             return lambda *args: parts(*args)[0]
         if which == "micro":
             return lambda *args: parts(*args)[1]
         return lambda *args: sum(parts(*args))
+
+    def _compile_parts(self) -> Callable:
+        extra = [self.batch] + ([self.tokens] if self.tokens is not None else [])
+        # plain identifiers: lambdify would otherwise rename symbols it cannot print as names
+        plain = [sympy.Symbol(f"x{i}") for i in range(max((len(k[1]) for k in self._forms), default=0) + len(extra))]
+        printer = PythonCodePrinter({"fully_qualified_modules": False, "inline": True,
+                                     "allow_unknown_functions": True, "order": "none"})
+        functions = {}
+        for key, (macro_form, micro_form) in self._forms.items():
+            own = len(key[1])
+            rename = dict(zip(_canonical(own) + extra, plain))
+            functions[key] = sympy.lambdify(plain[:own + len(extra)],
+                                            (macro_form.xreplace(rename), micro_form.xreplace(rename)),
+                                            modules=[{"Widest": maximum}, "math"], cse=False, printer=printer)
+        calls = [(functions[key], positions) for key, positions in self._node_forms]
+        first_extra = len(self.sources)
+
+        def parts(*args: Any) -> tuple[Any, Any]:
+            tail = args[first_extra:]
+            macro: Any = 0
+            micro: Any = 0
+            for function, positions in calls:
+                a, b = function(*[args[i] for i in positions], *tail)
+                macro, micro = macro + a, micro + b
+            return macro, micro
+
+        return parts
 
     def by_site(self) -> dict[str, sympy.Expr]:
         """The expression split by site (nodes without gate symbols under ``"fixed"``)."""
@@ -189,6 +210,46 @@ class CostModel:
         if tokens is not None and self.tokens is not None:
             subs[self.tokens] = tokens
         return self.expr.subs(subs)
+
+
+def _canonical(count: int) -> list[sympy.Symbol]:
+    """The first ``count`` canonical symbols (the gate symbols' assumptions, see cost.py)."""
+    return [sympy.Symbol(f"canonical_{i}", nonnegative=True, integer=True) for i in range(count)]
+
+
+class _MicroSplit:
+    """Node expressions split into their terms without and with micro symbols (expanded).
+
+    Repeated blocks give the same expression up to the names of their sites' symbols: each is
+    renamed to canonical symbols (in argument order), and each distinct form is expanded once.
+    ``forms``: (canonical form, micro flags) -> (macro part, micro part) in canonical symbols;
+    ``uses``: per node, its form and the argument positions of its own symbols."""
+
+    def __init__(self, position: dict[sympy.Symbol, int], micro: set[sympy.Symbol]) -> None:
+        self.position, self.micro = position, micro
+        self.forms: dict[tuple, tuple[sympy.Expr, sympy.Expr]] = {}
+        self.uses: list[tuple[tuple, tuple[int, ...]]] = []
+
+    def __call__(self, e: sympy.Expr, expand: bool) -> tuple[sympy.Expr, sympy.Expr]:
+        own = sorted((s for s in e.free_symbols if s in self.position), key=self.position.__getitem__)
+        rename = dict(zip(own, _canonical(len(own))))
+        form = e.xreplace(rename)
+        key = (form, tuple(s in self.micro for s in own), expand)
+        if key not in self.forms:
+            if expand:
+                micro = {rename[s] for s in own if s in self.micro}
+                parts: tuple[list[sympy.Expr], list[sympy.Expr]] = ([], [])
+                for term in sympy.Add.make_args(sympy.expand(form)):
+                    parts[bool(term.free_symbols & micro)].append(term)
+                self.forms[key] = (sympy.Add(*parts[0]), sympy.Add(*parts[1]))
+            else:
+                self.forms[key] = (form, sympy.Integer(0))
+        self.uses.append((key, tuple(self.position[s] for s in own)))
+        if not expand:
+            return e, sympy.Integer(0)
+        back = {c: s for s, c in rename.items()}
+        macro_part, micro_part = self.forms[key]
+        return macro_part.xreplace(back), micro_part.xreplace(back)
 
 
 class Widest(sympy.Function):

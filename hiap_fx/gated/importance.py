@@ -11,7 +11,7 @@ weakest first, as magnitude pruning would, while the task loss can still reverse
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 
@@ -19,16 +19,43 @@ from hiap_fx.gated.bundles import SiteGates
 from hiap_fx.plan import AttentionSite, FFNSite, Plan, Projection
 
 
+class _Weights(Mapping[str, torch.Tensor]):
+    """The graph's parameters, with each weight's row and column norms computed once (a head's,
+    a value dim's and a q/k dim's scores read the same projections)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.params = params
+        self.norms: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.params[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+def _norms(params: Mapping[str, torch.Tensor], name: str, dim: int) -> Optional[torch.Tensor]:
+    weight = params.get(name)
+    if weight is None or weight.ndim != 2:
+        return None
+    if not isinstance(params, _Weights):
+        return _l1(weight, dim)
+    if (name, dim) not in params.norms:
+        params.norms[name, dim] = _l1(weight, dim)
+    return params.norms[name, dim]
+
+
 def _rows(params: Mapping[str, torch.Tensor], proj: Projection) -> Optional[torch.Tensor]:
     """L1 norm of every weight row of ``proj`` (columns for an output projection are read by
     :func:`_columns`); None when the weight is not a 2-D parameter of the graph."""
-    weight = params.get(proj.weight)
-    return None if weight is None or weight.ndim != 2 else _l1(weight, 1)
+    return _norms(params, proj.weight, 1)
 
 
 def _columns(params: Mapping[str, torch.Tensor], proj: Projection) -> Optional[torch.Tensor]:
-    weight = params.get(proj.weight)
-    return None if weight is None or weight.ndim != 2 else _l1(weight, 0)
+    return _norms(params, proj.weight, 0)
 
 
 def _l1(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -97,6 +124,7 @@ def gate_scores(params: Mapping[str, torch.Tensor], plan: Plan,
     """Scores of every gate with more than one unit, keyed ``"<site>.<kind>"`` (the keys of
     ``PreparedModel.gate_modules()``), flattened like its logits. Gates whose weights cannot be
     read as ``[out, in]`` parameters are left out (their logits keep the constant start)."""
+    params = _Weights(params)
     sites: dict[str, AttentionSite | FFNSite] = {s.name: s for s in plan.attention}
     sites.update({s.name: s for s in plan.ffn})
     out: dict[str, torch.Tensor] = {}

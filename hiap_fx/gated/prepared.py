@@ -39,7 +39,10 @@ class PreparedModel(nn.Module):
         self.budget = BudgetController(config.budget_fraction, config.budget_lr, config.budget_kp)
         self._example_inputs = tuple(t.detach().clone() for t in example_inputs)
         # the shared IR the pipeline built (its graph module is ``graph_module``); finalize
-        # compiles from it. Recorded values are dropped: training changes the weights they hold
+        # compiles from it. Of the recorded values only those computed from the example input
+        # are kept (training changes the weights the others hold; finalize recomputes them)
+        self._input_values = captured.input_values() if captured is not None else {}
+        self._input_dependent = set(captured.input_dependent) if captured is not None else set()
         self._frontend = captured.frontend if captured is not None else plan.frontend
         self._model_name = captured.model_name if captured is not None else plan.model
 
@@ -49,7 +52,9 @@ class PreparedModel(nn.Module):
         plan (what ``finalize`` compiles)."""
         return CapturedGraph(gm=self.graph_module, example_inputs=self._example_inputs,
                              frontend=getattr(self, "_frontend", self.plan.frontend),
-                             model_name=getattr(self, "_model_name", self.plan.model), plan=self.plan)
+                             model_name=getattr(self, "_model_name", self.plan.model), plan=self.plan,
+                             values=dict(getattr(self, "_input_values", {})),
+                             input_dependent=set(getattr(self, "_input_dependent", set())))
 
     # --- structure ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ class CapturedGraph:
         notes: human-readable remarks gathered on the way (shown by ``inspect``).
         model_name: the captured model's class name (named in the plan and in errors).
         plan: what discovery found (set by the discover stage; later stages read it).
+        facts_fresh: the recorded facts (``values``, node shapes) are those of ``gm`` as it is
+            (set by a recording run, cleared by anything that edits the graph afterwards).
     """
 
     gm: fx.GraphModule
@@ -35,6 +37,13 @@ class CapturedGraph:
     notes: list[str] = field(default_factory=list)
     model_name: str = "model"
     plan: Optional[Plan] = None
+    facts_fresh: bool = False
+
+    def input_values(self) -> dict[str, Any]:
+        """The recorded values computed from the example input (masks, index tables, small
+        tensors; not containers of activations): what a run on meta tensors cannot recompute."""
+        return {k: v for k, v in self.values.items() if k in self.input_dependent
+                and not (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))}
 
     def node(self, name: str) -> fx.Node:
         """The node called ``name``."""

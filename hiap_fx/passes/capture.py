@@ -23,6 +23,7 @@ from hiap_fx.graph.editing import tree_copy
 from hiap_fx.graph.ir import CapturedGraph, as_input_tuple
 from hiap_fx.handlers import ensure_builtin_handlers
 from hiap_fx.passes.arguments import pin_fixed_arguments
+from hiap_fx.passes.propagate import recording_run
 from hiap_fx.registry import MODULE_REWRITES, TRACE_HOOKS
 
 _ASSERT_TARGETS = {"_assert", "_assert_is_none", "_assert_scalar", "_assert_tensor_metadata",
@@ -279,9 +280,10 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
             pin_fixed_arguments(gm, fixed, len(inputs))
             restore_output_structure(gm, reference)
             gm.eval()
+            cg = CapturedGraph(gm=gm, example_inputs=inputs, frontend=kind)
             if check:
-                with torch.no_grad():
-                    got = gm(*inputs)
+                # the check's run records every node's facts: the propagate stage reuses them
+                got = recording_run(cg)
                 ok, err = outputs_match(reference, got)
                 if not ok:
                     failures.append(f"{kind}: captured graph differs from the model (rel. error {err:.2e})")
@@ -290,7 +292,6 @@ def capture(model: nn.Module, example_inputs: Any, frontend: str = "auto",
                     failures.append(f"{kind}: the captured graph returns {type(got).__name__}, the "
                                     f"model {type(reference).__name__}")
                     continue
-            cg = CapturedGraph(gm=gm, example_inputs=inputs, frontend=kind)
             cg.notes.extend(f"rewritten before capture: {r}" for r in rewrites)
             cg.notes.extend(f"front end {f.split(':')[0]} failed, fell back: {f}" for f in failures)
             return cg

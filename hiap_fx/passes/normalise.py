@@ -47,9 +47,11 @@ def _param_node(graph: fx.Graph, module_path: str, mod: nn.Module, attr: str) ->
     return _get_attr(graph, f"{module_path}.{attr}" if module_path else attr)
 
 
-def _replace(node: fx.Node, new: Any) -> None:
+def _replace(node: fx.Node, new: Any, cg: CapturedGraph) -> None:
     if isinstance(new, fx.Node) and new not in node.all_input_nodes:
         new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
+        if node.name in cg.values:  # what the node computed: the new node computes the same
+            cg.values[new.name] = cg.values[node.name]
     node.replace_all_uses_with(new)
     node.graph.erase_node(node)
 
@@ -269,13 +271,14 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
         if new is None and node.op in ("call_function", "call_method"):
             new = _functional_node(node, cg)
         if new is not None:
-            _replace(node, new)
+            _replace(node, new, cg)
     pointwise_convs_as_linears(cg)
     values_on_the_right(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+    cg.facts_fresh = False
     return cg
 
 

@@ -45,7 +45,7 @@ from hiap_fx.passes.fuse import fuse_sibling_linears
 from hiap_fx.passes.gate import insert_gates, strip_gates
 from hiap_fx.passes.latency import build_latency_model
 from hiap_fx.passes.normalise import normalise
-from hiap_fx.passes.propagate import propagate
+from hiap_fx.passes.propagate import count, propagate
 from hiap_fx.passes.slice import slice_sites
 from hiap_fx.passes.slice.checks import drop_unsliceable
 from hiap_fx.passes.verify import verify_compact
@@ -93,7 +93,7 @@ def _plan(cg: CapturedGraph) -> Plan:
 ANALYSIS: tuple[Stage, ...] = (
     Stage("propagate", propagate, "record shapes, dtypes and constant values on the example inputs"),
     Stage("normalise", _normalise, "canonical ops: module calls to functions, pinned sdpa scales"),
-    Stage("count", lambda cg: propagate(cg, count=True), "record every node's MACs"),
+    Stage("count", count, "record every node's MACs (on fake tensors)"),
     Stage("discover", _discover, "attention and FFN sites by graph pattern and index flow"),
     Stage("shared_weights", _shared_weights, "refuse sites whose weights are used elsewhere"),
     Stage("sliceable", _sliceable, "report attention that finalize could not rebuild"),
@@ -142,6 +142,7 @@ def run_user_passes(point: str, cg: CapturedGraph) -> CapturedGraph:
     for registered in GRAPH_PASSES:
         if registered.after == point:
             cg = registered.function(cg) or cg
+            cg.facts_fresh = False  # the user's pass may have edited the graph
             cg.gm.graph.lint()
             cg.gm.recompile()
     return cg
@@ -304,7 +305,8 @@ def compile_stages(decisions: dict[str, torch.Tensor]) -> tuple[Stage, ...]:
 
     return (
         Stage("strip_gates", strip, "remove the gate bundles and mask multiplies"),
-        Stage("propagate", propagate, "shapes and values of the trained, gate-free graph"),
+        Stage("propagate", count, "shapes of the trained, gate-free graph on fake tensors (values "
+              "computed from weights recomputed, those computed from the input carried from prepare)"),
         Stage("slice", lambda cg: slice_sites(cg, _plan(cg), decisions), "cut closed units out"),
         Stage("cleanup", _cleanup, "runtime asserts and dead nodes removed (guards kept)"),
         Stage("fuse", _fuse, "sibling linears on one input become one matmul"),
@@ -318,7 +320,9 @@ def compile_compact(captured: CapturedGraph, decisions: dict[str, torch.Tensor])
     of its tree that shares the weights (slicing replaces tensors, never writes into them); the
     compact model then gets its own copy of what it still shares, tensor by tensor."""
     cg = CapturedGraph(gm=tree_copy(captured.gm), example_inputs=captured.example_inputs,
-                       frontend=captured.frontend, model_name=captured.model_name, plan=captured.plan)
+                       frontend=captured.frontend, model_name=captured.model_name, plan=captured.plan,
+                       values=dict(captured.values),  # the copy keeps the node names
+                       input_dependent=set(captured.input_dependent))
     compact = run_stages(compile_stages(decisions), cg).gm
     unshare(compact, captured.gm)
     return compact
