@@ -7,9 +7,13 @@ Launch with torchrun, as any DDP job (one process per GPU; gloo on CPU):
     torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode own-loop --out ddp_out
     torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode prune --fsdp --out fsdp_out
     torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode own-loop --fsdp --out fsdp_out
+    torchrun --standalone --nproc_per_node 2 examples/ddp_prune.py --mode prune --fsdp --resume --out fsdp_out
 
 FSDP2: ``prune`` shards the prepared model with ``PruneConfig(distributed="fsdp")`` and gathers
-it for finalize. The own loop calls ``shard(prepared)`` before building its optimizer, checkpoints
+it for finalize; ``prune(checkpoint=...)`` then writes sharded checkpoints (each rank its shards,
+with ``torch.distributed.checkpoint``, next to the checkpoint file) and ``prune(path)`` resumes
+them on any number of ranks (``--resume`` checks the resumed run ends where the uninterrupted one
+does). The own loop calls ``shard(prepared)`` before building its optimizer, checkpoints
 with ``torch.distributed.checkpoint`` (each rank writes its shards; ``sharded_state``), and here
 resumes halfway from that checkpoint into a freshly prepared, sharded model, as a restarted job
 would; ``gather(prepared)`` gives every rank the unsharded model to finalize.
@@ -121,6 +125,24 @@ def sharded_own_loop(model, data, loader, config, args, device):
     return plain, hiap_fx.finalize(plain), exact
 
 
+def resumed_prune(model, loader, config, args):
+    """prune() uninterrupted, then the same run stopped halfway at a checkpoint (sharded under
+    FSDP2: each rank writes its shards with torch.distributed.checkpoint) and resumed from it, as
+    a restarted job would. Returns (prepared, compact, whether both runs ended identical)."""
+    whole = hiap_fx.prune(model, loader, config, steps=args.steps, progress=False)
+    checkpoint = os.path.join(args.out, "run.ckpt")
+    half = args.steps // 2
+    stopped = hiap_fx.prune(model, loader, config, steps=args.steps, checkpoint=checkpoint,
+                            checkpoint_every=half, stop_after=half, progress=False)
+    assert stopped is None
+    resumed = hiap_fx.prune(checkpoint, loader, progress=False)
+    a, b = whole.compact.state_dict(), resumed.compact.state_dict()
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gates_a, gates_b = whole.prepared.gate_modules(), resumed.prepared.gate_modules()
+    same = same and all(torch.equal(gates_a[k].logits, gates_b[k].logits) for k in gates_a)
+    return resumed.prepared, resumed.compact, bool(same)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["prune", "own-loop"], default="prune")
@@ -130,6 +152,8 @@ def main() -> None:
     parser.add_argument("--cost", choices=["macs", "latency"], default="macs")
     parser.add_argument("--out", default="ddp_out")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP")
+    parser.add_argument("--resume", action="store_true", help="with --mode prune: also stop a run "
+                        "halfway at a checkpoint, resume it, and compare with the uninterrupted run")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -149,7 +173,9 @@ def main() -> None:
     model = tiny_vit().to(device)
     resumed_exactly = None
 
-    if args.mode == "prune":
+    if args.mode == "prune" and args.resume:
+        prepared, compact, resumed_exactly = resumed_prune(model, loader, config, args)
+    elif args.mode == "prune":
         result = hiap_fx.prune(model, loader, config, steps=args.steps, progress=False)
         prepared, compact = result.prepared, result.compact
     elif args.fsdp:

@@ -69,9 +69,21 @@ def test_ddp_prune_with_latency_budget(tmp_path):
 @pytest.mark.parametrize("mode", ["prune", "own-loop"])
 def test_fsdp2_shards_weights_replicates_gates_and_resumes(tmp_path, mode):
     """FSDP2 (fully_shard) on 2 CPU processes: gates and controller identical on every rank, the
-    gathered model finalizes to the same compact model everywhere, the budget is hit, and the
-    own loop's torch.distributed.checkpoint resume restores exactly the saved state."""
-    ranks = _torchrun(tmp_path, "--mode", mode, "--fsdp", "--steps", "16", "--target", "0.5")
+    gathered model finalizes to the same compact model everywhere, the budget is hit, and a run
+    resumed from a sharded checkpoint (prune's, or the own loop's torch.distributed.checkpoint)
+    ends exactly where the uninterrupted run does."""
+    ranks = _torchrun(tmp_path, "--mode", mode, "--fsdp", "--steps", "16", "--target", "0.5",
+                      *(["--resume"] if mode == "prune" else []))
     _assert_ranks_agree(ranks, 0.5)
-    if mode == "own-loop":
-        assert all(r["resumed_exactly"] is True for r in ranks)
+    # the own loop resumes from its torch.distributed.checkpoint; prune() from its own sharded
+    # checkpoint (stopped halfway): both end exactly where the uninterrupted run does
+    assert all(r["resumed_exactly"] is True for r in ranks)
+    if mode == "prune":
+        shards = list((tmp_path / "run.ckpt.shards").iterdir())
+        assert len(shards) == 1 and (shards[0] / ".metadata").is_file()  # older steps dropped
+        import hiap_fx
+        from hiap_fx.errors import InputError
+
+        batch = [(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))]
+        with pytest.raises(InputError, match="sharded run"):  # not in one process: under torchrun
+            hiap_fx.prune(tmp_path / "run.ckpt", batch, progress=False)

@@ -288,15 +288,18 @@ def prune(model: Union[nn.Module, PreparedModel, str, Path], train_data: Iterabl
     if world > 1 and prepared.latency_model is not None:
         share_latency_model(prepared)
     forward: nn.Module = prepared
-    if world > 1 and cfg.distributed == "fsdp":
-        if checkpoint is not None or run.step:
-            raise InputError("prune(checkpoint=...) does not write sharded checkpoints yet; with "
-                             "PruneConfig(distributed='fsdp') checkpoint in an own loop with "
-                             "hiap_fx.training.sharding.sharded_state and torch.distributed."
-                             "checkpoint (docs/api.md), or use distributed='ddp'; a run is "
-                             "not resumed into a sharded one either")
+    sharded = world > 1 and cfg.distributed == "fsdp"
+    if run.shards is not None and not sharded:
+        raise InputError(f"{model}: a sharded run (PruneConfig(distributed='fsdp')) wrote this "
+                         "checkpoint; resume it under torchrun (any number of ranks: "
+                         "torch.distributed.checkpoint reshards)")
+    if sharded:
+        if run.step and run.shards is None:
+            raise InputError(f"{model}: an unsharded run wrote this checkpoint (one process, or "
+                             "DDP); resume it the way it ran (or distributed='ddp'), not into FSDP")
         shard(prepared)  # weights sharded, gates replicated; the optimizer sees the shards
         run.rebuild_optimizer()
+        run.load_shards()  # a resumed run: its shards, resharded onto these ranks
     elif world > 1:
         forward = _data_parallel(prepared, device)
     autocast, scaler = _mixed_precision(cfg, device)

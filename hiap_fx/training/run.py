@@ -22,6 +22,14 @@ from hiap_fx.training.checkpoint import (
 from hiap_fx.training.classify import cosine_lr
 from hiap_fx.training.epochs import rank_and_world
 from hiap_fx.training.report import HistoryPoint
+from hiap_fx.training.sharding import (
+    drop_older_shards,
+    is_sharded,
+    load_shards,
+    save_shards,
+    with_placeholders,
+    without_shards,
+)
 
 
 def weight_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -79,28 +87,41 @@ class PruneRun:
         self.seed = cfg.seed
         self.checkpoint_path: Optional[Path] = None  # where and at which step the last one went
         self.checkpoint_step: Optional[int] = None
+        self.shards: Optional[Path] = None  # a sharded checkpoint's folder, until read
 
     def rebuild_optimizer(self) -> None:
-        """A new optimizer and schedule over the prepared model's current parameters (after
-        sharding replaced them; at step 0)."""
+        """A new optimizer over the prepared model's current parameters (after sharding replaced
+        them), the schedule kept where it was."""
+        scheduler = self.scheduler.state_dict()
         self.optimizer = build_optimizer(self.prepared, self.prepared.config, self.total)
         self.scheduler = build_scheduler(self.optimizer, self.total)
+        self.scheduler.load_state_dict(scheduler)
 
     def save(self, path: Union[str, Path]) -> None:
         """Write a checkpoint (atomically, as data): prepared model (weights, gates, controller),
-        teacher weights, optimizer, schedule position, RNG states and history."""
+        teacher weights, optimizer, schedule position, RNG states and history. A sharded run
+        (FSDP2) writes its weights and optimizer state with ``torch.distributed.checkpoint``
+        (each rank its shards) into ``<path>.shards/step-<n>``; ``path`` then holds the rest and
+        names that folder, and is replaced only once the folder is complete."""
         from hiap_fx.files.atomic import write_with
         from hiap_fx.io import prepared_payload
 
         teacher = None
         if self.teacher_is_dense and self.teacher is not None:
             teacher = {k: v.detach() for k, v in self.teacher.state_dict().items()}
+        path = Path(path)
+        payload = prepared_payload(self.prepared)
+        shards = None
+        if is_sharded(self.prepared):
+            shards = save_shards(self.prepared, self.optimizer, path, self.step)
+            payload = without_shards(payload)
         state = {
-            "format": CHECKPOINT_FORMAT, "prepared": prepared_payload(self.prepared),
+            "format": CHECKPOINT_FORMAT, "prepared": payload,
             "teacher": teacher, "teacher_is_dense": self.teacher_is_dense, "total": self.total,
             "finetune": self.finetune,
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
-            "optimizer": optimizer_state_by_name(self.optimizer, self.prepared),
+            "optimizer": None if shards else optimizer_state_by_name(self.optimizer, self.prepared),
+            "shards": shards,
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
             "history": [h.model_dump() for h in self.history], "seconds": self.seconds,
             "dense_params": self.dense_params, "dense_accuracy": self.dense_accuracy,
@@ -108,11 +129,23 @@ class PruneRun:
         rank, world = rank_and_world()
         if rank == 0:  # every rank holds the same state; one writes it
             write_with(path, lambda tmp: torch.save(state, tmp))
-        self.checkpoint_path, self.checkpoint_step = Path(path), self.step
+            if shards:
+                drop_older_shards(path, shards)
+        self.checkpoint_path, self.checkpoint_step = path, self.step
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def load_shards(self) -> None:
+        """Read the sharded weights and optimizer state of the checkpoint this run was loaded
+        from into the (now sharded) prepared model and the optimizer built over its shards."""
+        if self.shards is None:
+            return
+        scheduler = self.scheduler.state_dict()
+        load_shards(self.prepared, self.optimizer, self.shards)
+        self.scheduler.load_state_dict(scheduler)
+        self.shards = None
 
     @classmethod
     def load(cls, path: Union[str, Path], teacher: Any, trust: bool = False) -> "PruneRun":
@@ -131,7 +164,9 @@ class PruneRun:
                 raise
             return cls._load_pickled(path, load_trusted(path, what), teacher)
         try:
-            prepared = prepared_from_payload(state["prepared"], source, trust)
+            shards = state.get("shards")
+            prepared = prepared_from_payload(with_placeholders(state["prepared"]) if shards else state["prepared"],
+                                             source, trust)
             teacher_module: Optional[nn.Module] = None
             if state["teacher_is_dense"]:
                 tensors = {**state["prepared"]["tensors"], **state["teacher"]}
@@ -139,9 +174,11 @@ class PruneRun:
                 teacher_module.eval().requires_grad_(False)
             else:
                 teacher_module = frozen_copy(teacher)
-            return cls._restore(path, state, prepared, teacher_module, state["rng"],
-                                lambda run: load_optimizer_state_by_name(run.optimizer, prepared,
-                                                                         state["optimizer"], source))
+            run = cls._restore(path, state, prepared, teacher_module, state["rng"],
+                               lambda run: None if shards else load_optimizer_state_by_name(
+                                   run.optimizer, prepared, state["optimizer"], source))
+            run.shards = Path(path).parent / shards if shards else None
+            return run
         except HiapError:
             raise
         except Exception as exc:  # a field missing or of the wrong kind

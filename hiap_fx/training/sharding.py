@@ -20,12 +20,15 @@ Use it in an own loop (after ``torch.distributed.init_process_group``)::
 
 from __future__ import annotations
 
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from hiap_fx.errors import InputError
+from hiap_fx.errors import FileError, InputError
 from hiap_fx.gated.bundles import GATES_ATTR
 from hiap_fx.gated.prepared import PreparedModel
 
@@ -90,6 +93,67 @@ def load_sharded_state(prepared: PreparedModel, state: dict[str, Any],
 
     set_state_dict(prepared, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+
+
+#: the folder next to a prune checkpoint that holds its shards (one ``step-...`` folder)
+SHARDS_SUFFIX = ".shards"
+
+
+def save_shards(prepared: PreparedModel, optimizer: torch.optim.Optimizer, path: Path, step: int) -> str:
+    """Every rank: write the sharded model and optimizer state with
+    ``torch.distributed.checkpoint`` into a new folder ``<path>.shards/step-<step>-<tag>``;
+    returns its path relative to ``path``'s folder (what the checkpoint file names)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tag = [uuid.uuid4().hex[:8]]
+    dist.broadcast_object_list(tag, src=0)  # one folder name on every rank
+    relative = f"{path.name}{SHARDS_SUFFIX}/step-{step:08d}-{tag[0]}"
+    dcp.save(sharded_state(prepared, optimizer), checkpoint_id=str(path.parent / relative))
+    return relative
+
+
+def drop_older_shards(path: Path, keep: str) -> None:
+    """Remove the shard folders of ``path`` other than ``keep`` (after the checkpoint file that
+    names ``keep`` was written)."""
+    folder = path.parent / f"{path.name}{SHARDS_SUFFIX}"
+    for old in folder.iterdir() if folder.is_dir() else []:
+        if old.is_dir() and old.name.startswith("step-") and old != path.parent / keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_shards(prepared: PreparedModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank: read a :func:`save_shards` folder into the sharded ``prepared`` and the
+    optimizer built over its shards (any number of ranks: the checkpoint is resharded)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (folder / ".metadata").is_file():
+        raise FileError(f"{folder}: the shards of this checkpoint are missing or incomplete")
+    state = sharded_state(prepared, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))
+    load_sharded_state(prepared, state, optimizer)
+
+
+def without_shards(payload: dict[str, Any]) -> dict[str, Any]:
+    """A prepared model's payload (``hiap_fx.io.prepared_payload``) with its sharded tensors
+    (DTensors) left out: their shapes and dtypes are kept under ``"sharded"``."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = {k: v for k, v in payload["tensors"].items() if isinstance(v, DTensor)}
+    return {**payload, "tensors": {k: v for k, v in payload["tensors"].items() if k not in sharded},
+            "sharded": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in sharded.items()}}
+
+
+def with_placeholders(payload: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`without_shards` payload with zeros in place of the sharded tensors (the model is
+    rebuilt from it, sharded, and its shards then read from the checkpoint)."""
+    tensors = dict(payload["tensors"])
+    for key, (shape, dtype) in payload.get("sharded", {}).items():
+        kind = getattr(torch, str(dtype), None)
+        if not isinstance(kind, torch.dtype):
+            raise FileError(f"sharded tensor {key}: unknown dtype {dtype!r}")
+        tensors[key] = torch.zeros([int(n) for n in shape], dtype=kind)
+    return {**payload, "tensors": tensors}
 
 
 def gather(prepared: PreparedModel) -> PreparedModel:
