@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,6 +17,21 @@ def second_sample(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tenso
     """The example inputs with a second, different sample appended on the batch axis (each
     input next to its flip along the last axis)."""
     return tuple(torch.cat([x, x.flip(-1)]) if x.dim() else x for x in example_inputs)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters without ``requires_grad`` for the block: a forward records no
+    autograd graph (no activations kept), as under ``no_grad``, which the counter's module
+    tracker does not support everywhere (``count_macs``)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def verify_compact(compact: nn.Module, prepared: Any, example_inputs: tuple[torch.Tensor, ...],
@@ -33,7 +49,7 @@ def verify_compact(compact: nn.Module, prepared: Any, example_inputs: tuple[torc
             with torch.no_grad():
                 want = prepared(*inputs)
             if macs is None:  # the compact model's MACs counted on the same forward
-                with reference_counter() as counter:
+                with reference_counter() as counter, frozen(compact):
                     got = compact(*inputs)
                 macs = int(counter.get_total_flops()) // 2
             else:
