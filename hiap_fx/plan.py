@@ -88,6 +88,10 @@ class AttentionSite(_Site):
     logits_terms: list[str] = Field(default_factory=list, description="logits-side inputs "
                                     "computed from q or k (relative-position terms): finalize "
                                     "computes them again from the rebuilt operands")
+    out_residual: Optional[str] = Field(None, description="the add of the queries to the kernel "
+                                        "output before the output projection (MViTv2's residual "
+                                        "pooling): the output gate follows it; only whole heads "
+                                        "are cut (the dims of q and v are tied)")
     q: Projection
     k: Projection
     v: Projection

@@ -23,6 +23,9 @@ attention is written the way some efficient family writes it:
   branch (``shortcut + mlp(x + attn(x))``), so closing the FFN kills the attention too;
 * ``clipped``: Gemma4's vision attention: every projection's output clamped to learned bounds,
   an RMS norm per head over q, k and v, a rotary embedding over two halves of each head;
+* ``pooled``: MViTv2's attention: q, k, v of each head pooled by a depthwise convolution with
+  the heads folded into the batch axis, normalised over the dims, and the queries added to the
+  kernel output before the projection (heads only);
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped", "conv_bn", "nested", "folded", "folded_manual")
+         "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -271,6 +274,37 @@ class _FoldedAttention(nn.Module):
         return self.proj(o)
 
 
+class _PooledAttention(nn.Module):
+    """MViTv2's spelling: each head's q, k and v pooled by a depthwise convolution over its dims
+    with the heads folded into the batch axis (``(B * heads, d, H, W)``; k and v strided), a
+    LayerNorm over each head's dims, and the queries added to the kernel output (residual
+    pooling) before the output projection. Only whole heads can be cut."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+        self.pools = nn.ModuleList(nn.Conv2d(head_dim, head_dim, 3, stride=s, padding=1, groups=head_dim, bias=False)
+                                   for s in (1, 2, 2))
+        self.norms = nn.ModuleList(nn.LayerNorm(head_dim) for _ in range(3))
+
+    def _pool(self, t: torch.Tensor, i: int, H: int, W: int) -> torch.Tensor:
+        t = t.reshape(-1, H, W, t.shape[-1]).permute(0, 3, 1, 2)
+        t = self.pools[i](t)
+        t = t.reshape(-1, self.heads, t.shape[1], t.shape[2] * t.shape[3]).transpose(2, 3)
+        return self.norms[i](t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x.reshape(B, H * W, C)).reshape(B, H * W, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._pool(q, 0, H, W), self._pool(k, 1, H, W), self._pool(v, 2, H, W)
+        attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        o = attn @ v + q
+        return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -287,6 +321,8 @@ class HybridBlock(nn.Module):
             self.attn = _ChannelAttention(dim, heads, head_dim)
         elif form == "clipped":
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
+        elif form == "pooled":
+            self.attn = _PooledAttention(dim, heads, head_dim)
         elif form in ("folded", "folded_manual"):
             self.attn = _FoldedAttention(dim, heads, head_dim, int(tokens ** 0.5), form == "folded_manual")
         else:

@@ -119,6 +119,30 @@ def test_export_spellings_finalize_exactly(form):
     assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_pooled_heads_with_the_queries_added_to_the_output(frontend, heads):
+    """MViTv2: q/k/v pooled per head by a depthwise convolution over the dims (heads folded into
+    the batch axis, k and v strided), normalised over the dims, and q added to the kernel output.
+    Dims are shared by all heads there: only whole heads are gated; the output gate follows the
+    add (a closed head drops its queries too); random decisions finalize exactly, the pooling's
+    MACs shrinking with the live heads."""
+    net = HybridNet("pooled", heads=heads, head_dim=3)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    assert prepared.plan.frontend == frontend and len(prepared.plan.attention) == 2, prepared.plan.unclaimed
+    for site in prepared.plan.attention:
+        assert site.out_residual and site.q.dims_mixed and site.k.dims_mixed and site.v.dims_mixed
+    kinds = {key.rsplit(".", 1)[1] for key in prepared.gate_modules()}
+    assert "head" in kinds and not kinds & {"head_dim", "qk_dim"}
+    for seed in range(3):
+        randomise_gates(prepared, seed, 0.5)
+        compact = hiap_fx.finalize(prepared.eval())
+        x = example(net, batch=3, seed=seed)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+
+
 @pytest.mark.parametrize("form", ["folded", "folded_manual"])
 def test_heads_folded_into_the_batch_axis(form):
     """SAM-ViT / BoTNet: q, k, v as (B * heads, N, d) and a relative-position term computed from

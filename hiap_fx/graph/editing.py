@@ -3,7 +3,8 @@ dead code removed (keeping in-place ops and registered guards)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import operator
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import fx, nn
@@ -146,3 +147,33 @@ def is_guard(node: fx.Node) -> bool:
 def is_tracer_assert(node: fx.Node) -> bool:
     name = getattr(node.target, "__name__", "") or ""
     return "assert" in name or "sym_constrain" in name
+
+
+def rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
+    """Set the size argument of output ``axis`` of a reshape/view/expand node from old to new
+    (also where the size is computed as ``batch * old``, torch.export's spelling of a folded
+    ``-1``: a new product is inserted)."""
+
+    def swap(size: Any) -> Any:
+        if size == old:
+            return new
+        if isinstance(size, fx.Node) and size.op == "call_function" and size.target is operator.mul \
+                and len(size.args) == 2 and old in size.args and not isinstance(size.args[0], bool):
+            other = size.args[1] if size.args[0] == old else size.args[0]
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.mul, (other, new))
+        return size
+
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+        sizes[axis] = swap(sizes[axis])
+        args[1] = type(args[1])(sizes)
+    elif 1 + axis < len(args):
+        args[1 + axis] = swap(args[1 + axis])
+    elif "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        sizes = list(cast(Any, node.kwargs[key]))
+        sizes[axis] = swap(sizes[axis])
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    node.args = tuple(args)

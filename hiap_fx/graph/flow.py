@@ -29,7 +29,7 @@ SENTINEL = -1.0
 class FlowEvent:
     """Something notable the flow passed through (a mixing, a gating product, a side parameter)."""
 
-    kind: str  # "mix" | "data_binary" | "norm" | "softmax" | "channel_op" | "const_binary"
+    kind: str  # "mix" | "data_binary" | "norm" | "softmax" | "channel_op" | "channel_pool" | "const_binary"
     node: fx.Node
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -185,10 +185,19 @@ class IndexFlow:
             return stop_here()
         if in_family(name, "channel_norm") or self.is_channel_conv(node, name):
             x = node.args[0]
-            if isinstance(x, fx.Node) and on_path == [x] and node.meta.get(SHAPE_KEY) == x.meta.get(SHAPE_KEY):
-                events.append(FlowEvent("channel_op", node))
+            if not (isinstance(x, fx.Node) and on_path == [x]):
+                return stop_here()
+            # "channel_pool": one filter per channel shared by the slices of the batch axis
+            # (heads folded into it, MViTv2's pooling): the channels are dims of every head
+            shared = index[x].dim() > 1 and index[x].shape[0] > 1 and varies_along(index[x], 0)
+            if node.meta.get(SHAPE_KEY) == x.meta.get(SHAPE_KEY):
+                events.append(FlowEvent("channel_pool" if shared else "channel_op", node))
                 return index[x]
-            return stop_here()
+            pooled = self._spatially_pooled(index[x], node.meta.get(SHAPE_KEY))
+            if pooled is None:
+                return stop_here()
+            events.append(FlowEvent("channel_pool", node))
+            return pooled
         if in_family(name, "matmul_like"):
             return stop_here()
         return self._opaque(node, on_path, index, stop_here)
@@ -213,6 +222,21 @@ class IndexFlow:
         if const_args:
             events.append(FlowEvent("const_binary", node, {"other": const_args}))
         return idx[0]
+
+    @staticmethod
+    def _spatially_pooled(idx: torch.Tensor, out_shape: Any) -> Optional[torch.Tensor]:
+        """The indices after a strided or padded depthwise convolution (one filter per channel,
+        the spatial axes resized): each channel keeps its index, when that is the same at every
+        spatial position; ``None`` otherwise."""
+        if not isinstance(out_shape, tuple) or len(out_shape) != idx.dim() or idx.dim() < 3 \
+                or tuple(out_shape[:2]) != tuple(idx.shape[:2]):
+            return None
+        first = idx
+        for axis in range(2, idx.dim()):
+            first = first.narrow(axis, 0, 1)
+        if not torch.equal(first.expand_as(idx), idx):
+            return None
+        return first.expand(out_shape).clone()
 
     def is_channel_conv(self, node: fx.Node, name: str) -> bool:
         """Whether ``node`` is a depthwise convolution (one filter per channel)."""

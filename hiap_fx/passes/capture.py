@@ -150,6 +150,10 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                                  dynamic_shapes=(*dyn, *([None] * len(kwargs))) if kwargs else dyn,
                                  strict=False)
     _check_dynamic_batch(ep, ex)
+    if _mutates(ep.graph):
+        # in-place writes into views (``attn[:, :, 1:] = ...`` is a copy_ into a slice) hide data
+        # flow from the graph: functionalised, they become slice_scatter and friends
+        ep = ep.run_decompositions({})
     egm = ep.module()
     graph = copy.deepcopy(egm.graph)
     out_spec = ep.call_spec.out_spec
@@ -165,6 +169,27 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     output.args = (structured,)
     gm = fx.GraphModule(egm, graph, class_name=f"{type(model).__name__}Graph")
     return gm
+
+
+_VIEW_OPS = {"slice", "select", "view", "reshape", "transpose", "permute", "expand", "as_strided",
+             "unsqueeze", "squeeze", "alias", "diagonal", "narrow", "t", "unfold", "split", "chunk",
+             "unbind", "getitem"}
+
+
+def _mutates(graph: fx.Graph) -> bool:
+    """Whether a node writes in place into a tensor that something else reads too: a view of
+    another tensor (``attn[:, :, 1:] = ...`` copies into a slice), or one with other users (an
+    in-place op on a tensor nothing else reads, ``relu_(conv(x))``, hides no data flow)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        if not (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                and n.target._schema.is_mutable and n.args and isinstance(n.args[0], fx.Node)):
+            continue
+        target = n.args[0]
+        base = target.target.__name__.split(".")[0] if callable(target.target) else str(target.target)
+        if base in _VIEW_OPS or any(u is not n and order[u] > order[n] for u in target.users):
+            return True
+    return False
 
 
 def _check_dynamic_batch(ep: Any, inputs: tuple[torch.Tensor, ...]) -> None:

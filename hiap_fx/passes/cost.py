@@ -136,6 +136,13 @@ class _Builder:
                 kept = sympy.Add(*[live[u] if u >= 0 else one for u in t.index])
                 self._cut(t.param, t.axis, len(t.index), kept)
         self.site_alive[site.name] = one - sympy.Mul(*[one - x for x in live])
+        for role, count, alive in (("q", H, heads_live), ("k", K, kv_live), ("v", K, kv_live)):
+            # work on a whole-head operand path after its projection (MViTv2's pooling of each
+            # head's q/k/v): the dense work per head times the live heads
+            if getattr(site, role).dims_mixed:
+                for step in operand_path(self.nodes, site, role):
+                    if measured_macs(step) and step.name not in self.kernels and not self._weight_is_cut(step):
+                        self.kernels[step.name] = (count, alive, "heads", -1)
         for term_node in term_nodes(self.cg, self.nodes, site):
             # computed again from the live heads' q/k (a relative-position term): its work
             # is the dense work per head times the live heads
@@ -257,6 +264,14 @@ class _Builder:
         """Replace u**k by u for 0/1 unit symbols (exact for hard values and for expectations)."""
         return expr.replace(lambda e: e.is_Pow and e.base in self.unit_symbols and e.exp.is_Integer,
                             lambda e: e.base)
+
+
+def operand_path(nodes: Mapping[str, fx.Node], site: AttentionSite, role: str) -> set[fx.Node]:
+    """The nodes from a q/k/v projection (excluded) to the kernel's operand of that role."""
+    core, av = nodes[site.core_nodes[0]], nodes[site.core_nodes[-1]]
+    operand = {"q": arg_node(core, 0), "k": arg_node(core, 1),
+               "v": arg_node(av, 1) if site.kind == "manual" else arg_node(core, 2)}[role]
+    return region_between({nodes[getattr(site, role).node]}, operand)
 
 
 def term_nodes(cg: CapturedGraph, nodes: Mapping[str, fx.Node], site: AttentionSite) -> set[fx.Node]:

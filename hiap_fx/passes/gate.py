@@ -190,8 +190,9 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, cfg: PruneConfig) -> dict[str, 
         if "q" in m:
             _multiply_arg(graph, core, 0, m["q"], fold("q", lay.q_head_axis))
             _multiply_arg(graph, core, 1, m["k"], fold("k", lay.k_head_axis))
-        if "out" in m:
-            _multiply_output(graph, out, m["out"], fold("out", lay.out_head_axis))
+        if "out" in m:  # after the queries' add, when they join the output (residual pooling)
+            _multiply_output(graph, nodes[site.out_residual] if site.out_residual else out, m["out"],
+                             fold("out", lay.out_head_axis))
         if "branch" in m:
             _multiply_output(graph, nodes[site.out.node], m["branch"])
     for ffn_site in plan.ffn:

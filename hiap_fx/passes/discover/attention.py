@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from hiap_fx.graph.flow import feature_index
+from hiap_fx.graph.flow import FlowResult, feature_index
 from hiap_fx.graph.ir import is_tensor_node, node_rank, node_shape, tensor_shape
 from hiap_fx.graph.queries import ancestors, region_between, scaling_chain
 from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events
@@ -16,7 +16,9 @@ from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
 
 
 def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int,
-                   dim_axis: int = -1) -> Projection:
+                   dim_axis: int = -1) -> tuple[Projection, Optional[fx.Node]]:
+    """The output projection of the kernel output, and the add of the queries to the output on
+    the way (MViTv2's residual pooling), if there is one."""
     out_shape = node_shape(core.out)
     if out_shape is None:
         raise Reject(f"no shape recorded for {core.out.name}")
@@ -24,13 +26,14 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
     code = feature_index(out_shape, dim_axis)
     if h_axis is not None:
         code = code + feature_index(out_shape, h_axis) * v_dim
-    flow = g.flow.run({core.out: code})
+    flow = g.flow.run({core.out: code}, data_binary=("add",))
     lins = [(n, pos, t) for n, pos, t in flow.reached if g.name(n) == "linear" and pos == 0]
     others = [n for n, pos, t in flow.reached if (n, pos) not in {(l, p) for l, p, _ in lins}]
     if len(lins) != 1 or others:
         stops = ", ".join(sorted({f"{g.name(n)} ({n.name})" for n, _, _ in flow.reached}))
         raise Reject(f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection")
     lin, _, at = lins[0]
+    residual = query_residual(g, core, flow, lin)
     events = path_events(flow, g, lin)
     if "norm" in events or "mix" in events:
         raise Reject(f"head outputs of {core.out.name} are normalised or mixed together before "
@@ -47,7 +50,25 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
     table[cols] = torch.arange(total)
     weight, bias = g.linear_params(lin)
     return Projection(node=lin.name, weight=weight, bias=bias,
-                      index=table.reshape(heads, v_dim).tolist())
+                      index=table.reshape(heads, v_dim).tolist()), residual
+
+
+def query_residual(g: GraphView, core: Core, flow: FlowResult, lin: fx.Node) -> Optional[fx.Node]:
+    """The add of the (unscaled) queries to the kernel output before ``lin``, element by element
+    in one layout (MViTv2: ``attn @ v + q``); ``None`` when the output meets no other activation.
+    Any other activation added or multiplied on the way is refused."""
+    on_path = ancestors(lin) | {lin}
+    adds = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path]
+    if not adds:
+        return None
+    queries = scaling_chain(core.q, g.dependent)
+    e = adds[0]
+    other = e.detail["other"]
+    if len(adds) > 1 or len(other) != 1 or other[0] not in queries or g.name(e.node) != "add" \
+            or not (node_shape(e.node) == node_shape(core.out) == node_shape(other[0])):
+        raise Reject(f"output of {core.out.name} meets another activation at {e.node.name} before "
+                     f"{lin.name}; only the queries added in the output's own layout are followed")
+    return e.node
 
 
 def operand_terms(g: GraphView, core: Core, heads: int, head_axis: int) -> list[fx.Node]:
@@ -219,7 +240,12 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
     out_dim_axis = v_axes[0] % node_rank(core.v) - node_rank(core.v)  # same rank as the output
     if transposed and (out_head_axis < 0 < heads - 1 or out_head_axis - node_rank(core.out) > out_dim_axis):
         raise Reject(f"{core.nodes[0].name}: channel attention without a head axis before its dims")
-    out = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
+    out, residual = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
+    if residual is not None:  # the queries enter the output: q and v dims are tied, heads stay
+        if q_head_axis - node_rank(core.q) != out_head_axis - node_rank(core.out) or v_dim != head_dim:
+            raise Reject(f"the queries are added to the output of {core.nodes[-1].name} in another "
+                         "head layout")
+        qp, kp, vp = (p.model_copy(update={"dims_mixed": True}) for p in (qp, kp, vp))
     terms = operand_terms(g, core, heads, q_head_axis - node_rank(core.q) if q_head_axis >= 0 else -1)
     side = side_tensors(g, core, heads, q_head_axis, node_rank(core.q), terms)
     read = set().union(*(ancestors(t) for t in terms))
@@ -243,7 +269,7 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
         tokens=q_shape[core.token_axis] if q_shape else 0, kernel=core.kernel.name if core.kernel else None,
         kv_tokens=k_shape[core.k_token_axis] if k_shape else 0, transposed=transposed,
         kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
-        logits_terms=[t.name for t in terms],
+        logits_terms=[t.name for t in terms], out_residual=residual.name if residual is not None else None,
         q=qp, k=kp, v=vp, out=out, side=side)
 
 

@@ -8,6 +8,7 @@ from torch import fx
 
 from hiap_fx.graph.ir import arg_node, node_rank, node_shape
 from hiap_fx.graph.ops import in_family
+from hiap_fx.graph.queries import descendants, region_between
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import Unclaimed
 from hiap_fx.registry import attention_kernel
@@ -62,6 +63,22 @@ def _softmax_free_attention(g: GraphView) -> list[Unclaimed]:
     return found[:8]
 
 
+def _outside_terms(qk: fx.Node, inputs: list[fx.Node]) -> list[fx.Node]:
+    """Logits-side inputs, with those computed from the logits themselves opened up (a
+    functionalised ``attn[:, :, 1:] = attn[:, :, 1:] + rel_pos(q)`` scatters a slice of the
+    logits plus the terms back): what enters that computation from outside the logits."""
+    below = descendants(qk)
+    found: list[fx.Node] = []
+    for s in inputs:
+        if s not in below:
+            found.append(s)
+            continue
+        region = region_between({qk}, s)
+        found.extend(a for n in region for a in n.all_input_nodes
+                     if a not in region and a is not qk and a not in below)
+    return list(dict.fromkeys(found))
+
+
 def _manual_core(g: GraphView, softmax: fx.Node) -> Core:
     logits_inputs: list[fx.Node] = []
     mixers: list[fx.Node] = []
@@ -93,6 +110,7 @@ def _manual_core(g: GraphView, softmax: fx.Node) -> Core:
         cur = same[0]
     if qk is None:
         raise Reject("no q @ k^T matmul found before this softmax")
+    logits_inputs = _outside_terms(qk, logits_inputs)
     av = _find_av(g, softmax, mixers, logits_inputs)
     q, kt = arg_node(qk, 0), arg_node(qk, 1)
     v = arg_node(av, 1)

@@ -74,7 +74,9 @@ def operand_projection(g: GraphView, core: Core, operand: fx.Node, role: str, di
     events = path_events(flow, g, operand)
     weight, bias = g.linear_params(lin)
     proj = Projection(node=lin.name, weight=weight, bias=bias,
-                      index=table.long().tolist(), dims_mixed=any(e in ("mix", "norm") for e in events))
+                      # a strided depthwise convolution (MViTv2's pooling, one filter per dim
+                      # shared by all heads): dims stay, heads go
+                      index=table.long().tolist(), dims_mixed=any(e in ("mix", "norm", "channel_pool") for e in events))
     return proj, head_axis, table
 
 

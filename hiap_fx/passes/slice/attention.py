@@ -10,6 +10,7 @@ from torch import fx
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.queries import descendants
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits, operand_terms
@@ -18,6 +19,7 @@ from hiap_fx.passes.slice.operands import (
     operand_rows,
     padded,
     projection_rows,
+    replay_head_axes,
     replay_prefix,
     shape_operand,
 )
@@ -51,8 +53,10 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
     g = ctx.graph
     out_head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
     with g.inserting_before(out_lin):
+        before = set(ctx.rebuilt)
         op = projected_operands(ctx, site, live, dims, width)
-        terms = operand_terms(ctx, site, op["q"], op["k"], live)
+        own = {n: new for n, new in ctx.rebuilt.items() if n not in before}  # this site's copies
+        terms = operand_terms(ctx, site, op["q"], op["k"], live, own)
         if site.kind == "sdpa":
             if site.head_dim == site.v_dim:  # one head dim for q, k and v: CPU flash attention
                 common = max(width["q"], width["v"])
@@ -64,13 +68,15 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             probs = manual_logits(ctx, site, core, av, op["q"], op["k"], live, terms)
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
-        if not site.transposed and direct_output(av, out_head, proj_in, ctx.flow.modules):
+        queries = {q: rebuilt_query(ctx, site, q, op["q"], own) for q in residual_queries(ctx.nodes, site)}
+        if not site.transposed and not queries and direct_output(av, out_head, proj_in, ctx.flow.modules):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
             order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
-        else:  # the token axis is rearranged first (H x W, windows reversed): replay those ops
+        else:  # the token axis is rearranged first (H x W, windows reversed), or the queries
+            # are added (residual pooling): replay those ops on the live heads
             replay = plan_output_replay(ctx.flow, av, proj_in, out_head, len(live), width["v"],
-                                        site.layout.out_dim_axis)
-            x = replay_output(ctx.flow, g, replay, av, out)
+                                        site.layout.out_dim_axis, list(queries))
+            x = replay_output(ctx.flow, g, replay, av, out, queries)
             order = replay.order
         cols = [site.out.index[live[i]][dims["v"][live[i]][j]] if j < len(dims["v"][live[i]]) else PAD
                 for i, j in order]
@@ -84,6 +90,8 @@ def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
     """q, k and v for the live heads, in their original layouts; roles that share one projection
     (a fused qkv linear) share one linear over their rows, split afterwards."""
     lays = {role: operand_layout(ctx, site, role) for role in ("q", "k", "v")}  # before any edit
+    axes = {role: replay_head_axes(ctx, getattr(site, role), lays[role].replay, len(getattr(site, role).index))
+            for role in ("q", "k", "v")}
     rows = {role: operand_rows(site, role, live, dims[role], width[role]) for role in ("q", "k", "v")}
     by_node: dict[str, list[str]] = {}
     for role in ("q", "k", "v"):
@@ -100,12 +108,33 @@ def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
             ys[role] = y if len(roles) == 1 else ctx.graph.call_method("narrow", (y, -1, off, n))
             off += n
     return {role: shape_operand(ctx, site, role, lays[role], ys[role],
-                                rows[role].repeat, live, width[role]) for role in ("q", "k", "v")}
+                                rows[role].repeat, live, width[role], axes[role]) for role in ("q", "k", "v")}
 
 
 def pad_last(g: fx.Graph, t: fx.Node, extra: int) -> fx.Node:
     """``t`` with ``extra`` zeros appended along the last axis (unchanged when 0)."""
     return t if extra <= 0 else g.call_function(F.pad, (t, (0, extra)))
+
+
+def residual_queries(nodes: dict[str, fx.Node], site: AttentionSite) -> list[fx.Node]:
+    """The queries added to the kernel output before the output projection (``out_residual``)."""
+    if not site.out_residual:
+        return []
+    add, av = nodes[site.out_residual], nodes[site.core_nodes[-1]]
+    below = descendants(av) | {av}
+    return [a for a in add.all_input_nodes if a not in below]
+
+
+def rebuilt_query(ctx: SliceContext, site: AttentionSite, query: fx.Node, q: fx.Node,
+                  own: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The live heads' copy of ``query`` (the queries of a residual pooling): the rebuilt q
+    operand or a node on its rebuilt path (``own``: this site's rebuilt copies)."""
+    if query is ctx.nodes[site.core_nodes[0]].args[0]:
+        return q
+    if query in own:
+        return own[query]
+    raise HiapError(f"{site.name}: the queries added to the attention output ({query.name}) are "
+                    "not on the rebuilt q path; please report the model")
 
 
 def to_projection_input(out: fx.Node, out_head: Optional[int], rank: int, g: fx.Graph) -> fx.Node:

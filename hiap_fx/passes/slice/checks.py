@@ -10,7 +10,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
-from hiap_fx.passes.slice.attention import direct_output, out_head_axis
+from hiap_fx.passes.slice.attention import direct_output, out_head_axis, residual_queries
 from hiap_fx.passes.slice.context import SliceContext, operand_layout
 from hiap_fx.passes.slice.rearrange import plan_output_replay
 from hiap_fx.plan import AttentionSite, Plan, Unclaimed
@@ -21,6 +21,8 @@ def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) ->
     linears die; a projection whose output also feeds something else (a parallel block fusing
     the MLP's input into the same linear) would stay whole next to the rebuilt rows."""
     core = [nodes[n] for n in site.core_nodes]
+    if site.out_residual:  # the queries' add to the output (residual pooling) is the attention's
+        core.append(nodes[site.out_residual])
     operands = [a for c in core for a in c.all_input_nodes]
     feeding: set[fx.Node] = set()
     for o in operands:
@@ -49,14 +51,16 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-            if site.transposed or not direct_output(av, head, out_lin.args[0], check.flow.modules):
+            queries = residual_queries(check.nodes, site)
+            if site.transposed or queries or not direct_output(av, head, out_lin.args[0], check.flow.modules):
                 # rearranged before the projection (H x W, windows reversed): it must replay for
                 # fewer heads and narrower heads (finalize plans again for the real decisions)
                 out_shape = tensor_shape(av)
                 heads = out_shape[head] if head is not None else 1
                 dims = out_shape[site.layout.out_dim_axis]
                 plan_output_replay(check.flow, av, out_lin.args[0], head, max(1, heads - 1),
-                                   dims if site.transposed else max(1, dims - 1), site.layout.out_dim_axis)
+                                   dims if site.transposed or queries else max(1, dims - 1),
+                                   site.layout.out_dim_axis, queries)
         except HiapError as exc:
             bad[site.name] = str(exc)
     return bad

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import torch
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.editing import rewrite_sizes
+from hiap_fx.graph.editing import rewrite_axis_size, rewrite_sizes
 from hiap_fx.graph.flow import feature_index, varies_along
 from hiap_fx.graph.ir import arg_node, is_tensor_node, node_shape, tensor_shape
-from hiap_fx.graph.ops import op_name
-from hiap_fx.graph.queries import ancestors, descendants, region_between
+from hiap_fx.graph.ops import einsum_letters, op_name
+from hiap_fx.graph.queries import ancestors, descendants, region_between, scaling_chain
 from hiap_fx.passes.slice.context import SliceContext
 from hiap_fx.passes.slice.operands import select_heads
 from hiap_fx.plan import AttentionSite
 
 
 def operand_terms(ctx: SliceContext, site: AttentionSite, q: fx.Node, k: fx.Node,
-                  heads: list[int]) -> dict[fx.Node, fx.Node]:
+                  heads: list[int], rebuilt: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
     """The site's logits-side terms computed from q or k (relative positions), computed again
-    from the rebuilt operands ``q`` and ``k`` (``heads`` live): original term -> new term."""
+    from the rebuilt operands ``q`` and ``k`` (``heads`` live; ``rebuilt``: the copies of this
+    site's operand paths): original term -> new term."""
     if not site.logits_terms:
         return {}
     g = ctx.graph
     core = ctx.nodes[site.core_nodes[0]]
     old_q, old_k = arg_node(core, 0), arg_node(core, 1)
     # the term may read q where the rebuilt operand path has a copy of it (before a scaling)
-    mapping: dict[Any, Any] = {**ctx.rebuilt, old_q: q, old_k: k}
+    mapping: dict[Any, Any] = {**rebuilt, old_q: q, old_k: k}
     order = {n: i for i, n in enumerate(g.nodes)}
     H = site.num_heads
     rank = len(tensor_shape(old_q))
@@ -120,32 +121,60 @@ def logits_head_axes(ctx: "SliceContext", qk: fx.Node, head_axis: Optional[int],
     shape = node_shape(qk)
     if head_axis is None or shape is None:
         return {}
-    flow = ctx.flow.run({qk: feature_index(shape, head_axis)})
+    # the queries before their scaling too (a relative-position term may read those)
+    chain = scaling_chain(qk, lambda n: n.name in ctx.cg.input_dependent)
+    sources = {n: feature_index(shape, head_axis) for n in chain if node_shape(n) == shape}
     found: dict[fx.Node, int] = {}
-    for n in region:
-        at, s = flow.index.get(n), node_shape(n)
-        if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
-            continue
-        axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
-        if len(axes) == 1:
-            found[n] = axes[0]
+    for _ in range(len(region) + 1):  # the flow stops at products: go on past those that carry heads
+        flow = ctx.flow.run(sources)
+        for n in region:
+            at, s = flow.index.get(n), node_shape(n)
+            if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
+                continue
+            axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
+            if len(axes) == 1:
+                found[n] = axes[0]
+        carried = {}
+        for n in region:
+            if n in sources or op_name(n) not in ("einsum", "matmul"):
+                continue
+            for pos, operand in enumerate(product_operands(n)):
+                at = flow.index.get(operand) if isinstance(operand, fx.Node) else None
+                if isinstance(at, torch.Tensor) and (axis := product_head_axis(n, pos, at, heads)) is not None:
+                    carried[n] = axis
+        if not carried:
+            return found
+        for n, axis in carried.items():
+            found[n] = axis
+            sources[n] = feature_index(tensor_shape(n), axis)
     return found
 
 
-def rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
-    """Set the size argument of output ``axis`` of a reshape/view/expand node from old to new."""
-    args = list(node.args)
-    if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        sizes = list(args[1])
-        if sizes[axis] == old:
-            sizes[axis] = new
-        args[1] = type(args[1])(sizes)
-    elif 1 + axis < len(args) and args[1 + axis] == old:
-        args[1 + axis] = new
-    elif "shape" in node.kwargs or "size" in node.kwargs:
-        key = "shape" if "shape" in node.kwargs else "size"
-        sizes = list(cast(Any, node.kwargs[key]))
-        if sizes[axis] == old:
-            sizes[axis] = new
-        node.kwargs = {**node.kwargs, key: tuple(sizes)}
-    node.args = tuple(args)
+def product_operands(node: fx.Node) -> list[Any]:
+    """The operands of an einsum (``einsum(eq, a, b)`` or aten's ``einsum(eq, [a, b])``) or matmul."""
+    if op_name(node) == "einsum":
+        rest = list(node.args[1:])
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    return list(node.args[:2])
+
+
+def product_head_axis(node: fx.Node, pos: int, at: torch.Tensor, heads: int) -> Optional[int]:
+    """The output axis of a product (einsum, matmul) that carries the head axis of its operand
+    number ``pos`` (index values ``at``) as a batch axis, if there is one."""
+    axes = [a for a in range(at.dim()) if at.shape[a] == heads and varies_along(at, a)]
+    out = node_shape(node)
+    if len(axes) != 1 or out is None:
+        return None
+    axis = axes[0]
+    name = op_name(node)
+    if name == "einsum" and isinstance(node.args[0], str):
+        operands = product_operands(node)
+        ranks = [len(tensor_shape(o)) for o in operands if isinstance(o, fx.Node)]
+        parsed = einsum_letters(node.args[0], ranks) if len(ranks) == len(operands) else None
+        if parsed is None or not 0 <= pos < len(operands):
+            return None
+        letter = parsed[0][pos][axis]  # kept in the output: not summed over
+        return parsed[1].index(letter) if letter in parsed[1] else None
+    if name == "matmul" and axis < at.dim() - 2:  # a batch axis, aligned from the right
+        return axis + len(out) - at.dim()
+    return None

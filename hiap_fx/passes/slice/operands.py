@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from hiap_fx.errors import HiapError
-from hiap_fx.graph.editing import rewrite_sizes
+from hiap_fx.graph.editing import rewrite_axis_size, rewrite_sizes
+from hiap_fx.graph.flow import varies_along
 from hiap_fx.graph.ir import node_dtype, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext, row_op
@@ -119,9 +120,11 @@ def sliced_module(ctx: SliceContext, target: str, rows: list[Optional[int]], suf
 
 
 def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: OperandLayout, y: fx.Node,
-                  repeat: Optional[list[int]], live: list[int], width: int) -> fx.Node:
+                  repeat: Optional[list[int]], live: list[int], width: int,
+                  lay_head_axes: Optional[dict[fx.Node, int]] = None) -> fx.Node:
     """The kernel operand from the projection output ``y`` ([lead..., rows], shared kv rows
-    once), reshaped and replayed into the original layout: the ``live`` heads, ``width`` each."""
+    once), reshaped and replayed into the original layout: the ``live`` heads, ``width`` each
+    (``lay_head_axes``: :func:`replay_head_axes`, read before the graph was edited)."""
     heads = len(live)
     proj = getattr(site, role)
     g = ctx.graph
@@ -149,6 +152,7 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         ints[full_dims] = width
         ints[full_heads * full_dims] = heads * width
     mapping = {lay.boundary: t}
+    head_axes = lay_head_axes or {}
     # per-head tensors joining the operand after the boundary (e.g. rotary tables with one
     # frequency set per head) are cut to the kept heads, like logits-side biases
     head_axis = site.layout.k_head_axis if role == "k" else site.layout.q_head_axis
@@ -170,10 +174,40 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         new = g.node_copy(n, arg)
         if op_name(new) == "type_as" and isinstance(n.args[1], fx.Node) and n.args[1] not in mapping:
             new.target, new.args = "to", (new.args[0], node_dtype(n.args[1]))
-        rewrite_sizes(new, ints)
+        if n in head_axes and op_name(n) in ("reshape", "view", "_unsafe_view", "expand"):
+            # the heads' entry found by index flow (a literal head count equal to the width)
+            rewrite_axis_size(new, head_axes[n], full_heads, heads)
+            rewrite_sizes(new, {k: v for k, v in ints.items() if k != full_heads})
+        elif not (op_name(n) in ("conv1d", "conv2d", "conv3d") and new.args[1] is n.args[1]):
+            rewrite_sizes(new, ints)  # a convolution keeping its filters keeps its groups
         mapping[n] = new
     ctx.rebuilt.update(mapping)
     return mapping[lay.operand]
+
+
+def replay_head_axes(ctx: SliceContext, proj: Any, replay: list[fx.Node], heads: int) -> dict[fx.Node, int]:
+    """For the replayed operand-path nodes: the output axis holding the projection's heads (index
+    flow of each feature's head from the projection), where exactly one axis of ``heads`` does."""
+    lin = ctx.nodes[proj.node]
+    shape = node_shape(lin)
+    if shape is None:
+        return {}
+    head_of = torch.full((shape[-1],), -1.0, dtype=torch.float64)
+    for h, features in enumerate(proj.index):
+        head_of[torch.tensor(features, dtype=torch.long)] = float(h)
+    code = head_of.expand(*shape).clone()
+    try:
+        flow = ctx.flow.run({lin: code})
+    except KeyError:  # the graph was edited since the flow read it: no head axes known
+        return {}
+    found: dict[fx.Node, int] = {}
+    for n in replay:
+        at, s = flow.index.get(n), node_shape(n)
+        if isinstance(at, torch.Tensor) and s is not None and tuple(at.shape) == s:
+            axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
+            if len(axes) == 1:
+                found[n] = axes[0]
+    return found
 
 
 def select_heads(ctx: "SliceContext", value: Any, head_axis: int, rank: int, total: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, cast
+from typing import Any, Callable, Collection, Iterator, Optional, cast
 
 import torch
 from torch import fx
@@ -49,10 +49,12 @@ def moves_only(name: str) -> bool:
         "contiguous", "clone", "dropout", "identity")
 
 
-def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any]) -> list[fx.Node]:
+def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
+                 carried: Collection[fx.Node] = ()) -> list[fx.Node]:
     """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
-    one must move data or act element-wise (else :class:`HiapError`); ``modules`` names the
-    graph module's submodules (for call_module ops)."""
+    one must move data or act element-wise (else :class:`HiapError`), and meets no other
+    activation than those in ``carried`` (the queries of a residual pooling, which finalize
+    rebuilds for the live heads); ``modules`` names the graph module's submodules."""
     if proj_input is av:
         return []
     path = descendants(av) & (data_ancestors(proj_input) | {proj_input})
@@ -64,11 +66,12 @@ def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any]) -> l
         if not is_tensor_node(n):
             continue
         name = op_name(n, modules)
-        if not (moves_only(name) or in_family(name, "unary") or in_family(name, "activation")):
+        if not (moves_only(name) or in_family(name, "unary") or in_family(name, "activation")
+                or name == "add" and any(a in carried for a in n.all_input_nodes)):
             raise HiapError(f"{n.name} ({name}) between the kernel output {av.name} and the output "
                             f"projection input {proj_input.name} neither moves data nor acts "
                             "element-wise")
-        other = [a for a in n.all_input_nodes if a not in path and a is not av
+        other = [a for a in n.all_input_nodes if a not in path and a is not av and a not in carried
                  and a.op != "get_attr" and is_tensor_node(a)]
         if other and not in_family(name, "cast"):
             raise HiapError(f"{n.name} ({name}) combines the kernel output {av.name} with "
@@ -194,7 +197,8 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
     for n in chain:
         name = op_name(n, flow.modules)
         if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through
-            env[n] = env[n.args[0]] if isinstance(n.args[0], fx.Node) else value
+            on_path = [a for a in n.args if isinstance(a, fx.Node) and a in env]
+            env[n] = env[on_path[0]] if on_path else value
             continue
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
@@ -217,11 +221,12 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
 
 
 def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_axis: Optional[int],
-                       heads: int, width: int, dim_axis: int = -1) -> OutputReplay:
+                       heads: int, width: int, dim_axis: int = -1,
+                       carried: Collection[fx.Node] = ()) -> OutputReplay:
     """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each (on
     ``dim_axis``), reaches the projection input through the original ops (see the module
-    docstring)."""
-    chain = output_chain(av, proj_input, flow.modules)
+    docstring; ``carried``: see :func:`output_chain`)."""
+    chain = output_chain(av, proj_input, flow.modules, carried)
     dense = tensor_shape(av)
     proj_shape = tensor_shape(proj_input)
     rank = len(dense)
@@ -281,9 +286,10 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
 
 
 def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx.Node,
-                  new_out: fx.Node) -> fx.Node:
-    """Copy the replay's chain onto ``new_out`` (inserted at the graph's current point)."""
-    mapping: dict[fx.Node, fx.Node] = {av: new_out}
+                  new_out: fx.Node, carried: Optional[dict[fx.Node, fx.Node]] = None) -> fx.Node:
+    """Copy the replay's chain onto ``new_out`` (inserted at the graph's current point);
+    ``carried``: original activation -> its rebuilt copy for the live heads."""
+    mapping: dict[fx.Node, fx.Node] = {**(carried or {}), av: new_out}
     inside = set(replay.chain) | {av}
     for n in replay.chain:
         args, kwargs = _rewritten(flow, n, replay.rewrite, inside)
