@@ -75,8 +75,8 @@ def _timm_cases():
 
 @pytest.mark.parametrize("build", [*_cases(), *_timm_cases(), *(pytest.param(lambda f=f: (lambda net: (net, example(net, 1)))(
     HybridNet(f, heads=3).eval()), id=f"hybrid-{f}") for f in ("window", "einsum", "v_left", "conv_qkv", "nested"))])
-def test_counting_on_fake_tensors_records_what_a_real_run_records(build):
-    """The count stage runs on fake tensors (no compute): every node's shape, dtype and MACs,
+def test_counting_on_meta_tensors_records_what_a_real_run_records(build):
+    """The count stage runs on meta tensors (no compute): every node's shape, dtype and MACs,
     and every value a later pass reads, are what counting on the real example records."""
     from hiap_fx.passes.capture import capture
     from hiap_fx.passes.normalise import normalise

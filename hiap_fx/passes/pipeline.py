@@ -93,7 +93,7 @@ def _plan(cg: CapturedGraph) -> Plan:
 ANALYSIS: tuple[Stage, ...] = (
     Stage("propagate", propagate, "record shapes, dtypes and constant values on the example inputs"),
     Stage("normalise", _normalise, "canonical ops: module calls to functions, pinned sdpa scales"),
-    Stage("count", count, "record every node's MACs (on fake tensors)"),
+    Stage("count", count, "record every node's MACs (on meta tensors)"),
     Stage("discover", _discover, "attention and FFN sites by graph pattern and index flow"),
     Stage("shared_weights", _shared_weights, "refuse sites whose weights are used elsewhere"),
     Stage("sliceable", _sliceable, "report attention that finalize could not rebuild"),
@@ -305,7 +305,7 @@ def compile_stages(decisions: dict[str, torch.Tensor]) -> tuple[Stage, ...]:
 
     return (
         Stage("strip_gates", strip, "remove the gate bundles and mask multiplies"),
-        Stage("propagate", count, "shapes of the trained, gate-free graph on fake tensors (values "
+        Stage("propagate", count, "shapes of the trained, gate-free graph on meta tensors (values "
               "computed from weights recomputed, those computed from the input carried from prepare)"),
         Stage("slice", lambda cg: slice_sites(cg, _plan(cg), decisions), "cut closed units out"),
         Stage("cleanup", _cleanup, "runtime asserts and dead nodes removed (guards kept)"),

@@ -125,8 +125,8 @@ def count(cg: CapturedGraph) -> CapturedGraph:
     constants, weights and index tables computed from them run for real and are recorded. Values
     of input-dependent nodes recorded by the last real run stay (rewrites such as ``normalise``
     keep what a node computes; finalize carries prepare's into its copy of the graph, whose nodes
-    keep their names). A graph that meta tensors cannot run (a data-dependent op, a tensor made inside a module) gets a real
-    counting run instead."""
+    keep their names). A graph that meta tensors cannot run (a data-dependent op, a tensor made
+    inside a module) gets a real counting run instead."""
     from hiap_fx.graph.counting import reference_counter
 
     if not cg.input_dependent:  # no real run recorded yet what is computed from the input
