@@ -86,6 +86,8 @@ def operand_terms(g: GraphView, core: Core, heads: int, head_axis: int) -> list[
                                                        and a not in region and a not in sources)
                              for n in region for a in n.all_input_nodes):
             continue  # the term also reads other activations
+        if region & set(core.nodes):
+            continue  # computed from the kernel's own logits (ConViT's attn / attn.sum()): no term
         params = {p for n in region for a in n.all_input_nodes if not g.dependent(a) and is_tensor_node(a)
                   for p in constant_ancestors(g, a) if p.op == "get_attr"}
         for p in params:
