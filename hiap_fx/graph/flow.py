@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Iterable, Optional, cast
 
 import torch
 from torch import fx
@@ -49,6 +49,26 @@ class FlowResult:
 def varies_along(index: torch.Tensor, axis: int) -> bool:
     """Whether an index tensor holds different values at different positions along ``axis``."""
     return not torch.equal(index, index.narrow(axis, 0, 1).expand_as(index))
+
+
+def axis_of_size(index: torch.Tensor, size: int) -> Optional[int]:
+    """The one axis with ``size`` entries along which ``index`` varies; ``None`` when there is no
+    such axis or more than one."""
+    axes = [a for a in range(index.dim()) if index.shape[a] == size and varies_along(index, a)]
+    return axes[0] if len(axes) == 1 else None
+
+
+def axes_of_size(flow: "FlowResult", nodes: Iterable[fx.Node], size: int) -> dict[fx.Node, int]:
+    """For the ``nodes`` the flow reached with an index of their recorded shape: the one output
+    axis of ``size`` entries along which it varies (:func:`axis_of_size`), where there is one."""
+    found: dict[fx.Node, int] = {}
+    for n in nodes:
+        at, shape = flow.index.get(n), n.meta.get(SHAPE_KEY)
+        if isinstance(at, torch.Tensor) and isinstance(shape, tuple) and tuple(at.shape) == shape:
+            axis = axis_of_size(at, size)
+            if axis is not None:
+                found[n] = axis
+    return found
 
 
 def feature_index(shape: tuple[int, ...], axis: int = -1) -> torch.Tensor:

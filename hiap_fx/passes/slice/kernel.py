@@ -9,7 +9,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_axis_size, rewrite_sizes
-from hiap_fx.graph.flow import feature_index, varies_along
+from hiap_fx.graph.flow import axes_of_size, axis_of_size, feature_index
 from hiap_fx.graph.ir import arg_node, is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import einsum_letters, op_name
 from hiap_fx.graph.queries import ancestors, descendants, region_between, scaling_chain
@@ -127,13 +127,7 @@ def logits_head_axes(ctx: "SliceContext", qk: fx.Node, head_axis: Optional[int],
     found: dict[fx.Node, int] = {}
     for _ in range(len(region) + 1):  # the flow stops at products: go on past those that carry heads
         flow = ctx.flow.run(sources)
-        for n in region:
-            at, s = flow.index.get(n), node_shape(n)
-            if not isinstance(at, torch.Tensor) or s is None or tuple(at.shape) != s:
-                continue
-            axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
-            if len(axes) == 1:
-                found[n] = axes[0]
+        found.update(axes_of_size(flow, region, heads))
         carried = {}
         for n in region:
             if n in sources or op_name(n) not in ("einsum", "matmul"):
@@ -161,11 +155,10 @@ def product_operands(node: fx.Node) -> list[Any]:
 def product_head_axis(node: fx.Node, pos: int, at: torch.Tensor, heads: int) -> Optional[int]:
     """The output axis of a product (einsum, matmul) that carries the head axis of its operand
     number ``pos`` (index values ``at``) as a batch axis, if there is one."""
-    axes = [a for a in range(at.dim()) if at.shape[a] == heads and varies_along(at, a)]
+    axis = axis_of_size(at, heads)
     out = node_shape(node)
-    if len(axes) != 1 or out is None:
+    if axis is None or out is None:
         return None
-    axis = axes[0]
     name = op_name(node)
     if name == "einsum" and isinstance(node.args[0], str):
         operands = product_operands(node)

@@ -12,7 +12,7 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_axis_size, rewrite_sizes
-from hiap_fx.graph.flow import varies_along
+from hiap_fx.graph.flow import axes_of_size
 from hiap_fx.graph.ir import node_dtype, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext, row_op
@@ -200,14 +200,7 @@ def replay_head_axes(ctx: SliceContext, proj: Any, replay: list[fx.Node], heads:
         flow = ctx.flow.run({lin: code})
     except KeyError:  # the graph was edited since the flow read it: no head axes known
         return {}
-    found: dict[fx.Node, int] = {}
-    for n in replay:
-        at, s = flow.index.get(n), node_shape(n)
-        if isinstance(at, torch.Tensor) and s is not None and tuple(at.shape) == s:
-            axes = [a for a in range(len(s)) if s[a] == heads and varies_along(at, a)]
-            if len(axes) == 1:
-                found[n] = axes[0]
-    return found
+    return axes_of_size(flow, replay, heads)
 
 
 def select_heads(ctx: "SliceContext", value: Any, head_axis: int, rank: int, total: int,
