@@ -92,6 +92,11 @@ class AttentionSite(_Site):
                                         "output before the output projection (MViTv2's residual "
                                         "pooling): the output gate follows it; only whole heads "
                                         "are cut (the dims of q and v are tied)")
+    passthrough: list[str] = Field(default_factory=list, description="activations concatenated "
+                                   "with the kernel output before the output projection (SHViT's "
+                                   "attention over part of the channels): their projection "
+                                   "columns stay, and closing every head still removes the whole "
+                                   "branch (the gates' branch factor)")
     q: Projection
     k: Projection
     v: Projection

@@ -26,6 +26,10 @@ attention is written the way some efficient family writes it:
 * ``pooled``: MViTv2's attention: q, k, v of each head pooled by a depthwise convolution with
   the heads folded into the batch axis, normalised over the dims, and the queries added to the
   kernel output before the projection (heads only);
+* ``partial``: SHViT's attention over part of the channels of a (B, C, H, W) map: q/k/v from a
+  1x1 convolution of the first channels, the kernel output concatenated with the other channels,
+  an activation, then a 1x1 convolution as the output projection (SHViT itself: one head and
+  batch norms after both convolutions, ``_PartialAttention(bn=True)``);
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled")
+         "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -305,6 +309,37 @@ class _PooledAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
 
 
+class _PartialAttention(nn.Module):
+    """SHViT's spelling: attention over the first ``dim // 2`` channels (the whole map when it has
+    one channel), its output concatenated with the other channels before an activation and the
+    output projection; ``bn``: batch norms after the q/k/v and output convolutions (ConvNorm)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bn: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.part = max(1, dim // 2)
+        inner = heads * head_dim
+        self.qkv = nn.Conv2d(self.part, 3 * inner, 1)
+        self.proj = nn.Conv2d(inner + dim - self.part, dim, 1)
+        self.qkv_bn: nn.Module = nn.BatchNorm2d(3 * inner) if bn else nn.Identity()
+        self.proj_bn: nn.Module = nn.BatchNorm2d(dim) if bn else nn.Identity()
+        for norm in (self.qkv_bn, self.proj_bn):
+            if bn:
+                _trained_statistics(norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        m = x.permute(0, 3, 1, 2)
+        x1, x2 = torch.split(m, [self.part, C - self.part], dim=1)
+        inner = self.heads * self.head_dim
+        q, k, v = torch.split(self.qkv_bn(self.qkv(x1)), [inner, inner, inner], dim=1)
+        q, k, v = (t.reshape(B, self.heads, self.head_dim, H * W) for t in (q, k, v))
+        attn = ((q.transpose(-2, -1) @ k) * self.head_dim ** -0.5).softmax(dim=-1)
+        o = (v @ attn.transpose(-2, -1)).reshape(B, inner, H, W)
+        out = self.proj_bn(self.proj(F.relu(torch.cat([o, x2], dim=1))))
+        return out.permute(0, 2, 3, 1)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -323,6 +358,8 @@ class HybridBlock(nn.Module):
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         elif form == "pooled":
             self.attn = _PooledAttention(dim, heads, head_dim)
+        elif form in ("partial", "partial_bn"):
+            self.attn = _PartialAttention(dim, heads, head_dim, bn=form == "partial_bn")
         elif form in ("folded", "folded_manual"):
             self.attn = _FoldedAttention(dim, heads, head_dim, int(tokens ** 0.5), form == "folded_manual")
         else:

@@ -143,6 +143,33 @@ def test_pooled_heads_with_the_queries_added_to_the_output(frontend, heads):
         assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_over_part_of_the_channels(frontend, heads):
+    """SHViT: attention over the first channels of the map, its output concatenated with the
+    other channels before the output projection, batch norms after the convolutions (so the
+    branch never vanishes: no residual to leave). The passed channels keep their projection
+    columns; with every value dim closed the projection reads only them; random decisions
+    finalize exactly."""
+    net = HybridNet("partial_bn", heads=heads, head_dim=3)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    sites = prepared.plan.attention
+    assert len(sites) == 2, prepared.plan.unclaimed
+    assert all(len(s.passthrough) == 1 and s.residual is None and (s.num_heads, s.v_dim) == (heads, 3)
+               for s in sites)
+    dim, part = heads * 3, max(1, heads * 3 // 2)
+    for seed, p_off in ((0, 0.4), (1, 0.7), (2, 1.0)):
+        randomise_gates(prepared, seed, p_off)
+        compact = hiap_fx.finalize(prepared.eval())
+        x = example(net, batch=3, seed=seed)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    # every unit closed: each output projection keeps just the columns of the passed channels
+    proj_cols = sorted(p.shape[1] for n, p in compact.named_parameters() if p.dim() == 2 and p.shape[0] == dim)
+    assert proj_cols[:2] == [dim - part] * 2
+
+
 @pytest.mark.parametrize("form", ["folded", "folded_manual"])
 def test_heads_folded_into_the_batch_axis(form):
     """SAM-ViT / BoTNet: q, k, v as (B * heads, N, d) and a relative-position term computed from

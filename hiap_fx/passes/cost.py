@@ -355,6 +355,11 @@ def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
         if f.residual is not None:
             outs[f.name] = f.out.node
     owners: dict[str, list[str]] = {n: [s] for n, s in _exclusive_nodes(cg, own).items()}
+    for s in plan.attention:
+        if s.passthrough and s.residual is not None:
+            # the projection also reads features passed through: it still runs with no head
+            # live, until the whole branch leaves with the last head
+            owners[s.out.node] = [s.name]
     for site, out in outs.items():
         dead = {out}
         for n in reversed(order):

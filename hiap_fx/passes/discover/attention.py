@@ -16,9 +16,11 @@ from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
 
 
 def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int,
-                   dim_axis: int = -1) -> tuple[Projection, Optional[fx.Node]]:
-    """The output projection of the kernel output, and the add of the queries to the output on
-    the way (MViTv2's residual pooling), if there is one."""
+                   dim_axis: int = -1) -> tuple[Projection, Optional[fx.Node], list[fx.Node]]:
+    """The output projection of the kernel output, the add of the queries to the output on
+    the way (MViTv2's residual pooling), if there is one, and the activations concatenated with
+    the output as further features of the projection (SHViT's attention over part of the
+    channels: ``proj(cat([attn(x1), x2]))``), which pass through unchanged."""
     out_shape = node_shape(core.out)
     if out_shape is None:
         raise Reject(f"no shape recorded for {core.out.name}")
@@ -43,14 +45,38 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
         raise Reject(f"output projection {lin.name}: head layout depends on the token")
     cols = cols[0].long()
     total = heads * v_dim
-    if cols.numel() != total or sorted(cols.tolist()) != list(range(total)):
+    passthrough = concatenated(g, flow, core.out, lin) if bool((cols < 0).any()) else []
+    if passthrough and residual is not None:
+        raise Reject(f"output of {core.out.name} meets both the queries and other features before "
+                     f"{lin.name}")
+    own = (cols >= 0).nonzero().flatten() if passthrough else torch.arange(cols.numel())
+    if own.numel() != total or sorted(cols[own].tolist()) != list(range(total)):
         raise Reject(f"output projection {lin.name} reads {cols.numel()} features, "
                       f"not exactly the {total} head outputs")
     table = torch.empty(total, dtype=torch.long)
-    table[cols] = torch.arange(total)
+    table[cols[own]] = own
     weight, bias = g.linear_params(lin)
     return Projection(node=lin.name, weight=weight, bias=bias,
-                      index=table.reshape(heads, v_dim).tolist()), residual
+                      index=table.reshape(heads, v_dim).tolist()), residual, passthrough
+
+
+def concatenated(g: GraphView, flow: FlowResult, out: fx.Node, lin: fx.Node) -> list[fx.Node]:
+    """The activations concatenated with the kernel output ``out`` on its way to ``lin``;
+    refused (:class:`Reject`) when the output meets another activation in any other way."""
+    on_path = (ancestors(lin) & set(flow.index)) - {out}
+    found: list[fx.Node] = []
+    for n in sorted(on_path, key=lambda n: g.flow.order[n]):
+        others = [a for a in n.all_input_nodes if a not in flow.index and g.dependent(a) and is_tensor_node(a)]
+        if not others:
+            continue
+        if g.name(n) != "cat":
+            raise Reject(f"the output of the attention meets {others[0].name} at {n.name} "
+                         f"({g.name(n)}) before the output projection {lin.name}")
+        found.extend(others)
+    if not found:
+        raise Reject(f"output projection {lin.name} reads features the attention output does "
+                     "not reach, from no concatenation")
+    return found
 
 
 def query_residual(g: GraphView, core: Core, flow: FlowResult, lin: fx.Node) -> Optional[fx.Node]:
@@ -242,7 +268,8 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
     out_dim_axis = v_axes[0] % node_rank(core.v) - node_rank(core.v)  # same rank as the output
     if transposed and (out_head_axis < 0 < heads - 1 or out_head_axis - node_rank(core.out) > out_dim_axis):
         raise Reject(f"{core.nodes[0].name}: channel attention without a head axis before its dims")
-    out, residual = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
+    out, residual, passthrough = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]),
+                                                v_dim, out_dim_axis)
     if residual is not None:  # the queries enter the output: q and v dims are tied, heads stay
         if q_head_axis - node_rank(core.q) != out_head_axis - node_rank(core.out) or v_dim != head_dim:
             raise Reject(f"the queries are added to the output of {core.nodes[-1].name} in another "
@@ -272,6 +299,7 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
         kv_tokens=k_shape[core.k_token_axis] if k_shape else 0, transposed=transposed,
         kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
         logits_terms=[t.name for t in terms], out_residual=residual.name if residual is not None else None,
+        passthrough=[n.name for n in passthrough],
         q=qp, k=kp, v=vp, out=out, side=side)
 
 

@@ -23,7 +23,7 @@ from hiap_fx.passes.slice.operands import (
     replay_prefix,
     shape_operand,
 )
-from hiap_fx.passes.slice.rearrange import moves_only, output_chain, plan_output_replay, replay_output
+from hiap_fx.passes.slice.rearrange import PASSED, moves_only, output_chain, plan_output_replay, replay_output
 from hiap_fx.plan import AttentionSite
 
 
@@ -39,6 +39,8 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
     if not live:
         if site.residual is not None:
             remove_branch(ctx.graph, ctx.nodes, site.residual, site.name)
+        elif site.passthrough:
+            passed_only(ctx, site)
         else:
             bias_only(ctx, site)
         return
@@ -69,17 +71,18 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
         queries = {q: rebuilt_query(ctx, site, q, op["q"], own) for q in residual_queries(ctx.nodes, site)}
-        if not site.transposed and not queries and direct_output(av, out_head, proj_in, ctx.flow.modules):
+        passed = [ctx.nodes[n] for n in site.passthrough]
+        if not (site.transposed or queries or passed) and direct_output(av, out_head, proj_in, ctx.flow.modules):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
             order = [(i, j) for i in range(len(live)) for j in range(width["v"])]
         else:  # the token axis is rearranged first (H x W, windows reversed), or the queries
             # are added (residual pooling): replay those ops on the live heads
             replay = plan_output_replay(ctx.flow, av, proj_in, out_head, len(live), width["v"],
-                                        site.layout.out_dim_axis, list(queries))
+                                        site.layout.out_dim_axis, list(queries), passed)
             x = replay_output(ctx.flow, g, replay, av, out, queries)
             order = replay.order
-        cols = [site.out.index[live[i]][dims["v"][live[i]][j]] if j < len(dims["v"][live[i]]) else PAD
-                for i, j in order]
+        cols = [j if i == PASSED else site.out.index[live[i]][dims["v"][live[i]][j]]
+                if j < len(dims["v"][live[i]]) else PAD for i, j in order]
         ctx.params.replace(site.out.weight, padded(ctx.params.get(site.out.weight), cols, 1))
         new = g.call_function(F.linear, (x, out_lin.args[1], out_lin.args[2] if len(out_lin.args) > 2 else None))
     out_lin.replace_all_uses_with(new)
@@ -156,6 +159,22 @@ def same_lead(kernel_out: tuple[int, ...], out_head: Optional[int], proj_in: tup
     rank = len(kernel_out)
     kept = [a for a in range(rank - 1) if out_head is None or a != out_head % rank]
     return tuple(kernel_out[a] for a in kept) == tuple(proj_in[:-1])
+
+
+def passed_only(ctx: SliceContext, site: AttentionSite) -> None:
+    """No head live, but features concatenated with the kernel output (``passthrough``) still
+    reach the output projection: it keeps only their columns."""
+    out_lin, av = ctx.nodes[site.out.node], ctx.nodes[site.core_nodes[-1]]
+    proj_in = out_lin.args[0]
+    out_head = out_head_axis(site, tensor_shape(av), tensor_shape(proj_in))
+    g = ctx.graph
+    with g.inserting_before(out_lin):
+        replay = plan_output_replay(ctx.flow, av, proj_in, out_head, 0, 0, site.layout.out_dim_axis,
+                                    passed=[ctx.nodes[n] for n in site.passthrough])
+        x = replay_output(ctx.flow, g, replay, av, None)
+        ctx.params.replace(site.out.weight, padded(ctx.params.get(site.out.weight), [j for _, j in replay.order], 1))
+        new = g.call_function(F.linear, (x, *out_lin.args[1:]))
+    out_lin.replace_all_uses_with(new)
 
 
 def bias_only(ctx: SliceContext, site: AttentionSite) -> None:

@@ -52,7 +52,9 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
             queries = residual_queries(check.nodes, site)
-            if site.transposed or queries or not direct_output(av, head, out_lin.args[0], check.flow.modules):
+            passed = [check.nodes[n] for n in site.passthrough]
+            if site.transposed or queries or passed or \
+                    not direct_output(av, head, out_lin.args[0], check.flow.modules):
                 # rearranged before the projection (H x W, windows reversed): it must replay for
                 # fewer heads and narrower heads (finalize plans again for the real decisions)
                 out_shape = tensor_shape(av)
@@ -60,7 +62,7 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
                 dims = out_shape[site.layout.out_dim_axis]
                 plan_output_replay(check.flow, av, out_lin.args[0], head, max(1, heads - 1),
                                    dims if site.transposed or queries else max(1, dims - 1),
-                                   site.layout.out_dim_axis, queries)
+                                   site.layout.out_dim_axis, queries, passed)
         except HiapError as exc:
             bad[site.name] = str(exc)
     return bad

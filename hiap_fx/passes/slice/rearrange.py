@@ -15,6 +15,7 @@ permutation of the compact channels at every position (index flow on the recorde
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterator, Optional, cast
 
@@ -40,7 +41,12 @@ class OutputReplay:
 
     chain: list[fx.Node]  # original movement ops from the kernel output to the projection input
     rewrite: dict[Choice, dict[int, int]]  # size occurrences to rewrite, and how
-    order: list[tuple[int, int]]  # projection input channel -> (live head position, slot)
+    order: list[tuple[int, int]]  # projection input channel -> (live head position, slot), or
+    # (PASSED, channel of the dense projection input) for a feature concatenated on the way
+
+
+#: head position of an ``OutputReplay.order`` entry that is a passed-through feature
+PASSED = -1
 
 
 def moves_only(name: str) -> bool:
@@ -50,11 +56,12 @@ def moves_only(name: str) -> bool:
 
 
 def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
-                 carried: Collection[fx.Node] = ()) -> list[fx.Node]:
+                 carried: Collection[fx.Node] = (), passed: Collection[fx.Node] = ()) -> list[fx.Node]:
     """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
     one must move data or act element-wise (else :class:`HiapError`), and meets no other
     activation than those in ``carried`` (the queries of a residual pooling, which finalize
-    rebuilds for the live heads); ``modules`` names the graph module's submodules."""
+    rebuilds for the live heads) or, in a concatenation, in ``passed`` (features that pass
+    through unchanged); ``modules`` names the graph module's submodules."""
     if proj_input is av:
         return []
     path = descendants(av) & (data_ancestors(proj_input) | {proj_input})
@@ -72,7 +79,8 @@ def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
                             f"projection input {proj_input.name} neither moves data nor acts "
                             "element-wise")
         other = [a for a in n.all_input_nodes if a not in path and a is not av and a not in carried
-                 and a.op != "get_attr" and is_tensor_node(a)]
+                 and a.op != "get_attr" and is_tensor_node(a) and not (name == "cat" and (
+                     a in passed or 0 in (node_shape(a) or ())))]  # an empty operand adds nothing
         if other and not in_family(name, "cast"):
             raise HiapError(f"{n.name} ({name}) combines the kernel output {av.name} with "
                             f"{other[0].name} before the output projection")
@@ -189,13 +197,35 @@ def _rewritten(flow: IndexFlow, n: fx.Node, rewrite: dict[Choice, dict[int, int]
     return tuple(args), kwargs
 
 
-def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch.Tensor,
-             rewrite: dict[Choice, dict[int, int]]) -> Optional[torch.Tensor]:
-    """Run ``chain`` on ``value`` in place of ``start`` (off-path arguments as recorded)."""
-    env: dict[fx.Node, Any] = {start: value}
+def _dropped(n: fx.Node, name: str, env: dict[fx.Node, Any]) -> Optional[bool]:
+    """Whether some inputs of ``n`` were dropped (mapped to ``None``: the kernel output when no
+    head is live): a concatenation then loses those operands (``True``); any other op is
+    dropped too (``None``)."""
+    if not any(a in env and env[a] is None for a in n.all_input_nodes):
+        return False
+    return True if name == "cat" and isinstance(n.args[0], (list, tuple)) else None
+
+
+def _cat_kept(args: tuple) -> Optional[tuple]:
+    """A concatenation's arguments without its dropped operands (``None`` when none is left)."""
+    kept = [a for a in args[0] if a is not None]
+    return (kept, *args[1:]) if kept else None
+
+
+def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optional[torch.Tensor],
+             rewrite: dict[Choice, dict[int, int]],
+             passed: Optional[dict[fx.Node, torch.Tensor]] = None) -> Optional[torch.Tensor]:
+    """Run ``chain`` on ``value`` in place of ``start`` (off-path arguments as recorded, the
+    ``passed`` features as given; ``value=None``: the kernel output is dropped, see
+    :func:`_without_dropped`)."""
+    env: dict[fx.Node, Any] = {**(passed or {}), start: value}
     inside = set(chain) | {start}
     for n in chain:
         name = op_name(n, flow.modules)
+        dropped = _dropped(n, name, env)
+        if dropped is None:
+            env[n] = None
+            continue
         if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through
             on_path = [a for a in n.args if isinstance(a, fx.Node) and a in env]
             env[n] = env[on_path[0]] if on_path else value
@@ -207,6 +237,12 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
         node_args, node_kwargs = _rewritten(flow, n, rewrite, inside)
         args = cast(tuple, map_aggregate(node_args, arg))
         kwargs = cast(dict, map_aggregate(node_kwargs, arg))
+        if dropped:
+            kept = _cat_kept(args)
+            if kept is None:
+                env[n] = None
+                continue
+            args = kept
         try:
             if n.op == "call_function":
                 env[n] = cast(Callable[..., Any], n.target)(*args, **kwargs)
@@ -220,13 +256,27 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: torch
     return out if isinstance(out, torch.Tensor) else None
 
 
+def _passed_codes(flow: IndexFlow, passed: Collection[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """A distinct negative code for every element of the passed-through features."""
+    codes: dict[fx.Node, torch.Tensor] = {}
+    start = 2.0
+    for p in passed:
+        shape = tensor_shape(p)
+        n = math.prod(shape)
+        codes[p] = -(start + torch.arange(n, dtype=torch.float64)).reshape(shape)
+        start += n
+    return codes
+
+
 def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_axis: Optional[int],
                        heads: int, width: int, dim_axis: int = -1,
-                       carried: Collection[fx.Node] = ()) -> OutputReplay:
+                       carried: Collection[fx.Node] = (), passed: Collection[fx.Node] = ()) -> OutputReplay:
     """Find how the kernel output, cut to ``heads`` live heads of ``width`` values each (on
     ``dim_axis``), reaches the projection input through the original ops (see the module
-    docstring; ``carried``: see :func:`output_chain`)."""
-    chain = output_chain(av, proj_input, flow.modules, carried)
+    docstring; ``carried``, ``passed``: see :func:`output_chain`; the passed features must land
+    in the compact projection input exactly as they did in the dense one)."""
+    chain = output_chain(av, proj_input, flow.modules, carried, passed)
+    codes = _passed_codes(flow, passed)
     dense = tensor_shape(av)
     proj_shape = tensor_shape(proj_input)
     rank = len(dense)
@@ -239,6 +289,9 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
         compact[h_axis] = heads
     # which size each occurrence names is not known: a head count equal to the head width offers both
     pairs = [(H, heads), (D, width), (H * D, heads * width)] if h_axis is not None else [(D, width)]
+    extra = proj_shape[-1] - H * D  # passed-through channels: a size naming the whole width
+    if extra > 0:
+        pairs.append((H * D + extra, heads * width + extra))
     pairs = list(dict.fromkeys((old, new) for old, new in pairs if old != new))
     lead_axes = [a for a in range(rank) if a not in (h_axis, d_axis)]
 
@@ -248,11 +301,17 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
             code = code * shape[a] + feature_index(tuple(shape), a)
         return code
 
-    want = _execute(flow, chain, av, lead_code(list(dense)), {})
-    if want is None or tuple(want.shape) != tuple(proj_shape):
+    dense_lead = _execute(flow, chain, av, lead_code(list(dense)), {}, codes)
+    if dense_lead is None or tuple(dense_lead.shape) != tuple(proj_shape):
         raise HiapError(f"cannot replay the ops from the kernel output {av.name} to "
                         f"{proj_input.name} on index values; please report the model")
-    want = want[..., 0]
+    own = _own_columns(dense_lead)
+    if own is None or not own.any():
+        raise HiapError(f"the features of the kernel output {av.name} and those concatenated with "
+                        f"it change places from token to token before {proj_input.name}")
+    want = dense_lead[..., int(own.nonzero()[0])]
+    dense_passed = dense_lead[..., ~own].flatten(0, -2)
+    where_passed = {float(c): j for c, j in zip(dense_passed[0].tolist(), (~own).nonzero().flatten().tolist())}
     channel = feature_index(tuple(compact), d_axis)
     if h_axis is not None:
         channel = channel + feature_index(tuple(compact), h_axis) * width
@@ -264,40 +323,89 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
                 rewrite.setdefault(where, {}).setdefault(old, new)
             if sum(len(m) for m in rewrite.values()) < len(picked):
                 continue  # one occurrence given two new values
-            lead = _execute(flow, chain, av, lead_code(compact), rewrite)
+            lead = _execute(flow, chain, av, lead_code(compact) if heads * width else None, rewrite, codes)
             if lead is None or tuple(lead.shape[:-1]) != tuple(proj_shape[:-1]) \
-                    or lead.shape[-1] != heads * width or not torch.equal(lead[..., 0], want):
+                    or lead.shape[-1] != heads * width + extra:
                 continue
-            if not torch.equal(lead, lead[..., :1].expand_as(lead)):
-                continue  # the channel axis mixes token positions
-            ch = _execute(flow, chain, av, channel, rewrite)
+            mine = _own_columns(lead)
+            if mine is None or int(mine.sum()) != heads * width:
+                continue
+            ours = lead[..., mine]
+            if ours.shape[-1] and not (torch.equal(ours[..., 0], want)
+                                       and torch.equal(ours, ours[..., :1].expand_as(ours))):
+                continue  # tokens moved elsewhere, or the channel axis mixes token positions
+            order = _passed_order(lead[..., ~mine].flatten(0, -2), dense_passed, where_passed, (~own).nonzero())
+            if order is None:
+                continue
+            if not heads * width:  # no head live: only the passed features remain
+                return OutputReplay(chain, rewrite, [(PASSED, j) for j in order])
+            ch = _execute(flow, chain, av, channel, rewrite, codes)
             if ch is None or (ch == SENTINEL).any():
                 continue
-            flat = ch.reshape(-1, ch.shape[-1])
+            flat = ch[..., mine].reshape(-1, heads * width)
             if not torch.equal(flat, flat[:1].expand_as(flat)) or \
                     sorted(flat[0].long().tolist()) != list(range(heads * width)):
                 continue
-            order = [divmod(int(c), width) for c in flat[0].long().tolist()]
-            return OutputReplay(chain, rewrite, order)
+            kernel = iter(divmod(int(c), width) for c in flat[0].long().tolist())
+            passed_order = iter(order)
+            full = [next(kernel) if m else (PASSED, next(passed_order)) for m in mine.tolist()]
+            return OutputReplay(chain, rewrite, full)
     raise HiapError(f"the kernel output {tuple(dense)} of {av.name} is rearranged before "
                     f"{proj_input.name} {tuple(proj_shape)} in a way hiap_fx cannot replay for fewer "
                     "heads or dims; prepare with PruneConfig(heads=False, head_dims=False) to keep "
                     "this attention whole, or report the model")
 
 
+def _own_columns(lead: torch.Tensor) -> Optional[torch.Tensor]:
+    """Which channels of a replayed projection input hold the kernel output (non-negative
+    codes; the passed features carry negative ones), the same at every position; else ``None``."""
+    mine = (lead >= 0).flatten(0, -2)
+    if mine.numel() == 0 or not torch.equal(mine, mine[:1].expand_as(mine)):
+        return None
+    return mine[0]
+
+
+def _passed_order(got: torch.Tensor, dense: torch.Tensor, where: dict[float, int],
+                  dense_cols: torch.Tensor) -> Optional[list[int]]:
+    """The dense channel of every passed-through channel of the compact replay, when each holds
+    exactly the values of one dense channel at every position (``None`` otherwise)."""
+    order: list[int] = []
+    cols = dense_cols.flatten().tolist()
+    for j in range(got.shape[-1]):
+        dense_j = where.get(float(got[0, j]))
+        if dense_j is None or not torch.equal(got[:, j], dense[:, cols.index(dense_j)]):
+            return None
+        order.append(dense_j)
+    return order if len(set(order)) == len(order) == dense.shape[-1] else None
+
+
 def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx.Node,
-                  new_out: fx.Node, carried: Optional[dict[fx.Node, fx.Node]] = None) -> fx.Node:
-    """Copy the replay's chain onto ``new_out`` (inserted at the graph's current point);
-    ``carried``: original activation -> its rebuilt copy for the live heads."""
-    mapping: dict[fx.Node, fx.Node] = {**(carried or {}), av: new_out}
+                  new_out: Optional[fx.Node], carried: Optional[dict[fx.Node, fx.Node]] = None) -> fx.Node:
+    """Copy the replay's chain onto ``new_out`` (inserted at the graph's current point;
+    ``None``: no head is live, only the concatenated features remain); ``carried``: original
+    activation -> its rebuilt copy for the live heads."""
+    mapping: dict[fx.Node, Optional[fx.Node]] = {**(carried or {}), av: new_out}
     inside = set(replay.chain) | {av}
     for n in replay.chain:
+        dropped = _dropped(n, op_name(n, flow.modules), mapping)
+        if dropped is None:
+            mapping[n] = None
+            continue
         args, kwargs = _rewritten(flow, n, replay.rewrite, inside)
         def remap(a: Any) -> Any:
             return mapping.get(a, a) if isinstance(a, fx.Node) else a
 
-        new = graph.create_node(n.op, n.target, cast(tuple, map_aggregate(args, remap)),
-                                cast(dict, map_aggregate(kwargs, remap)))
+        new_args = cast(tuple, map_aggregate(args, remap))
+        if dropped:
+            kept = _cat_kept(new_args)
+            if kept is None:
+                mapping[n] = None
+                continue
+            new_args = kept
+        new = graph.create_node(n.op, n.target, new_args, cast(dict, map_aggregate(kwargs, remap)))
         new.meta = dict(n.meta)
         mapping[n] = new
-    return mapping[replay.chain[-1]] if replay.chain else new_out
+    out = mapping[replay.chain[-1]] if replay.chain else new_out
+    if out is None:
+        raise HiapError(f"nothing of the output of {av.name} reaches the projection when no head is live")
+    return out
