@@ -30,6 +30,9 @@ attention is written the way some efficient family writes it:
   1x1 convolution of the first channels, the kernel output concatenated with the other channels,
   an activation, then a 1x1 convolution as the output projection (SHViT itself: one head and
   batch norms after both convolutions, ``_PartialAttention(bn=True)``);
+* ``upsampled``: LowFormer's attention at a lower resolution: a strided depthwise convolution
+  and a 1x1 convolution make q/k/v of each head on the (H/2, W/2) map, and the output projection
+  is a transposed convolution back to (H, W) (``nn.ConvTranspose2d``, cropped);
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
-         "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial")
+         "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial",
+         "upsampled")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -340,6 +344,30 @@ class _PartialAttention(nn.Module):
         return out.permute(0, 2, 3, 1)
 
 
+class _UpsampledAttention(nn.Module):
+    """LowFormer's spelling: a strided depthwise convolution (and batch norm) halves the map, one
+    1x1 convolution gives each head's q, k and v (``reshape(B, heads, 3 * d, hw)``, chunked),
+    and a transposed convolution is both the output projection and the upsampling."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.down = nn.Conv2d(dim, dim, 3, stride=2, padding=1, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        _trained_statistics(self.bn)
+        self.pwise = nn.Conv2d(dim, 3 * heads * head_dim, 1, bias=False)
+        self.up = nn.ConvTranspose2d(heads * head_dim, dim, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y = self.pwise(self.bn(self.down(x.permute(0, 3, 1, 2))))
+        _, _, h, w = y.shape
+        q, k, v = y.reshape(B, self.heads, 3 * self.head_dim, h * w).permute(0, 1, 3, 2).chunk(3, dim=3)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = self.up(o.permute(0, 1, 3, 2).reshape(B, self.heads * self.head_dim, h, w))
+        return o[..., :H, :W].permute(0, 2, 3, 1)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -358,6 +386,8 @@ class HybridBlock(nn.Module):
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         elif form == "pooled":
             self.attn = _PooledAttention(dim, heads, head_dim)
+        elif form == "upsampled":
+            self.attn = _UpsampledAttention(dim, heads, head_dim)
         elif form in ("partial", "partial_bn"):
             self.attn = _PartialAttention(dim, heads, head_dim, bn=form == "partial_bn")
         elif form in ("folded", "folded_manual"):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from independent_macs import randomise_gates
 
 import hiap_fx
+from hiap_fx.passes.conv_linears import overlap_add
 
 
 def _prepare(net: HybridNet) -> hiap_fx.PreparedModel:
@@ -29,9 +30,10 @@ def test_every_attention_is_a_site_on_its_residual(form, spelling):
     assert len(plan.attention) == 2 and len(plan.ffn) == 2, plan.unclaimed
     assert {(s.num_heads, s.head_dim) for s in plan.attention} == {(2, 4)}
     assert all(s.residual is not None for s in plan.ffn)
-    # LeViT's projection ends in a batch norm, which does not map a closed branch to zero: its
-    # attention is gated (heads, dims) but cannot leave the residual stream as a whole
-    assert all((s.residual is None) == (form == "bn_rows") for s in plan.attention)
+    # LeViT's projection ends in a batch norm and LowFormer's transposed convolution adds a bias,
+    # which do not map a closed branch to zero: their attention is gated (heads, dims) but cannot
+    # leave the residual stream as a whole
+    assert all((s.residual is None) == (form in ("bn_rows", "upsampled")) for s in plan.attention)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -168,6 +170,48 @@ def test_attention_over_part_of_the_channels(frontend, heads):
     # every unit closed: each output projection keeps just the columns of the passed channels
     proj_cols = sorted(p.shape[1] for n, p in compact.named_parameters() if p.dim() == 2 and p.shape[0] == dim)
     assert proj_cols[:2] == [dim - part] * 2
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(c_in=st.integers(1, 5), c_out=st.integers(1, 4), kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), pad=st.integers(0, 1), extra=st.integers(0, 2),
+       side=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_a_transposed_convolution_is_a_linear_and_an_overlap_add(c_in, c_out, kernel, stride, pad, extra, side, seed):
+    """The rewrite behind LowFormer's output projection: ``conv_transpose2d`` equals a linear
+    from the input channels to (output channel x kernel position) and ``overlap_add``."""
+    padding = (min(pad, kernel[0] - 1), min(pad, kernel[1] - 1))
+    output_padding = (min(extra, stride[0] - 1), min(extra, stride[1] - 1))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c_in, side, side + 1, generator=gen)
+    w, b = torch.randn(c_in, c_out, *kernel, generator=gen), torch.randn(c_out, generator=gen)
+    want = torch.nn.functional.conv_transpose2d(x, w, b, stride, padding, output_padding)
+    cols = torch.nn.functional.linear(x.movedim(1, -1), w.reshape(c_in, -1).t())
+    got = overlap_add(cols, kernel, stride, padding, output_padding) + b.reshape(1, -1, 1, 1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_attention_with_a_transposed_convolution_as_its_output_projection(frontend):
+    """LowFormer: q/k/v of each head from a strided depthwise convolution and a 1x1 convolution,
+    the output projection a transposed convolution back to the input resolution (with a bias:
+    the branch never vanishes). Its input channels are cut with the heads and dims; with every
+    unit closed the projection reads no features and nothing that fed only the attention stays
+    (the downsampling convolution goes too: the MACs match the cost model)."""
+    net = HybridNet("upsampled", heads=3, head_dim=2)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    sites = prepared.plan.attention
+    assert len(sites) == 2 and all(s.residual is None for s in sites), prepared.plan.unclaimed
+    for seed, p_off in ((0, 0.3), (1, 0.6), (2, 1.0)):
+        randomise_gates(prepared, seed, p_off)
+        compact = hiap_fx.finalize(prepared.eval())
+        x = example(net, batch=3, seed=seed)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    # all closed: no depthwise downsampling convolution remains (only the stem convolution)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in compact.modules()) + \
+        sum("conv2d" in str(n.target) for n in compact.graph.nodes) == 1
 
 
 @pytest.mark.parametrize("form", ["folded", "folded_manual"])

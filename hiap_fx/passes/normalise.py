@@ -13,7 +13,10 @@ After this pass:
 * identity modules are gone;
 * a pointwise (1x1) convolution next to attention (its q/k/v or output projection over a
   (B, C, H, W) map) is the linear it is: ``movedim(F.linear(movedim(x, 1, -1), W2d, b), -1, 1)``,
-  its weight stored as the 2-D matrix, so heads and dims are found and cut as for any linear.
+  its weight stored as the 2-D matrix, so heads and dims are found and cut as for any linear;
+  a transposed convolution after attention (LowFormer's output projection that also upsamples)
+  is a linear over its input channels and a parameter-free overlap-add
+  (:mod:`hiap_fx.passes.conv_linears`).
 Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonical name.
 """
 
@@ -28,6 +31,7 @@ from torch import fx, nn
 
 from hiap_fx.graph.ir import CapturedGraph, node_shape
 from hiap_fx.graph.ops import einsum_letters, op_kind, op_name
+from hiap_fx.passes.conv_linears import pointwise_convs_as_linears, transposed_convs_as_linears
 from hiap_fx.registry import attention_kernel
 
 
@@ -273,6 +277,7 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
         if new is not None:
             _replace(node, new, cg)
     pointwise_convs_as_linears(cg)
+    transposed_convs_as_linears(cg)
     values_on_the_right(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -280,108 +285,6 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
     gm.recompile()
     cg.facts_fresh = False
     return cg
-
-
-_ATTENTION_OPS = ("scaled_dot_product_attention", "matmul", "bmm", "einsum")
-
-
-def _near(node: fx.Node, step: Callable[[fx.Node], list[fx.Node]], depth: int = 12) -> bool:
-    """Whether an attention op (sdpa, or a product of activations) is reached from ``node``
-    through ``step`` within ``depth`` ops, not crossing another projection."""
-    frontier, seen = [node], {node}
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for m in step(n):
-                if m in seen or m.op == "get_attr":
-                    continue
-                seen.add(m)
-                name = op_name(m)
-                if name in _ATTENTION_OPS or attention_kernel(m) is not None:
-                    return True
-                if name not in ("linear", "conv1d", "conv2d", "conv3d"):
-                    nxt.append(m)
-        frontier = nxt
-    return False
-
-
-def _pointwise(node: fx.Node, gm: fx.GraphModule) -> Optional[tuple[nn.Module, str, torch.Tensor]]:
-    """(holder module, attribute, weight) of a 1x1, stride-1, unpadded, ungrouped convolution
-    whose weight is a parameter read by this node alone; else None."""
-    if op_name(node) not in ("conv1d", "conv2d", "conv3d") or node.op != "call_function":
-        return None
-    args = list(node.args) + [None] * (7 - len(node.args))
-    w = args[1]
-    if not isinstance(w, fx.Node) or w.op != "get_attr" or len(w.users) != 1:
-        return None
-    if sum(n.op == "get_attr" and n.target == w.target for n in node.graph.nodes) != 1:
-        return None
-    mod_path, _, attr = str(w.target).rpartition(".")
-    holder = gm.get_submodule(mod_path) if mod_path else gm
-    weight = getattr(holder, attr, None)
-    if not isinstance(weight, torch.Tensor) or any(k != 1 for k in weight.shape[2:]):
-        return None
-
-    def all_are(v: Any, value: int) -> bool:
-        return v is None or v == value or (isinstance(v, (tuple, list)) and all(x == value for x in v))
-
-    stride, padding, dilation, groups = args[3], args[4], args[5], args[6]
-    if not (all_are(stride, 1) and (padding in ("valid", "same") or all_are(padding, 0))
-            and all_are(dilation, 1) and groups in (None, 1)):
-        return None
-    return holder, attr, weight
-
-
-def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
-    """Rewrite pointwise convolutions next to attention as linears over the channel axis (see
-    the module docstring); others (a CNN stem, MBConv blocks) keep their spelling."""
-    gm = cg.gm
-    g = gm.graph
-    for node in list(g.nodes):
-        found = _pointwise(node, gm)
-        if found is None:
-            continue
-        x = node.args[0]
-        if not isinstance(x, fx.Node) or not (_near(node, lambda n: list(n.users)) or
-                                             _near(x, lambda n: n.all_input_nodes)):
-            continue
-        holder, attr, weight = found
-        flat = nn.Parameter(weight.detach().reshape(weight.shape[0], weight.shape[1]).clone(),
-                            requires_grad=weight.requires_grad)
-        setattr(holder, attr, flat)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        norm = _batch_norm_after(node, gm)
-        with g.inserting_before(node):
-            moved = g.call_method("movedim", (x, 1, -1))
-            lin = g.call_function(F.linear, (moved, node.args[1], bias))
-            if norm is not None:
-                # conv + batch norm: the norm over the rows of the linear (the same statistics
-                # over the same elements), which finalize cuts with the rows (LeViT's ConvNorm)
-                rows = g.call_method("reshape", (lin, -1, weight.shape[0], *[1] * (weight.dim() - 2)))
-                with g.inserting_before(norm):
-                    normed = g.node_copy(norm, lambda a: rows if a is node else a)
-                    same = g.call_method("reshape_as", (normed, lin))
-                    back = g.call_method("movedim", (same, -1, 1))
-                norm.replace_all_uses_with(back)
-                g.erase_node(norm)
-            else:
-                back = g.call_method("movedim", (lin, -1, 1))
-        node.replace_all_uses_with(back)
-        g.erase_node(node)
-
-
-def _batch_norm_after(conv: fx.Node, gm: fx.GraphModule) -> Optional[fx.Node]:
-    """The batch norm (a module call, or an exported call with its tensors as arguments) that is
-    the only user of ``conv`` and reads it as its input (ConvNorm), else None."""
-    users = list(conv.users)
-    if len(users) != 1 or users[0].args[:1] != (conv,) or conv in users[0].args[1:]:
-        return None
-    norm = users[0]
-    if norm.op == "call_module":
-        module = gm.get_submodule(str(norm.target))
-        return norm if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(norm.args) == 1 \
-            and not norm.kwargs else None
-    return norm if norm.op == "call_function" and op_name(norm) == "batch_norm" else None
 
 
 def _swaps_last_two(node: fx.Node) -> bool:

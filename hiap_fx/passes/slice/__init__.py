@@ -22,6 +22,11 @@ def slice_sites(cg: CapturedGraph, plan: Plan, decisions: dict[str, torch.Tensor
     """Cut every site of ``plan`` in the gate-free graph of ``cg`` as ``decisions`` say (FFN rows
     and columns, attention rebuilt around the kernel, closed sub-layers off the stream)."""
     ctx = SliceContext(cg, plan, decisions)
+    if any(s.layout.batch_folded or not ctx.decisions.live_heads(s) and s.residual is None
+           and not s.passthrough for s in plan.attention):
+        # heads folded into the batch axis, or a closed attention off the stream: the shapes at
+        # another batch are read before any weight is cut (the graph cannot run in between)
+        ctx.read_batch_shapes()
     for site in plan.ffn:
         slice_ffn(ctx, site)
     for attention_site in plan.attention:

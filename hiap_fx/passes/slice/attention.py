@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import fx
 
@@ -25,6 +26,7 @@ from hiap_fx.passes.slice.operands import (
 )
 from hiap_fx.passes.slice.rearrange import PASSED, moves_only, output_chain, plan_output_replay, replay_output
 from hiap_fx.plan import AttentionSite
+from hiap_fx.registry import SAFE_FUNCTIONS
 
 
 def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
@@ -177,18 +179,33 @@ def passed_only(ctx: SliceContext, site: AttentionSite) -> None:
     out_lin.replace_all_uses_with(new)
 
 
+def no_features(batch_of: torch.Tensor, tail: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An empty ``(batch, *tail, 0)`` tensor of ``like``'s dtype and device, the batch read from
+    axis 0 of ``batch_of`` (a closed attention's input to its output projection)."""
+    return like.new_zeros((batch_of.shape[0], *tail, 0))
+
+
+SAFE_FUNCTIONS.append(no_features)
+
+
 def bias_only(ctx: SliceContext, site: AttentionSite) -> None:
-    """A closed attention off the residual stream still adds its output bias: keep just that."""
+    """A closed attention off the residual stream still adds its output bias: keep just that
+    (the projection reads no features; nothing that fed only the attention stays)."""
     out_lin = ctx.nodes[site.out.node]
-    x = ctx.nodes[site.q.node].args[0]
-    x_shape = node_shape(x)
-    if x_shape is None or x_shape[:-1] != tensor_shape(out_lin.args[0])[:-1]:
-        raise HiapError(f"{site.name}: every head is closed and the attention is not on a residual "
-                        "branch, so its output bias would remain, but its input and output "
-                        "layouts differ; keep at least one head open")
+    proj_in = out_lin.args[0]
+    first_input = next((n for n in ctx.graph.nodes if n.op == "placeholder"), None)
     ctx.params.replace(site.out.weight, ctx.params.get(site.out.weight)[:, :0])
     with ctx.graph.inserting_before(out_lin):
-        empty = ctx.graph.call_method("narrow", (x, -1, 0, 0))
+        if first_input is not None and ctx.batch_first(proj_in):
+            empty = ctx.graph.call_function(no_features, (first_input, tensor_shape(proj_in)[1:-1], out_lin.args[1]))
+        else:
+            x = ctx.nodes[site.q.node].args[0]
+            x_shape = node_shape(x)
+            if x_shape is None or x_shape[:-1] != tensor_shape(proj_in)[:-1]:
+                raise HiapError(f"{site.name}: every head is closed and the attention is not on a "
+                                "residual branch, so its output bias would remain, but its input "
+                                "and output layouts differ; keep at least one head open")
+            empty = ctx.graph.call_method("narrow", (x, -1, 0, 0))
         new = ctx.graph.call_function(F.linear, (empty, *out_lin.args[1:]))
     out_lin.replace_all_uses_with(new)
 

@@ -51,6 +51,24 @@ class SliceContext:
         self._batch2: Optional[dict[str, tuple[int, ...]]] = None
         self.rebuilt: dict[fx.Node, fx.Node] = {}  # operand-path node -> its rebuilt copy
 
+    def read_batch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every node's shape at a batch of two (empty when fake tensors cannot run the graph);
+        read once, before any weight is cut."""
+        if self._batch2 is None:
+            self._batch2 = shapes_at_batch(self.cg, 2) or {}
+        return self._batch2
+
+    def batch_first(self, node: fx.Node) -> bool:
+        """Whether ``node``'s axis 0 is the batch axis of the first input and every other axis
+        keeps its size at another batch (compared with its shapes at a batch of two)."""
+        first = self.cg.example_inputs[0] if self.cg.example_inputs else None
+        s1 = node_shape(node)
+        if first is None or first.dim() == 0 or not s1 or s1[0] != first.shape[0]:
+            return False
+        s2 = self.read_batch_shapes().get(node.name)
+        return s2 is not None and len(s1) == len(s2) and s2[0] == 2 and s2[1:] == s1[1:] != () \
+            and (first.shape[0] != 2 or s1[0] == 2)
+
     def folded_axis(self, node: fx.Node) -> Optional[int]:
         """The axis of ``node`` that holds the batch and more (heads folded into the batch axis,
         ``reshape(B * heads, N, d)``): recorded at a batch of one, the only axis that doubles at
@@ -59,9 +77,7 @@ class SliceContext:
         shape = node_shape(node)
         if first is None or first.dim() == 0 or first.shape[0] != 1 or not shape or shape[0] == 1:
             return None  # (a leading axis of 1 is the batch, alone: nothing to run)
-        if self._batch2 is None:
-            self._batch2 = shapes_at_batch(self.cg, 2) or {}
-        s1, s2 = node_shape(node), self._batch2.get(node.name)
+        s1, s2 = node_shape(node), self.read_batch_shapes().get(node.name)
         if s1 is None or s2 is None or len(s1) != len(s2):
             return None
         grown = [i for i in range(len(s1)) if s1[i] != s2[i]]
