@@ -33,6 +33,9 @@ attention is written the way some efficient family writes it:
 * ``upsampled``: LowFormer's attention at a lower resolution: a strided depthwise convolution
   and a 1x1 convolution make q/k/v of each head on the (H/2, W/2) map, and the output projection
   is a transposed convolution back to (H, W) (``nn.ConvTranspose2d``, cropped);
+* ``q_pooled``: Hiera's attention at a stage change: the queries max-pooled over the map, the
+  new map size read back from them (``H, W = q.shape[1:3]``) for the output reshape, and the
+  block's shortcut pooled alike;
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -46,7 +49,7 @@ from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
          "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial",
-         "upsampled")
+         "upsampled", "q_pooled")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -368,6 +371,26 @@ class _UpsampledAttention(nn.Module):
         return o[..., :H, :W].permute(0, 2, 3, 1)
 
 
+class _QueryPooledAttention(nn.Module):
+    """Hiera's spelling (``MultiScaleAttention`` with ``q_pool``): q max-pooled 2x2 over the map,
+    the pooled map's size read from q and used to lay out the output."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = torch.unbind(self.qkv(x).reshape(B, H * W, 3, self.heads, -1), 2)
+        q = F.max_pool2d(q.reshape(B, H, W, -1).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        H, W = q.shape[1:3]
+        q = q.reshape(B, H * W, self.heads, -1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -386,6 +409,8 @@ class HybridBlock(nn.Module):
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         elif form == "pooled":
             self.attn = _PooledAttention(dim, heads, head_dim)
+        elif form == "q_pooled":
+            self.attn = _QueryPooledAttention(dim, heads, head_dim)
         elif form == "upsampled":
             self.attn = _UpsampledAttention(dim, heads, head_dim)
         elif form in ("partial", "partial_bn"):
@@ -403,6 +428,10 @@ class HybridBlock(nn.Module):
         if self.form == "nested":
             inner = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(inner))
+        if self.form == "q_pooled":
+            shortcut = F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+            x = shortcut + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
         if self.form == "res_scale":
             x = x * self.res_scale1 + self.attn(self.norm1(x))
             return self.res_scale2 * x + self.mlp(self.norm2(x))

@@ -33,7 +33,8 @@ def test_every_attention_is_a_site_on_its_residual(form, spelling):
     # LeViT's projection ends in a batch norm and LowFormer's transposed convolution adds a bias,
     # which do not map a closed branch to zero: their attention is gated (heads, dims) but cannot
     # leave the residual stream as a whole
-    assert all((s.residual is None) == (form in ("bn_rows", "upsampled")) for s in plan.attention)
+    # (Hiera's pooled queries: the shortcut is pooled too, so the attention joins no residual)
+    assert all((s.residual is None) == (form in ("bn_rows", "upsampled", "q_pooled")) for s in plan.attention)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -191,7 +192,7 @@ def test_a_transposed_convolution_is_a_linear_and_an_overlap_add(c_in, c_out, ke
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("frontend", ["auto", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_attention_with_a_transposed_convolution_as_its_output_projection(frontend):
     """LowFormer: q/k/v of each head from a strided depthwise convolution and a 1x1 convolution,
     the output projection a transposed convolution back to the input resolution (with a bias:
@@ -201,6 +202,7 @@ def test_attention_with_a_transposed_convolution_as_its_output_projection(fronte
     net = HybridNet("upsampled", heads=3, head_dim=2)
     prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
     sites = prepared.plan.attention
+    assert prepared.plan.frontend == frontend
     assert len(sites) == 2 and all(s.residual is None for s in sites), prepared.plan.unclaimed
     for seed, p_off in ((0, 0.3), (1, 0.6), (2, 1.0)):
         randomise_gates(prepared, seed, p_off)
@@ -212,6 +214,27 @@ def test_attention_with_a_transposed_convolution_as_its_output_projection(fronte
     # all closed: no depthwise downsampling convolution remains (only the stem convolution)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in compact.modules()) + \
         sum("conv2d" in str(n.target) for n in compact.graph.nodes) == 1
+
+
+@pytest.mark.parametrize("form", ["q_pooled", "upsampled"])
+def test_sizes_read_from_the_operands_do_not_keep_them_dense(form):
+    """Hiera reads the pooled map's size from q (``H, W = q.shape[1:3]``), LowFormer reads the
+    batch and map size from its projection's output (``N, _, h, w = y.size()``), and both use
+    them outside the operands (the output reshape). Traced by fx, the readers get the rebuilt
+    operand's size or the recorded one (the batch from the input): no dense projection stays
+    for them, at any batch."""
+    net = HybridNet(form, heads=2, head_dim=3)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend="fx"))
+    assert len(prepared.plan.attention) == 2, prepared.plan.unclaimed
+    randomise_gates(prepared, 3, 0.5)
+    compact = hiap_fx.finalize(prepared.eval())
+    for batch in (1, 4):
+        x = example(net, batch=batch, seed=batch)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs() < prepared.dense_macs
+    dense_rows = 3 * 2 * 3  # the qkv projection of two heads of three
+    assert all(p.shape[0] != dense_rows for p in compact.parameters() if p.dim() == 2)
 
 
 @pytest.mark.parametrize("form", ["folded", "folded_manual"])

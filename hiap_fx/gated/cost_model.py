@@ -15,6 +15,7 @@ widest heads, the only ones whose dims save compute.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,6 +24,9 @@ import torch
 from sympy.printing.pycode import PythonCodePrinter
 
 from hiap_fx.errors import HiapError
+
+#: recursion limit while compiling the cost forms (Python compiles an n-term sum n deep)
+_COMPILE_RECURSION = 20_000
 
 
 @dataclass
@@ -145,12 +149,19 @@ class CostModel:
         printer = PythonCodePrinter({"fully_qualified_modules": False, "inline": True,
                                      "allow_unknown_functions": True, "order": "none"})
         functions = {}
-        for key, (macro_form, micro_form) in self._forms.items():
-            own = len(key[1])
-            rename = dict(zip(_canonical(own) + extra, plain))
-            functions[key] = sympy.lambdify(plain[:own + len(extra)],
-                                            (macro_form.xreplace(rename), micro_form.xreplace(rename)),
-                                            modules=[{"Widest": maximum}, "math"], cse=False, printer=printer)
+        limit = sys.getrecursionlimit()
+        # a form with thousands of terms prints as one long sum, which Python compiles as a
+        # nest of that depth (MobileNetV5's multi-query attention): allow it while compiling
+        sys.setrecursionlimit(max(limit, _COMPILE_RECURSION))
+        try:
+            for key, (macro_form, micro_form) in self._forms.items():
+                own = len(key[1])
+                rename = dict(zip(_canonical(own) + extra, plain))
+                functions[key] = sympy.lambdify(plain[:own + len(extra)],
+                                                (macro_form.xreplace(rename), micro_form.xreplace(rename)),
+                                                modules=[{"Widest": maximum}, "math"], cse=False, printer=printer)
+        finally:
+            sys.setrecursionlimit(limit)
         calls = [(functions[key], positions) for key, positions in self._node_forms]
         first_extra = len(self.sources)
 

@@ -3,6 +3,7 @@ dead code removed (keeping in-place ops and registered guards)."""
 
 from __future__ import annotations
 
+import heapq
 import operator
 from typing import Any, TypeVar, cast
 
@@ -177,3 +178,32 @@ def rewrite_axis_size(node: fx.Node, axis: int, old: int, new: int) -> None:
         sizes[axis] = swap(sizes[axis])
         node.kwargs = {**node.kwargs, key: tuple(sizes)}
     node.args = tuple(args)
+
+
+def restore_order(graph: fx.Graph) -> None:
+    """Move nodes, in place, into an order where every node comes after its inputs, keeping the
+    present order wherever the inputs allow it (a stable topological sort; nothing moves when
+    the order is already valid). Edits that let an earlier node read a later one (a shape
+    query redirected to a rebuilt operand) call it before the graph is linted."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    if all(position[a] < position[n] for n in nodes for a in n.all_input_nodes):
+        return
+    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(position[n], n.name) for n in nodes if waiting[n] == 0]
+    by_name = {n.name: n for n in nodes}
+    heapq.heapify(ready)
+    order: list[fx.Node] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        node = by_name[name]
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user.name))
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    for before, node in zip(order, order[1:]):
+        if node.prev is not before:
+            before.append(node)

@@ -66,3 +66,36 @@ def scaling_chain(operand: fx.Node, dependent: Callable[[fx.Node], bool]) -> set
         cur = data[0]
         chain.add(cur)
     return chain
+
+
+def shape_query(node: fx.Node) -> bool:
+    """``x.shape`` or ``x.size(...)``: a node that reads only its tensor's shape."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and bool(node.args[1] == "shape")
+    return op_name(node) == "size" and node.op in ("call_method", "call_function")
+
+
+def queried_axes(query: fx.Node) -> set[int] | None:
+    """The axes of its tensor a :func:`shape_query` reads (``x.size(i)``, ``x.shape[i]``,
+    ``x.shape[a:b]``, counted from 0); ``None`` when it may read every axis (``x.size()``,
+    ``x.shape`` used whole)."""
+    x = query.args[0]
+    shape = node_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None:
+        return None
+    rank = len(shape)
+    if op_name(query) == "size":
+        dim = query.args[1] if len(query.args) > 1 else query.kwargs.get("dim")
+        return {dim % rank} if isinstance(dim, int) else None
+    axes: set[int] = set()
+    for user in query.users:
+        if op_name(user) != "getitem" or len(user.args) != 2:
+            return None
+        key = user.args[1]
+        if isinstance(key, int):
+            axes.add(key % rank)
+        elif isinstance(key, slice):
+            axes.update(range(rank)[key])
+        else:
+            return None
+    return axes

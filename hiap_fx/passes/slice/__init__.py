@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from hiap_fx.graph.editing import restore_order
 from hiap_fx.graph.ir import CapturedGraph
 from hiap_fx.passes.slice.attention import rebuild_attention
-from hiap_fx.passes.slice.context import SliceContext
+from hiap_fx.passes.slice.context import SliceContext, shape_queries
 from hiap_fx.passes.slice.ffn import slice_ffn
 from hiap_fx.plan import Plan
 
@@ -27,9 +28,11 @@ def slice_sites(cg: CapturedGraph, plan: Plan, decisions: dict[str, torch.Tensor
         # heads folded into the batch axis, or a closed attention off the stream: the shapes at
         # another batch are read before any weight is cut (the graph cannot run in between)
         ctx.read_batch_shapes()
+    sizes = {s.name: shape_queries(ctx, s) for s in plan.attention}  # before any edit
     for site in plan.ffn:
         slice_ffn(ctx, site)
     for attention_site in plan.attention:
-        rebuild_attention(ctx, attention_site)
+        rebuild_attention(ctx, attention_site, sizes[attention_site.name])
+    restore_order(ctx.graph)  # shape queries redirected to rebuilt operands defined later
     ctx.graph.lint()
     return cg

@@ -12,7 +12,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import descendants
-from hiap_fx.passes.slice.context import SliceContext, operand_layout
+from hiap_fx.passes.slice.context import SizeFix, SliceContext, detach_sizes, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits, operand_terms
 from hiap_fx.passes.slice.operands import (
@@ -29,9 +29,11 @@ from hiap_fx.plan import AttentionSite
 from hiap_fx.registry import SAFE_FUNCTIONS
 
 
-def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
+def rebuild_attention(ctx: SliceContext, site: AttentionSite,
+                      sizes: Optional[dict[fx.Node, Optional[SizeFix]]] = None) -> None:
     """Rebuild one attention for the decisions: the live heads, each padded to the widest kept
-    q/k and value width of the layer, in one kernel call (padded rows and columns are zero)."""
+    q/k and value width of the layer, in one kernel call (padded rows and columns are zero).
+    ``sizes``: the site's :func:`shape_queries`, read before any site was edited."""
     dec = ctx.decisions
     if dec.attention_untouched(site):
         return
@@ -88,6 +90,14 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite) -> None:
         ctx.params.replace(site.out.weight, padded(ctx.params.get(site.out.weight), cols, 1))
         new = g.call_function(F.linear, (x, out_lin.args[1], out_lin.args[2] if len(out_lin.args) > 2 else None))
     out_lin.replace_all_uses_with(new)
+    for query, fix in (sizes or {}).items():
+        # sizes of tokens or batch read from an operand (Hiera's pooled q, LowFormer's projection
+        # output): from its copy or as recorded, so the dense operand is not kept alive for them
+        read = query.args[0]
+        if fix == "copy" and isinstance(read, fx.Node) and read in own:
+            query.replace_input_with(read, own[read])
+        elif fix == "detach":
+            detach_sizes(ctx, query)
 
 
 def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],

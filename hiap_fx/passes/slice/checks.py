@@ -11,15 +11,24 @@ from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
 from hiap_fx.passes.slice.attention import direct_output, out_head_axis, residual_queries
-from hiap_fx.passes.slice.context import SliceContext, operand_layout
+from hiap_fx.passes.slice.context import (
+    SizeFix,
+    SliceContext,
+    from_safe_queries,
+    operand_layout,
+    shape_queries,
+)
 from hiap_fx.passes.slice.rearrange import plan_output_replay
 from hiap_fx.plan import AttentionSite, Plan, Unclaimed
 
 
-def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) -> None:
+def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite,
+                              queries: Optional[dict[fx.Node, Optional[SizeFix]]] = None) -> None:
     """Finalize rebuilds q/k/v from the kept rows of their projections and lets the original
     linears die; a projection whose output also feeds something else (a parallel block fusing
-    the MLP's input into the same linear) would stay whole next to the rebuilt rows."""
+    the MLP's input into the same linear) would stay whole next to the rebuilt rows. Sizes read
+    from the operands by safe shape queries (``queries``: :func:`shape_queries`) are read from
+    the rebuilt operands instead."""
     core = [nodes[n] for n in site.core_nodes]
     if site.out_residual:  # the queries' add to the output (residual pooling) is the attention's
         core.append(nodes[site.out_residual])
@@ -30,6 +39,8 @@ def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite) ->
     for role in ("q", "k", "v"):
         P = nodes[getattr(site, role).node]
         for n in descendants(P) & feeding:
+            if not is_tensor_node(n) and from_safe_queries(n, queries or {}):
+                continue
             for u in n.users:
                 if u in feeding or u in core or not is_tensor_node(u):
                     continue
@@ -45,7 +56,7 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
     bad: dict[str, str] = {}
     for site in plan.attention:
         try:
-            check_private_projections(check.nodes, site)
+            check_private_projections(check.nodes, site, shape_queries(check, site))
             for role in ("q", "k", "v"):
                 operand_layout(check, site, role)
             out_lin = check.nodes[site.out.node]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 from torch import fx
+from torch.fx.node import map_aggregate
 
 from hiap_fx.errors import HiapError
 from hiap_fx.gated.decisions import Decisions
@@ -17,7 +18,7 @@ from hiap_fx.graph.editing import Params
 from hiap_fx.graph.flow import IndexFlow, feature_index, varies_along
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import in_family, op_name
-from hiap_fx.graph.queries import ancestors, data_ancestors, descendants
+from hiap_fx.graph.queries import ancestors, data_ancestors, descendants, queried_axes, shape_query
 from hiap_fx.plan import AttentionSite, Plan
 
 
@@ -68,6 +69,14 @@ class SliceContext:
         s2 = self.read_batch_shapes().get(node.name)
         return s2 is not None and len(s1) == len(s2) and s2[0] == 2 and s2[1:] == s1[1:] != () \
             and (first.shape[0] != 2 or s1[0] == 2)
+
+    def fixed_or_batch(self, node: fx.Node, axes: set[int], batch: bool = True) -> bool:
+        """Whether every one of ``axes`` of ``node`` keeps its size at another batch, or (with
+        ``batch``) is axis 0 holding the batch of the first input alone."""
+        s1, s2 = node_shape(node), self.read_batch_shapes().get(node.name)
+        if s1 is None or s2 is None or len(s1) != len(s2):
+            return False
+        return all(s1[a] == s2[a] or batch and a == 0 and self.batch_first(node) for a in axes)
 
     def folded_axis(self, node: fx.Node) -> Optional[int]:
         """The axis of ``node`` that holds the batch and more (heads folded into the batch axis,
@@ -147,6 +156,83 @@ def _split_order(at: torch.Tensor, axes: list[int], size: int) -> Optional[list[
         if torch.equal(at, code):
             return list(order)
     return None
+
+
+SizeFix = Literal["copy", "detach"]
+
+
+def shape_queries(ctx: SliceContext, site: AttentionSite) -> dict[fx.Node, Optional[SizeFix]]:
+    """Shape queries of nodes on the site's q/k/v paths (LowFormer's ``N, _, h, w = y.size()``
+    of the projection output, Hiera's ``H, W = q.shape[1:3]`` after pooling), each with how its
+    readers outside the operands (an output reshape) keep their values without keeping the dense
+    operand alive: ``"copy"``, read the operand's rebuilt copy; ``"detach"``, the sizes as
+    recorded and the batch from the first input (:func:`detach_sizes`); ``None``: neither (it
+    reads an axis that carries projection features, or a batch axis not first). Read before any
+    edit (index flow on the recorded graph)."""
+    found: dict[fx.Node, Optional[SizeFix]] = {}
+    for role in ("q", "k", "v"):
+        P = ctx.nodes[getattr(site, role).node]
+        shape = node_shape(P)
+        if shape is None:
+            continue
+        below = descendants(P)
+        queries = [n for n in below if shape_query(n) and isinstance(n.args[0], fx.Node)]
+        if not queries:
+            continue
+        lay = operand_layout(ctx, site, role)
+        on_path = below & (data_ancestors(lay.operand) | {lay.operand})
+        queries = [n for n in queries if n.args[0] in on_path]
+        rebuilt = {lay.boundary, *lay.replay}  # the nodes finalize copies for the live heads
+        index = ctx.flow.run({P: feature_index(shape, -1)}).index
+        for n in queries:
+            x = cast(fx.Node, n.args[0])
+            axes, at = queried_axes(n), index.get(x)
+            fix: Optional[SizeFix] = None
+            if axes is not None and isinstance(at, torch.Tensor) and not any(varies_along(at, a) for a in axes):
+                fix = "copy" if x in rebuilt else "detach" if ctx.fixed_or_batch(x, axes) else None
+            found[n] = fix if found.get(n, fix) == fix else None
+    return found
+
+
+def detach_sizes(ctx: SliceContext, query: fx.Node) -> None:
+    """Give the readers of a shape query (see :func:`shape_queries`) the recorded sizes, and the
+    batch as the first input's ``size(0)``, so that the queried operand can die."""
+    g = ctx.graph
+    x = cast(fx.Node, query.args[0])
+    shape = tensor_shape(x)
+    first = next(n for n in g.nodes if n.op == "placeholder")
+
+    def size(axis: int) -> Any:
+        if ctx.fixed_or_batch(x, {axis}) and not ctx.fixed_or_batch(x, {axis}, batch=False):
+            with g.inserting_before(query):
+                return g.call_method("size", (first, 0))
+        return shape[axis]
+
+    def swap(user: fx.Node, value: Any) -> None:
+        user.replace_all_uses_with(value) if isinstance(value, fx.Node) else _substitute(user, value)
+
+    if op_name(query) == "size":
+        swap(query, size(cast(int, query.args[1] if len(query.args) > 1 else query.kwargs["dim"]) % len(shape)))
+        return
+    for user in list(query.users):
+        key = user.args[1]
+        value = size(key % len(shape)) if isinstance(key, int) else \
+            tuple(size(a) for a in range(len(shape))[cast(slice, key)])
+        swap(user, value)
+
+
+def _substitute(node: fx.Node, value: Any) -> None:
+    """Replace every use of ``node`` by the constant ``value``."""
+    for user in list(node.users):
+        user.args = map_aggregate(user.args, lambda a: value if a is node else a)
+        user.kwargs = map_aggregate(user.kwargs, lambda a: value if a is node else a)
+
+
+def from_safe_queries(node: fx.Node, queries: dict[fx.Node, Optional[SizeFix]]) -> bool:
+    """Whether a size value is computed only from shape queries that :func:`shape_queries`
+    can serve without the dense operand (and constants)."""
+    roots = [a for a in ancestors(node) | {node} if a in queries]
+    return bool(roots) and all(queries[r] is not None for r in roots)
 
 
 def reads_data(user: fx.Node, node: fx.Node) -> bool:
