@@ -15,7 +15,6 @@ widest heads, the only ones whose dims save compute.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,8 +24,8 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from hiap_fx.errors import HiapError
 
-#: recursion limit while compiling the cost forms (Python compiles an n-term sum n deep)
-_COMPILE_RECURSION = 20_000
+#: terms per compiled sum (Python compiles an n-term sum as a nest n deep)
+_TERMS_PER_SUM = 200
 
 
 @dataclass
@@ -59,6 +58,23 @@ class NodeTerm:
     qk_width: sympy.Expr = sympy.Integer(0)
     v_width: sympy.Expr = sympy.Integer(0)
     dims: tuple[int, ...] = ()
+
+
+def _chunks(expr: sympy.Expr) -> list[sympy.Expr]:
+    """``expr`` as sums of at most :data:`_TERMS_PER_SUM` terms each (their total is ``expr``)."""
+    if not isinstance(expr, sympy.Add) or len(expr.args) <= _TERMS_PER_SUM:
+        return [expr]
+    terms = expr.args
+    return [sympy.Add(*terms[i:i + _TERMS_PER_SUM]) for i in range(0, len(terms), _TERMS_PER_SUM)]
+
+
+def _summed(function: Callable, first: int) -> Callable:
+    """A compiled tuple of partial sums as the (macro, micro) pair: the first ``first`` summed,
+    then the rest."""
+    def pair(*args: Any) -> tuple[Any, Any]:
+        parts = function(*args)
+        return sum(parts[:first]), sum(parts[first:])
+    return pair
 
 
 @dataclass
@@ -149,19 +165,16 @@ class CostModel:
         printer = PythonCodePrinter({"fully_qualified_modules": False, "inline": True,
                                      "allow_unknown_functions": True, "order": "none"})
         functions = {}
-        limit = sys.getrecursionlimit()
-        # a form with thousands of terms prints as one long sum, which Python compiles as a
-        # nest of that depth (MobileNetV5's multi-query attention): allow it while compiling
-        sys.setrecursionlimit(max(limit, _COMPILE_RECURSION))
-        try:
-            for key, (macro_form, micro_form) in self._forms.items():
-                own = len(key[1])
-                rename = dict(zip(_canonical(own) + extra, plain))
-                functions[key] = sympy.lambdify(plain[:own + len(extra)],
-                                                (macro_form.xreplace(rename), micro_form.xreplace(rename)),
-                                                modules=[{"Widest": maximum}, "math"], cse=False, printer=printer)
-        finally:
-            sys.setrecursionlimit(limit)
+        for key, (macro_form, micro_form) in self._forms.items():
+            own = len(key[1])
+            rename = dict(zip(_canonical(own) + extra, plain))
+            # a sum of thousands of terms would print as one expression that Python compiles as a
+            # nest of that depth (RecursionError): it is compiled as a tuple of shorter sums
+            macro_chunks = _chunks(macro_form.xreplace(rename))
+            micro_chunks = _chunks(micro_form.xreplace(rename))
+            functions[key] = _summed(sympy.lambdify(plain[:own + len(extra)], (*macro_chunks, *micro_chunks),
+                                                    modules=[{"Widest": maximum}, "math"], cse=False,
+                                                    printer=printer), len(macro_chunks))
         calls = [(functions[key], positions) for key, positions in self._node_forms]
         first_extra = len(self.sources)
 
