@@ -217,7 +217,7 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optio
              passed: Optional[dict[fx.Node, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """Run ``chain`` on ``value`` in place of ``start`` (off-path arguments as recorded, the
     ``passed`` features as given; ``value=None``: the kernel output is dropped, see
-    :func:`_without_dropped`)."""
+    the :func:`_dropped` rule)."""
     env: dict[fx.Node, Any] = {**(passed or {}), start: value}
     inside = set(chain) | {start}
     for n in chain:
@@ -256,7 +256,7 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optio
     return out if isinstance(out, torch.Tensor) else None
 
 
-def _passed_codes(flow: IndexFlow, passed: Collection[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+def _passed_codes(passed: Collection[fx.Node]) -> dict[fx.Node, torch.Tensor]:
     """A distinct negative code for every element of the passed-through features."""
     codes: dict[fx.Node, torch.Tensor] = {}
     start = 2.0
@@ -276,7 +276,7 @@ def plan_output_replay(flow: IndexFlow, av: fx.Node, proj_input: fx.Node, head_a
     docstring; ``carried``, ``passed``: see :func:`output_chain`; the passed features must land
     in the compact projection input exactly as they did in the dense one)."""
     chain = output_chain(av, proj_input, flow.modules, carried, passed)
-    codes = _passed_codes(flow, passed)
+    codes = _passed_codes(passed)
     dense = tensor_shape(av)
     proj_shape = tensor_shape(proj_input)
     rank = len(dense)
