@@ -95,14 +95,20 @@ class SliceContext:
         return None
 
 
+def kernel_operand(ctx: SliceContext, site: AttentionSite, role: str) -> fx.Node:
+    """The node the kernel reads as its ``role`` ("q", "k" or "v") operand."""
+    core = ctx.nodes[site.core_nodes[0]]
+    O = core.args[{"q": 0, "k": 1, "v": 2}[role]] if site.kind == "sdpa" or role != "v" else \
+        ctx.nodes[site.core_nodes[-1]].args[1]
+    return cast(fx.Node, O)
+
+
 def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> OperandLayout:
     """Find the deepest pure-movement node between a projection and the kernel operand that has
     the operand's head/dim structure, so the operand can be rebuilt there from kept rows."""
     proj = getattr(site, role)
     P = ctx.nodes[proj.node]
-    core = ctx.nodes[site.core_nodes[0]]
-    O = core.args[{"q": 0, "k": 1, "v": 2}[role]] if site.kind == "sdpa" or role != "v" else \
-        ctx.nodes[site.core_nodes[-1]].args[1]
+    O = kernel_operand(ctx, site, role)
     full_path = (descendants(P) & (data_ancestors(O) | {O})) | {O}
     # shape queries (x.size(0), x.shape) are not data; those after the boundary are replayed
     path = {n for n in full_path if is_tensor_node(n)}
@@ -175,13 +181,12 @@ def shape_queries(ctx: SliceContext, site: AttentionSite) -> dict[fx.Node, Optio
         shape = node_shape(P)
         if shape is None:
             continue
-        below = descendants(P)
-        queries = [n for n in below if shape_query(n) and isinstance(n.args[0], fx.Node)]
+        operand = kernel_operand(ctx, site, role)
+        on_path = descendants(P) & (data_ancestors(operand) | {operand})
+        queries = [n for n in on_path if shape_query(n) and n.args[0] in on_path]
         if not queries:
             continue
         lay = operand_layout(ctx, site, role)
-        on_path = below & (data_ancestors(lay.operand) | {lay.operand})
-        queries = [n for n in queries if n.args[0] in on_path]
         rebuilt = {lay.boundary, *lay.replay}  # the nodes finalize copies for the live heads
         index = ctx.flow.run({P: feature_index(shape, -1)}).index
         for n in queries:
