@@ -97,6 +97,13 @@ class AttentionSite(_Site):
                                    "attention over part of the channels): their projection "
                                    "columns stay, and closing every head still removes the whole "
                                    "branch (the gates' branch factor)")
+    out_gate: Optional[Projection] = Field(None, description="a projection whose rows, through "
+                                           "element-wise ops, multiply the kernel output feature by "
+                                           "feature before the output projection (IFormer's "
+                                           "``proj(attn_out * gate)``): [head][dim] -> row, cut with "
+                                           "the value dims")
+    out_gate_mul: Optional[str] = Field(None, description="the product of the kernel output and "
+                                        "the gate (``out_gate``)")
     q: Projection
     k: Projection
     v: Projection

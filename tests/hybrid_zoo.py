@@ -36,6 +36,9 @@ attention is written the way some efficient family writes it:
 * ``q_pooled``: Hiera's attention at a stage change: the queries max-pooled over the map, the
   new map size read back from them (``H, W = q.shape[1:3]``) for the output reshape, and the
   block's shortcut pooled alike;
+* ``gated``: IFormer's modulated attention over a (B, C, H, W) map: v and a gate from one 1x1
+  convolution + BatchNorm2d through a sigmoid, chunked in two, and the output projection reading
+  ``attn_out * gate`` (``gated_tokens``: a separate gate linear over tokens, ``sigmoid(g(x))``);
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -49,7 +52,7 @@ from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
          "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial",
-         "upsampled", "q_pooled")
+         "upsampled", "q_pooled", "gated", "gated_tokens")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -391,6 +394,41 @@ class _QueryPooledAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
 
 
+class _GatedOutputAttention(nn.Module):
+    """IFormer's spelling (``tokens=False``): ``v, gate = sigmoid(bn(conv(x))).chunk(2)``, q and
+    k from their own 1x1 convolutions, ``proj(attn_out * gate)``; with ``tokens``, a gated
+    attention over (B, N, C) tokens: ``proj(attn_out * sigmoid(gate(x)))``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, tokens: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
+        inner = heads * head_dim
+        if tokens:
+            self.qkv = nn.Linear(dim, 3 * inner)
+            self.gate = nn.Linear(dim, inner)
+            self.proj = nn.Linear(inner, dim)
+        else:
+            self.q, self.k = nn.Conv2d(dim, inner, 1), nn.Conv2d(dim, inner, 1)
+            self.v_gate = nn.Conv2d(dim, 2 * inner, 1, bias=False)
+            self.bn = nn.BatchNorm2d(2 * inner)
+            _trained_statistics(self.bn)
+            self.proj = nn.Conv2d(inner, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.tokens:
+            t = x.reshape(B, H * W, C)
+            q, k, v = self.qkv(t).reshape(B, H * W, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, -1)
+            return self.proj(o * torch.sigmoid(self.gate(t))).reshape(B, H, W, C)
+        m = x.permute(0, 3, 1, 2)
+        v, gate = torch.sigmoid(self.bn(self.v_gate(m))).chunk(2, dim=1)
+        q, k, v = (t.reshape(B, self.heads, self.head_dim, H * W).transpose(-1, -2)
+                   for t in (self.q(m), self.k(m), v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, -1, H, W)
+        return self.proj(o * gate).permute(0, 2, 3, 1)
+
+
 class HybridBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, form: str, spelling: str,
                  window: int, tokens: int) -> None:
@@ -409,6 +447,8 @@ class HybridBlock(nn.Module):
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         elif form == "pooled":
             self.attn = _PooledAttention(dim, heads, head_dim)
+        elif form in ("gated", "gated_tokens"):
+            self.attn = _GatedOutputAttention(dim, heads, head_dim, tokens=form == "gated_tokens")
         elif form == "q_pooled":
             self.attn = _QueryPooledAttention(dim, heads, head_dim)
         elif form == "upsampled":

@@ -43,6 +43,8 @@ def test_every_attention_is_a_site_on_its_residual(form, spelling):
        seed=st.integers(0, 10_000))
 # head count = head width: a literal 2 in ``o.shape[-1] * 2`` names the heads, not the width
 @pinned(form="grid_out", spelling="kernel", heads=2, head_dim=2, p_off=0.2, seed=0)
+# a scale on q after its layout ops, read by a relative-position term: q is rebuilt before it
+@pinned(form="folded_manual", spelling="shape", heads=1, head_dim=2, p_off=0.2, seed=0)
 def test_random_decisions_finalize_exactly(form, spelling, heads, head_dim, p_off, seed):
     torch.manual_seed(seed)
     net = HybridNet(form, heads=heads, head_dim=head_dim, spelling=spelling)
@@ -214,6 +216,41 @@ def test_attention_with_a_transposed_convolution_as_its_output_projection(fronte
     # all closed: no depthwise downsampling convolution remains (only the stem convolution)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in compact.modules()) + \
         sum("conv2d" in str(n.target) for n in compact.graph.nodes) == 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", ["gated", "gated_tokens"])
+def test_a_gate_multiplying_the_output_is_cut_with_the_value_dims(form, frontend):
+    """IFormer: ``proj(attn_out * gate)`` with v and the gate from one 1x1 convolution + batch
+    norm through a sigmoid, chunked (``gated``), or a separate gate linear over tokens
+    (``gated_tokens``). The gate's rows are cut with the value dims of the live heads (padded
+    like them), random decisions finalize exactly, and the gate projection shrinks."""
+    net = HybridNet(form, heads=3, head_dim=2)
+    prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    sites = prepared.plan.attention
+    assert len(sites) == 2 and all(s.out_gate is not None and s.out_gate_mul for s in sites), prepared.plan.unclaimed
+    assert all(sorted(r for head in s.out_gate.index for r in head) == list(range(6, 12)) if form == "gated"
+               else sorted(r for head in s.out_gate.index for r in head) == list(range(6)) for s in sites)
+    for seed, p_off in ((0, 0.3), (1, 0.6), (2, 1.0)):
+        randomise_gates(prepared, seed, p_off)
+        compact = hiap_fx.finalize(prepared.eval())
+        x = example(net, batch=3, seed=seed)
+        with torch.no_grad():
+            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    # a decision that keeps one head of two dims: the gate keeps 2 rows (v and gate: 4 together)
+    bundles = prepared.site_gates()
+    with torch.no_grad():
+        for site in sites:
+            gates = bundles[site.name].gates()
+            gates["head"].logits.copy_(torch.tensor([3.0, -3.0, -3.0]))
+            gates["head_dim"].logits.fill_(3.0)
+    compact = hiap_fx.finalize(prepared.eval())
+    shapes = [tuple(t.shape) for t in compact.state_dict().values()]
+    # v and gate rows of one conv; or q, k, v and gate rows (finalize fuses linears that read
+    # one input), 2 each: the gate's rows were cut to the live head's dims
+    gate_rows = (4, 6) if form == "gated" else (8, 6)
+    assert shapes.count(gate_rows) == 2, shapes
 
 
 @pytest.mark.parametrize("form", ["q_pooled", "upsampled"])

@@ -129,6 +129,8 @@ class _Builder:
         self._cut(site.k.weight, 0, K * dq, kv_live * wq)
         self._cut(site.v.weight, 0, K * dv, kv_live * wv)
         self._cut(site.out.weight, 1, H * dv, heads_live * wv)
+        if site.out_gate is not None:  # the gate rows follow the value dims of each live head
+            self._cut(site.out_gate.weight, 0, H * dv, heads_live * wv)
         for t in site.side:
             # mixers run on the logits and are sliced; per-head bias tables (and the MLPs that
             # make them) keep their size: finalize selects the live heads where they enter
@@ -347,6 +349,7 @@ def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
     nodes = {n.name: n for n in order}
     for s in plan.attention:
         own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes,
+                       *([s.out_gate.node] if s.out_gate else []),
                        *(n.name for n in term_nodes(cg, nodes, s))}
         if s.residual is not None:
             outs[s.name] = s.out.node

@@ -37,7 +37,7 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
             unclaimed.append(Unclaimed(node=core.nodes[0].name, what=f"attention ({core.kind})",
                                        reason=str(exc)))
             continue
-        projs = [site.q, site.k, site.v, site.out]
+        projs = [site.q, site.k, site.v, site.out] + ([site.out_gate] if site.out_gate else [])
         owned = {p.node for p in projs}
         if owned & claimed:
             unclaimed.append(Unclaimed(node=core.nodes[0].name, what="attention",
@@ -47,7 +47,7 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
         branch_input = node_by_name[site.q.node].args[0]
         site.residual = residual_of(g, node_by_name[site.out.node], branch_input)
         site.macs = sum(macs.get(n, 0) for n in owned | set(site.core_nodes))
-        site.name = site_name([p.weight for p in projs], taken, "attn")
+        site.name = site_name([p.weight for p in projs[:4]], taken, "attn")
         attention.append(site)
     ffn: list[FFNSite] = []
     notes: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -10,17 +11,29 @@ from torch import fx
 from hiap_fx.graph.flow import FlowResult, feature_index
 from hiap_fx.graph.ir import is_tensor_node, node_rank, node_shape, tensor_shape
 from hiap_fx.graph.queries import ancestors, region_between, scaling_chain
-from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events
+from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events, source_linears
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
 
 
+@dataclass
+class OutputPath:
+    """What discovery found between the kernel output and the output projection."""
+
+    out: Projection
+    residual: Optional[fx.Node]  # the add of the queries (MViTv2)
+    passthrough: list[fx.Node]  # activations concatenated with the output (SHViT)
+    gate: Optional[Projection]  # rows multiplying the output feature by feature (IFormer)
+    gate_mul: Optional[fx.Node]
+
+
 def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: int,
-                   dim_axis: int = -1) -> tuple[Projection, Optional[fx.Node], list[fx.Node]]:
+                   dim_axis: int = -1) -> OutputPath:
     """The output projection of the kernel output, the add of the queries to the output on
     the way (MViTv2's residual pooling), if there is one, and the activations concatenated with
     the output as further features of the projection (SHViT's attention over part of the
-    channels: ``proj(cat([attn(x1), x2]))``), which pass through unchanged."""
+    channels: ``proj(cat([attn(x1), x2]))``), which pass through unchanged, and a gate that
+    multiplies the output feature by feature (IFormer: ``proj(attn_out * sigmoid(g))``)."""
     out_shape = node_shape(core.out)
     if out_shape is None:
         raise Reject(f"no shape recorded for {core.out.name}")
@@ -28,7 +41,7 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
     code = feature_index(out_shape, dim_axis)
     if h_axis is not None:
         code = code + feature_index(out_shape, h_axis) * v_dim
-    flow = g.flow.run({core.out: code}, data_binary=("add",))
+    flow = g.flow.run({core.out: code}, data_binary=("add", "mul"))
     lins = [(n, pos, t) for n, pos, t in flow.reached if g.name(n) == "linear" and pos == 0]
     others = [n for n, pos, t in flow.reached if (n, pos) not in {(l, p) for l, p, _ in lins}]
     if len(lins) != 1 or others:
@@ -36,6 +49,9 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
         raise Reject(f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection")
     lin, _, at = lins[0]
     residual = query_residual(g, core, flow, lin)
+    gate, gate_mul = output_gate(g, flow, lin, heads, v_dim)
+    if gate is not None and residual is not None:
+        raise Reject(f"output of {core.out.name} meets both the queries and a gate before {lin.name}")
     events = path_events(flow, g, lin)
     if "norm" in events or "mix" in events:
         raise Reject(f"head outputs of {core.out.name} are normalised or mixed together before "
@@ -56,8 +72,54 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
     table = torch.empty(total, dtype=torch.long)
     table[cols[own]] = own
     weight, bias = g.linear_params(lin)
-    return Projection(node=lin.name, weight=weight, bias=bias,
-                      index=table.reshape(heads, v_dim).tolist()), residual, passthrough
+    out = Projection(node=lin.name, weight=weight, bias=bias, index=table.reshape(heads, v_dim).tolist())
+    return OutputPath(out, residual, passthrough, gate, gate_mul)
+
+
+def output_gate(g: GraphView, flow: FlowResult, lin: fx.Node, heads: int,
+                v_dim: int) -> tuple[Optional[Projection], Optional[fx.Node]]:
+    """The projection whose rows, through element-wise and movement ops, multiply the kernel
+    output feature by feature on its way to ``lin`` (IFormer's ``proj(attn_out * gate)``), as
+    [head][dim] -> row, and that product; ``(None, None)`` when the output meets no product."""
+    on_path = ancestors(lin) | {lin}
+    muls = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path and g.name(e.node) == "mul"]
+    if not muls:
+        return None, None
+    mul, others = muls[0].node, muls[0].detail["other"]
+    if len(muls) > 1 or len(others) != 1:
+        raise Reject(f"the attention output is multiplied by other activations more than once "
+                     f"before {lin.name}")
+    gate = others[0]
+    sources = source_linears(g, gate)
+    if len(sources) != 1:
+        raise Reject(f"the gate {gate.name} multiplying the attention output at {mul.name} comes "
+                     f"from {len(sources)} linears, not one")
+    G = sources[0]
+    gate_flow = g.flow.run({G: feature_index(tensor_shape(G), -1)})
+    if any(e.kind in ("mix", "norm") and e.node in ancestors(gate) for e in gate_flow.events):
+        raise Reject(f"the gate {gate.name} at {mul.name} mixes or normalises the features of {G.name}")
+    mul_shape = node_shape(mul)
+    kernel_side = [a for a in mul.all_input_nodes if a in flow.index]
+    at_gate = gate_flow.index.get(gate)
+    if mul_shape is None or len(kernel_side) != 1 or not isinstance(at_gate, torch.Tensor):
+        raise Reject(f"cannot follow the gate {gate.name} of the attention output to {mul.name}")
+    try:
+        codes = torch.broadcast_to(flow.index[kernel_side[0]], mul_shape).reshape(-1).long()
+        rows = torch.broadcast_to(at_gate, mul_shape).reshape(-1).long()
+    except RuntimeError:
+        raise Reject(f"the gate {gate.name} does not meet the attention output feature by feature "
+                     f"at {mul.name}") from None
+    total = heads * v_dim
+    row_of = torch.full((total,), -1, dtype=torch.long)
+    valid = (codes >= 0) & (codes < total) & (rows >= 0)
+    row_of[codes[valid]] = rows[valid]
+    if not bool(valid.all()) or bool((row_of < 0).any()) or not torch.equal(row_of[codes], rows) \
+            or len(set(row_of.tolist())) != total:
+        raise Reject(f"the gate {gate.name} does not pair one of its features with each feature of "
+                     f"the attention output at {mul.name}")
+    weight, bias = g.linear_params(G)
+    return Projection(node=G.name, weight=weight, bias=bias,
+                      index=row_of.reshape(heads, v_dim).tolist()), mul
 
 
 def concatenated(g: GraphView, flow: FlowResult, out: fx.Node, lin: fx.Node) -> list[fx.Node]:
@@ -84,7 +146,7 @@ def query_residual(g: GraphView, core: Core, flow: FlowResult, lin: fx.Node) -> 
     in one layout (MViTv2: ``attn @ v + q``); ``None`` when the output meets no other activation.
     Any other activation added or multiplied on the way is refused."""
     on_path = ancestors(lin) | {lin}
-    adds = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path]
+    adds = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path and g.name(e.node) != "mul"]
     if not adds:
         return None
     queries = scaling_chain(core.q, g.dependent)
@@ -268,8 +330,11 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
     out_dim_axis = v_axes[0] % node_rank(core.v) - node_rank(core.v)  # same rank as the output
     if transposed and (out_head_axis < 0 < heads - 1 or out_head_axis - node_rank(core.out) > out_dim_axis):
         raise Reject(f"{core.nodes[0].name}: channel attention without a head axis before its dims")
-    out, residual, passthrough = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]),
-                                                v_dim, out_dim_axis)
+    found = out_projection(g, core, out_head_axis, max(heads, v_table.shape[0]), v_dim, out_dim_axis)
+    out, residual, passthrough = found.out, found.residual, found.passthrough
+    if found.gate is not None and (transposed or v_table.shape[0] != heads):
+        raise Reject(f"a gate multiplies the output of {core.nodes[-1].name} feature by feature; "
+                     "hiap_fx cuts such gates only with one value row per query head")
     if residual is not None:  # the queries enter the output: q and v dims are tied, heads stay
         if q_head_axis - node_rank(core.q) != out_head_axis - node_rank(core.out) or v_dim != head_dim:
             raise Reject(f"the queries are added to the output of {core.nodes[-1].name} in another "
@@ -299,7 +364,8 @@ def _site(g: GraphView, core: Core, transposed: bool) -> AttentionSite:
         kv_tokens=k_shape[core.k_token_axis] if k_shape else 0, transposed=transposed,
         kv_of_head=kv_groups(core, heads, k_table, v_table), layout=layout,
         logits_terms=[t.name for t in terms], out_residual=residual.name if residual is not None else None,
-        passthrough=[n.name for n in passthrough],
+        passthrough=[n.name for n in passthrough], out_gate=found.gate,
+        out_gate_mul=found.gate_mul.name if found.gate_mul is not None else None,
         q=qp, k=kp, v=vp, out=out, side=side)
 
 

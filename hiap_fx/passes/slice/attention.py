@@ -12,7 +12,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import descendants
-from hiap_fx.passes.slice.context import SizeFix, SliceContext, detach_sizes, operand_layout
+from hiap_fx.passes.slice.context import SizeFix, SliceContext, detach_sizes, kernel_operand, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits, operand_terms
 from hiap_fx.passes.slice.operands import (
@@ -61,6 +61,7 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite,
     with g.inserting_before(out_lin):
         before = set(ctx.rebuilt)
         op = projected_operands(ctx, site, live, dims, width)
+        gate = op.pop("out_gate", None)
         own = {n: new for n, new in ctx.rebuilt.items() if n not in before}  # this site's copies
         terms = operand_terms(ctx, site, op["q"], op["k"], live, own)
         if site.kind == "sdpa":
@@ -75,6 +76,8 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite,
             out = g.node_copy(av, lambda a: {av.args[0]: probs, av.args[1]: op["v"]}.get(a, a))
         proj_in = out_lin.args[0]
         queries = {q: rebuilt_query(ctx, site, q, op["q"], own) for q in residual_queries(ctx.nodes, site)}
+        if gate is not None:  # the gate multiplying the output, rebuilt for the live heads
+            queries[kernel_operand(ctx, site, "out_gate")] = gate
         passed = [ctx.nodes[n] for n in site.passthrough]
         if not (site.transposed or queries or passed) and direct_output(av, out_head, proj_in, ctx.flow.modules):
             x = to_projection_input(out, out_head, len(tensor_shape(av)), g)
@@ -100,30 +103,39 @@ def rebuild_attention(ctx: SliceContext, site: AttentionSite,
             detach_sizes(ctx, query)
 
 
+def operand_roles(site: AttentionSite) -> tuple[str, ...]:
+    """The projected operands finalize rebuilds: q, k, v and the output gate, if any."""
+    return ("q", "k", "v", "out_gate") if site.out_gate is not None else ("q", "k", "v")
+
+
 def projected_operands(ctx: SliceContext, site: AttentionSite, live: list[int],
                        dims: dict[str, dict[int, list[int]]], width: dict[str, int]) -> dict[str, fx.Node]:
-    """q, k and v for the live heads, in their original layouts; roles that share one projection
-    (a fused qkv linear) share one linear over their rows, split afterwards."""
-    lays = {role: operand_layout(ctx, site, role) for role in ("q", "k", "v")}  # before any edit
+    """q, k and v (and the output gate) for the live heads, in their original layouts; roles
+    that share one projection (a fused qkv linear) share one linear over their rows, split
+    afterwards. The gate takes the value dims."""
+    roles = operand_roles(site)
+    dims = {**dims, "out_gate": dims["v"]}
+    width = {**width, "out_gate": width["v"]}
+    lays = {role: operand_layout(ctx, site, role) for role in roles}  # before any edit
     axes = {role: replay_head_axes(ctx, getattr(site, role), lays[role].replay, len(getattr(site, role).index))
-            for role in ("q", "k", "v")}
-    rows = {role: operand_rows(site, role, live, dims[role], width[role]) for role in ("q", "k", "v")}
+            for role in roles}
+    rows = {role: operand_rows(site, role, live, dims[role], width[role]) for role in roles}
     by_node: dict[str, list[str]] = {}
-    for role in ("q", "k", "v"):
+    for role in roles:
         by_node.setdefault(getattr(site, role).node, []).append(role)
     ys: dict[str, fx.Node] = {}
-    for roles in by_node.values():
-        proj = getattr(site, roles[0])
-        picks = [r for role in roles for r in rows[role].rows]
-        y = projection_rows(ctx, proj, picks, "".join(roles))
-        y = replay_prefix(ctx, lays[roles[0]].prefix, ctx.nodes[proj.node], y, picks, "".join(roles))
+    for group in by_node.values():
+        proj = getattr(site, group[0])
+        picks = [r for role in group for r in rows[role].rows]
+        y = projection_rows(ctx, proj, picks, "".join(group))
+        y = replay_prefix(ctx, lays[group[0]].prefix, ctx.nodes[proj.node], y, picks, "".join(group))
         off = 0
-        for role in roles:
+        for role in group:
             n = len(rows[role].rows)
-            ys[role] = y if len(roles) == 1 else ctx.graph.call_method("narrow", (y, -1, off, n))
+            ys[role] = y if len(group) == 1 else ctx.graph.call_method("narrow", (y, -1, off, n))
             off += n
     return {role: shape_operand(ctx, site, role, lays[role], ys[role],
-                                rows[role].repeat, live, width[role], axes[role]) for role in ("q", "k", "v")}
+                                rows[role].repeat, live, width[role], axes[role]) for role in roles}
 
 
 def pad_last(g: fx.Graph, t: fx.Node, extra: int) -> fx.Node:

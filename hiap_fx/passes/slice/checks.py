@@ -10,11 +10,12 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import CapturedGraph, is_tensor_node, tensor_shape
 from hiap_fx.graph.ops import op_name
 from hiap_fx.graph.queries import data_ancestors, descendants
-from hiap_fx.passes.slice.attention import direct_output, out_head_axis, residual_queries
+from hiap_fx.passes.slice.attention import direct_output, operand_roles, out_head_axis, residual_queries
 from hiap_fx.passes.slice.context import (
     SizeFix,
     SliceContext,
     from_safe_queries,
+    kernel_operand,
     operand_layout,
     shape_queries,
 )
@@ -32,11 +33,13 @@ def check_private_projections(nodes: dict[str, fx.Node], site: AttentionSite,
     core = [nodes[n] for n in site.core_nodes]
     if site.out_residual:  # the queries' add to the output (residual pooling) is the attention's
         core.append(nodes[site.out_residual])
+    if site.out_gate_mul:  # so is the product with the output gate
+        core.append(nodes[site.out_gate_mul])
     operands = [a for c in core for a in c.all_input_nodes]
     feeding: set[fx.Node] = set()
     for o in operands:
         feeding |= data_ancestors(o) | {o}
-    for role in ("q", "k", "v"):
+    for role in operand_roles(site):
         P = nodes[getattr(site, role).node]
         for n in descendants(P) & feeding:
             if not is_tensor_node(n) and from_safe_queries(n, queries or {}):
@@ -57,12 +60,13 @@ def unsliceable_attention(cg: CapturedGraph, plan: Plan) -> dict[str, str]:
     for site in plan.attention:
         try:
             check_private_projections(check.nodes, site, shape_queries(check, site))
-            for role in ("q", "k", "v"):
+            for role in operand_roles(site):
                 operand_layout(check, site, role)
             out_lin = check.nodes[site.out.node]
             av = check.nodes[site.core_nodes[-1]]
             head = out_head_axis(site, tensor_shape(av), tensor_shape(out_lin.args[0]))
-            queries = residual_queries(check.nodes, site)
+            queries = residual_queries(check.nodes, site) + (
+                [kernel_operand(check, site, "out_gate")] if site.out_gate else [])
             passed = [check.nodes[n] for n in site.passthrough]
             if site.transposed or queries or passed or \
                     not direct_output(av, head, out_lin.args[0], check.flow.modules):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, cast
+from typing import Any, Literal, Optional, Sequence, cast
 
 import torch
 from torch import fx
@@ -37,6 +37,9 @@ class OperandLayout:
     prefix: list[fx.Node] = field(default_factory=list)  # per-row ops replayed on the new rows first
     fold: Optional[int] = None  # perm[fold] (the batch) and perm[fold + 1] (the heads) are one
     # boundary axis: heads folded into the batch axis, flattened after the permute
+    pointwise: list[fx.Node] = field(default_factory=list)  # element-wise ops with scalar
+    # operands between the prefix and the boundary (IFormer's sigmoid after a movedim): applied
+    # to the rebuilt operand at the boundary (they commute with moving and selecting rows)
 
 
 class SliceContext:
@@ -96,7 +99,12 @@ class SliceContext:
 
 
 def kernel_operand(ctx: SliceContext, site: AttentionSite, role: str) -> fx.Node:
-    """The node the kernel reads as its ``role`` ("q", "k" or "v") operand."""
+    """The node the kernel reads as its ``role`` ("q", "k" or "v") operand; for "out_gate", the
+    gate the kernel output is multiplied by (``AttentionSite.out_gate_mul``)."""
+    if role == "out_gate":
+        mul, av = ctx.nodes[cast(str, site.out_gate_mul)], ctx.nodes[site.core_nodes[-1]]
+        below = descendants(av) | {av}
+        return next(a for a in mul.all_input_nodes if a not in below)
     core = ctx.nodes[site.core_nodes[0]]
     O = core.args[{"q": 0, "k": 1, "v": 2}[role]] if site.kind == "sdpa" or role != "v" else \
         ctx.nodes[site.core_nodes[-1]].args[1]
@@ -114,24 +122,31 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
     path = {n for n in full_path if is_tensor_node(n)}
     chain: list[fx.Node] = []
     prefix_run: set[fx.Node] = set()
+    late: list[fx.Node] = []  # element-wise ops further on (see OperandLayout.pointwise)
     cur = P
     while True:
         nxt = [u for u in cur.users if u in path and reads_data(u, cur)]
         # element-wise ops right after the projection (a clamp) are replayed on the new rows;
         # later ones are simply replayed after the boundary
-        leading = len(nxt) == 1 and (cur is P or cur in prefix_run) and scalar_pointwise(ctx, nxt[0], cur)
-        if len(nxt) != 1 or not (in_family(op_name(nxt[0]), "movement") or row_op(ctx, nxt[0]) or leading):
+        pointwise = len(nxt) == 1 and scalar_pointwise(ctx, nxt[0], cur)
+        leading = pointwise and (cur is P or cur in prefix_run)
+        if len(nxt) != 1 or not (in_family(op_name(nxt[0]), "movement") or row_op(ctx, nxt[0]) or pointwise):
             break
         if leading:
             prefix_run.add(nxt[0])
+        elif pointwise:
+            late.append(nxt[0])
         cur = nxt[0]
         chain.append(cur)
-    prefix, start = row_prefix(ctx, site, P, chain)
+    prefix, start = row_prefix(ctx, site, P, chain, late)
     candidates = ([start] if prefix else []) + chain[len(prefix):]
     p_shape = tensor_shape(P)
     table = torch.tensor(proj.index, dtype=torch.float64)
     order = {n: i for i, n in enumerate(ctx.graph.nodes)}
-    for B in reversed(candidates):
+    # a boundary before the first late element-wise op replays it (and anything reading the
+    # operand there, like a relative-position term) as it is; only past it when none fits
+    first_late = candidates.index(late[0]) if late and late[0] in candidates else len(candidates)
+    for B in [*reversed(candidates[:first_late]), *reversed(candidates[first_late:])]:
         perm = boundary_perm(ctx, start, p_shape, B, table)
         if perm is None:
             continue
@@ -142,7 +157,8 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
         if B is start and prefix:
             after = after - set(prefix)
         return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], perm[4],
-                             sorted(after, key=order.__getitem__), O, prefix, perm[5])
+                             sorted(after, key=order.__getitem__), O, prefix, perm[5],
+                             [n for n in late if n in before or n is B])
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
@@ -280,12 +296,13 @@ def layout_op(ctx: SliceContext, node: fx.Node, x: fx.Node) -> bool:
     return row_op(ctx, node) or scalar_pointwise(ctx, node, x)
 
 
-def row_prefix(ctx: SliceContext, site: AttentionSite, P: fx.Node,
-               chain: list[fx.Node]) -> tuple[list[fx.Node], fx.Node]:
+def row_prefix(ctx: SliceContext, site: AttentionSite, P: fx.Node, chain: list[fx.Node],
+               late: Sequence[fx.Node] = ()) -> tuple[list[fx.Node], fx.Node]:
     """The chain up to the first node from the last per-row op on that holds P's values in P's
     layout again (``bn(y.flatten(0, 1)).reshape_as(y)``, or a clamp itself), and that node;
-    ``([], P)`` without per-row ops."""
-    rows = [i for i, n in enumerate(chain) if layout_op(ctx, n, chain[i - 1] if i else P)]
+    ``([], P)`` without per-row ops. ``late`` element-wise ops (after a layout change) are not
+    per-row ops of the prefix: they are applied at the boundary."""
+    rows = [i for i, n in enumerate(chain) if n not in late and layout_op(ctx, n, chain[i - 1] if i else P)]
     if not rows:
         return [], P
     p_shape = tensor_shape(P)
@@ -373,7 +390,9 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
         source.update({i: start[merged_index[a]] + j for j, i in enumerate(order)})
     rest = [i for i in range(len(b_shape)) if i not in source]
     heads, dims = table.shape
-    options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest if heads == 1]
+    # (None, d): no head axis; with several heads, they are merged into axis d head-major (a
+    # gate multiplying the merged output, IFormer), which the new rows reproduce as they are
+    options = [(h, d) for h in rest for d in rest if h != d] + [(None, d) for d in rest]
     # size-1 axes fit several roles (a batch of 1, one head, head dim 1), which index flow
     # cannot tell apart: of the layouts that fit, take the one closest to the source order
     # (fewest inversions; a head axis where one fits), so that a batch of 1 stays axis 0 and k^T
@@ -391,7 +410,9 @@ def boundary_perm(ctx: SliceContext, P: fx.Node, p_shape: tuple[int, ...], B: fx
             continue
         t = idx.movedim(dim_axis, -1)
         if head_axis is None:
-            t = t.unsqueeze(-2)
+            if t.shape[-1] != heads * dims:
+                continue
+            t = t.unflatten(-1, (heads, dims))
         else:
             t = t.movedim(head_axis if head_axis < dim_axis else head_axis - 1, -2)
         if tuple(t.shape[-2:]) != (heads, dims):

@@ -44,7 +44,7 @@ def operand_rows(site: AttentionSite, role: str, heads: list[int], dims: dict[in
     proj = getattr(site, role)
     unit = head_unit(site, role)
     # the query heads of one kv group share its k/v rows (padding included): one copy each
-    share = (lambda h: h) if role == "q" else (lambda h: site.kv_of_head[h])
+    share = (lambda h: h) if role in ("q", "out_gate") else (lambda h: site.kv_of_head[h])
     keys = [(share(h), j) for h in heads for j in range(width)]
     unique = list(dict.fromkeys(keys))
     first: dict[int, int] = {}
@@ -146,6 +146,8 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         t = g.call_method("flatten", (t, lay.fold, lay.fold + 1))
     for axis in lay.new_axes:
         t = g.call_method("unsqueeze", (t, axis))
+    for n in lay.pointwise:  # element-wise ops before the boundary (a sigmoid after a movedim)
+        t = g.node_copy(n, _feeding(n, ctx.cg.input_dependent, t))
     full_heads, full_dims = len(proj.index), len(proj.index[0])
     ints = {full_heads: heads}
     if width != full_dims:
@@ -183,6 +185,13 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
         mapping[n] = new
     ctx.rebuilt.update(mapping)
     return mapping[lay.operand]
+
+
+def _feeding(n: fx.Node, dependent: Any, t: fx.Node) -> Callable[[fx.Node], Any]:
+    """Argument map for a copy of element-wise ``n`` that reads ``t`` in place of its one
+    input-dependent operand."""
+    data = next(a for a in n.all_input_nodes if a.name in dependent)
+    return lambda a: t if a is data else a
 
 
 def replay_head_axes(ctx: SliceContext, proj: Any, replay: list[fx.Node], heads: int) -> dict[fx.Node, int]:

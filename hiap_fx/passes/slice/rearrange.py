@@ -59,8 +59,8 @@ def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
                  carried: Collection[fx.Node] = (), passed: Collection[fx.Node] = ()) -> list[fx.Node]:
     """The data-path nodes from the kernel output ``av`` to ``proj_input``, in graph order; every
     one must move data or act element-wise (else :class:`HiapError`), and meets no other
-    activation than those in ``carried`` (the queries of a residual pooling, which finalize
-    rebuilds for the live heads) or, in a concatenation, in ``passed`` (features that pass
+    activation than those in ``carried`` (the queries of a residual pooling or a gate multiplying
+    the output, which finalize rebuilds for the live heads) or, in a concatenation, in ``passed`` (features that pass
     through unchanged); ``modules`` names the graph module's submodules."""
     if proj_input is av:
         return []
@@ -74,7 +74,7 @@ def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
             continue
         name = op_name(n, modules)
         if not (moves_only(name) or in_family(name, "unary") or in_family(name, "activation")
-                or name == "add" and any(a in carried for a in n.all_input_nodes)):
+                or name in ("add", "mul") and any(a in carried for a in n.all_input_nodes)):
             raise HiapError(f"{n.name} ({name}) between the kernel output {av.name} and the output "
                             f"projection input {proj_input.name} neither moves data nor acts "
                             "element-wise")
