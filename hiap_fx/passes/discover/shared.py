@@ -44,7 +44,7 @@ def refuse_shared_weights(cg: CapturedGraph, plan: Plan) -> None:
             names.setdefault(id(tensor), str(node.target))
     owners: dict[int, list[str]] = {}
     problems: list[str] = []
-    sites = [(s.name, [s.q, s.k, s.v, s.out]) for s in plan.attention] + \
+    sites = [(s.name, [s.q, s.k, s.v, s.out] + ([s.out_gate] if s.out_gate else [])) for s in plan.attention] + \
             [(f.name, [*f.inputs, f.out]) for f in plan.ffn]
     for site, projections in sites:
         for proj in projections:
