@@ -192,7 +192,8 @@ def transposed_convs_as_linears(cg: CapturedGraph) -> None:
     gm = cg.gm
     g = gm.graph
     for node in list(g.nodes):
-        if node.op not in ("call_module", "call_function"):
+        if not (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.ConvTranspose2d)
+                or node.op == "call_function" and op_name(node) == "conv_transpose2d"):
             continue
         x0 = node.args[0] if node.args else None
         if not isinstance(x0, fx.Node) or not _near(x0, lambda n: n.all_input_nodes):
