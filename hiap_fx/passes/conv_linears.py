@@ -136,6 +136,8 @@ def overlap_add(cols: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
     b, h, w, ck = cols.shape
     size = tuple((n - 1) * s - 2 * p + k + o
                  for n, s, p, k, o in zip((h, w), stride, padding, kernel_size, output_padding))
+    if 0 in size:  # padding eats the whole map (F.fold refuses an empty output)
+        return cols.new_zeros((b, ck // (kernel_size[0] * kernel_size[1]), *size))
     return F.fold(cols.reshape(b, h * w, ck).transpose(1, 2), size, tuple(kernel_size),
                   stride=tuple(stride), padding=tuple(padding))
 
