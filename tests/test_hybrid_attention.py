@@ -21,6 +21,18 @@ def _prepare(net: HybridNet) -> hiap_fx.PreparedModel:
     return hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None))
 
 
+def _finalizes_exactly(net: HybridNet, prepared: hiap_fx.PreparedModel, seed: int, p_off: float) -> torch.nn.Module:
+    """Random decisions (``p_off`` of the units closed) finalize into a compact model equal to
+    the hard-gated one on a batch of three, counting the MACs the cost model predicts."""
+    randomise_gates(prepared, seed, p_off)
+    compact = hiap_fx.finalize(prepared.eval())
+    x = example(net, batch=3, seed=seed)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    return compact
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("spelling", CHANNEL_SPELLINGS)
 def test_every_attention_is_a_site_on_its_residual(form, spelling):
@@ -50,12 +62,7 @@ def test_random_decisions_finalize_exactly(form, spelling, heads, head_dim, p_of
     net = HybridNet(form, heads=heads, head_dim=head_dim, spelling=spelling)
     prepared = _prepare(net)
     assert len(prepared.plan.attention) == 2, prepared.plan.unclaimed
-    randomise_gates(prepared, seed, p_off)
-    compact = hiap_fx.finalize(prepared.eval())
-    x = example(net, batch=3, seed=seed)
-    with torch.no_grad():
-        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    _finalizes_exactly(net, prepared, seed, p_off)
 
 
 def test_channel_attention_gates_whole_heads():
@@ -116,12 +123,7 @@ def test_export_spellings_finalize_exactly(form):
     net = HybridNet(form, heads=3, head_dim=4)
     prepared = hiap_fx.prepare(net.eval(), example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend="export"))
     assert prepared.plan.frontend == "export" and len(prepared.plan.attention) == 2, prepared.plan.unclaimed
-    randomise_gates(prepared, 5, 0.4)
-    compact = hiap_fx.finalize(prepared.eval())
-    x = example(net, batch=3, seed=5)
-    with torch.no_grad():
-        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    _finalizes_exactly(net, prepared, 5, 0.4)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -140,12 +142,7 @@ def test_pooled_heads_with_the_queries_added_to_the_output(frontend, heads):
     kinds = {key.rsplit(".", 1)[1] for key in prepared.gate_modules()}
     assert "head" in kinds and not kinds & {"head_dim", "qk_dim"}
     for seed in range(3):
-        randomise_gates(prepared, seed, 0.5)
-        compact = hiap_fx.finalize(prepared.eval())
-        x = example(net, batch=3, seed=seed)
-        with torch.no_grad():
-            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+        _finalizes_exactly(net, prepared, seed, 0.5)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -164,12 +161,7 @@ def test_attention_over_part_of_the_channels(frontend, heads):
                for s in sites)
     dim, part = heads * 3, max(1, heads * 3 // 2)
     for seed, p_off in ((0, 0.4), (1, 0.7), (2, 1.0)):
-        randomise_gates(prepared, seed, p_off)
-        compact = hiap_fx.finalize(prepared.eval())
-        x = example(net, batch=3, seed=seed)
-        with torch.no_grad():
-            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+        compact = _finalizes_exactly(net, prepared, seed, p_off)
     # every unit closed: each output projection keeps just the columns of the passed channels
     proj_cols = sorted(p.shape[1] for n, p in compact.named_parameters() if p.dim() == 2 and p.shape[0] == dim)
     assert proj_cols[:2] == [dim - part] * 2
@@ -209,12 +201,7 @@ def test_attention_with_a_transposed_convolution_as_its_output_projection(fronte
     assert prepared.plan.frontend == frontend
     assert len(sites) == 2 and all(s.residual is None for s in sites), prepared.plan.unclaimed
     for seed, p_off in ((0, 0.3), (1, 0.6), (2, 1.0)):
-        randomise_gates(prepared, seed, p_off)
-        compact = hiap_fx.finalize(prepared.eval())
-        x = example(net, batch=3, seed=seed)
-        with torch.no_grad():
-            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+        compact = _finalizes_exactly(net, prepared, seed, p_off)
     # all closed: no depthwise downsampling convolution remains (only the stem convolution)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in compact.modules()) + \
         sum("conv2d" in str(n.target) for n in compact.graph.nodes) == 1
@@ -234,12 +221,7 @@ def test_a_gate_multiplying_the_output_is_cut_with_the_value_dims(form, frontend
     assert all(sorted(r for head in s.out_gate.index for r in head) == list(range(6, 12)) if form == "gated"
                else sorted(r for head in s.out_gate.index for r in head) == list(range(6)) for s in sites)
     for seed, p_off in ((0, 0.3), (1, 0.6), (2, 1.0)):
-        randomise_gates(prepared, seed, p_off)
-        compact = hiap_fx.finalize(prepared.eval())
-        x = example(net, batch=3, seed=seed)
-        with torch.no_grad():
-            assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-        assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+        compact = _finalizes_exactly(net, prepared, seed, p_off)
     # a decision that keeps one head of two dims: the gate keeps 2 rows (v and gate: 4 together)
     bundles = prepared.site_gates()
     with torch.no_grad():

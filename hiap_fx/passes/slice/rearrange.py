@@ -197,17 +197,15 @@ def _rewritten(flow: IndexFlow, n: fx.Node, rewrite: dict[Choice, dict[int, int]
     return tuple(args), kwargs
 
 
-def _dropped(n: fx.Node, name: str, env: dict[fx.Node, Any]) -> Optional[bool]:
-    """Whether some inputs of ``n`` were dropped (mapped to ``None``: the kernel output when no
-    head is live): a concatenation then loses those operands (``True``); any other op is
-    dropped too (``None``)."""
+def _without_dropped(n: fx.Node, name: str, env: dict[fx.Node, Any], args: tuple) -> Optional[tuple]:
+    """``n``'s mapped ``args`` when some of its inputs were dropped (mapped to ``None``: the
+    kernel output when no head is live): a concatenation loses those operands; any other op is
+    dropped itself (``None``, as is a concatenation left with nothing). ``args`` unchanged when
+    nothing was dropped."""
     if not any(a in env and env[a] is None for a in n.all_input_nodes):
-        return False
-    return True if name == "cat" and isinstance(n.args[0], (list, tuple)) else None
-
-
-def _cat_kept(args: tuple) -> Optional[tuple]:
-    """A concatenation's arguments without its dropped operands (``None`` when none is left)."""
+        return args
+    if name != "cat" or not isinstance(args[0], (list, tuple)):
+        return None
     kept = [a for a in args[0] if a is not None]
     return (kept, *args[1:]) if kept else None
 
@@ -217,16 +215,13 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optio
              passed: Optional[dict[fx.Node, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """Run ``chain`` on ``value`` in place of ``start`` (off-path arguments as recorded, the
     ``passed`` features as given; ``value=None``: the kernel output is dropped, see
-    the :func:`_dropped` rule)."""
+    :func:`_without_dropped`)."""
     env: dict[fx.Node, Any] = {**(passed or {}), start: value}
     inside = set(chain) | {start}
     for n in chain:
         name = op_name(n, flow.modules)
-        dropped = _dropped(n, name, env)
-        if dropped is None:
-            env[n] = None
-            continue
-        if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through
+        if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through (a
+            # dropped input stays dropped)
             on_path = [a for a in n.args if isinstance(a, fx.Node) and a in env]
             env[n] = env[on_path[0]] if on_path else value
             continue
@@ -235,14 +230,11 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optio
                 return env[a] if a in env else flow.value(a)
             return a
         node_args, node_kwargs = _rewritten(flow, n, rewrite, inside)
-        args = cast(tuple, map_aggregate(node_args, arg))
-        kwargs = cast(dict, map_aggregate(node_kwargs, arg))
-        if dropped:
-            kept = _cat_kept(args)
-            if kept is None:
-                env[n] = None
-                continue
-            args = kept
+        kept = _without_dropped(n, name, env, cast(tuple, map_aggregate(node_args, arg)))
+        if kept is None:
+            env[n] = None
+            continue
+        args, kwargs = kept, cast(dict, map_aggregate(node_kwargs, arg))
         try:
             if n.op == "call_function":
                 env[n] = cast(Callable[..., Any], n.target)(*args, **kwargs)
@@ -387,21 +379,14 @@ def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx
     mapping: dict[fx.Node, Optional[fx.Node]] = {**(carried or {}), av: new_out}
     inside = set(replay.chain) | {av}
     for n in replay.chain:
-        dropped = _dropped(n, op_name(n, flow.modules), mapping)
-        if dropped is None:
-            mapping[n] = None
-            continue
         args, kwargs = _rewritten(flow, n, replay.rewrite, inside)
         def remap(a: Any) -> Any:
             return mapping.get(a, a) if isinstance(a, fx.Node) else a
 
-        new_args = cast(tuple, map_aggregate(args, remap))
-        if dropped:
-            kept = _cat_kept(new_args)
-            if kept is None:
-                mapping[n] = None
-                continue
-            new_args = kept
+        new_args = _without_dropped(n, op_name(n, flow.modules), mapping, cast(tuple, map_aggregate(args, remap)))
+        if new_args is None:
+            mapping[n] = None
+            continue
         new = graph.create_node(n.op, n.target, new_args, cast(dict, map_aggregate(kwargs, remap)))
         new.meta = dict(n.meta)
         mapping[n] = new
