@@ -38,6 +38,8 @@ class Residual(_Base):
 
     add_node: str
     branch_arg: int = Field(description="position of the branch operand in the add")
+    outer: Optional["Residual"] = Field(None, description="where the sum continues into the stream "
+                                        "when the add joins a parallel branch (``attn(y) + mlp(y)``)")
 
 
 class _Site(_Base):

@@ -39,6 +39,11 @@ attention is written the way some efficient family writes it:
 * ``gated``: IFormer's modulated attention over a (B, C, H, W) map: v and a gate from one 1x1
   convolution + BatchNorm2d through a sigmoid, chunked in two, and the output projection reading
   ``attn_out * gate`` (``gated_tokens``: a separate gate linear over tokens, ``sigmoid(g(x))``);
+* ``sub_ln`` / ``sub_rms``: BEiT3's and EVA02-CLIP's sub-LN: a layer norm (an RMS norm) over
+  the merged head outputs right before the output projection, with a learned gain and bias;
+* ``parallel``: ViT-22B's parallel block (timm's ``ParallelScalingBlock``): the MLP's first layer
+  and q, k, v from one linear split four ways, the two branches summed, scaled, then added to
+  the stream;
 * ``folded`` / ``folded_manual``: SAM-ViT's and BoTNet's attention: heads folded into the batch
   axis (``reshape(3, B * heads, N, d)``) and a relative-position term computed from q added to
   the logits (sdpa's mask, or q @ k^T + term).
@@ -52,7 +57,8 @@ from torch import nn
 
 FORMS = ("grid_out", "seq_first", "window", "res_scale", "conv_qkv", "bn_rows", "einsum", "v_left", "channel",
          "clipped", "conv_bn", "nested", "folded", "folded_manual", "pooled", "partial",
-         "upsampled", "q_pooled", "gated", "gated_tokens")
+         "upsampled", "q_pooled", "gated", "gated_tokens", "sub_ln", "sub_rms",
+         "parallel")
 CHANNEL_SPELLINGS = ("shape", "literal", "infer", "kernel")
 
 
@@ -74,6 +80,11 @@ class _MapAttention(nn.Module):
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner)
         self.proj = nn.Linear(inner, dim)
+        self.sub: nn.Module = nn.LayerNorm(inner) if form == "sub_ln" else nn.RMSNorm(inner) \
+            if form == "sub_rms" else nn.Identity()
+        with torch.no_grad():  # a trained norm's gain and bias, not the identity of a fresh one
+            for p in self.sub.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
 
     def _attend(self, t: torch.Tensor) -> torch.Tensor:  # (B', N', C) -> (B', heads, N', d)
         b, n, _ = t.shape
@@ -112,7 +123,7 @@ class _MapAttention(nn.Module):
             o = o.permute(2, 0, 1, 3).reshape(H * W, B, self._channels(x, o))
             return self.proj(o).transpose(0, 1).reshape(B, H, W, -1)
         o = o.transpose(1, 2).reshape(B, H, W, self._channels(x, o))
-        return self.proj(o)
+        return self.proj(self.sub(o))
 
 
 class _ConvAttention(nn.Module):
@@ -319,6 +330,28 @@ class _PooledAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, H, W, -1))
 
 
+class _ParallelBlock(nn.Module):
+    """ViT-22B's parallel block as timm's ``ParallelScalingBlock`` writes it: the MLP's first
+    layer and q, k, v in one linear, split, and ``attn_proj(attn) + mlp_out(act(mlp))``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.hidden = heads, head_dim, hidden
+        inner = heads * head_dim
+        self.in_proj = nn.Linear(dim, hidden + 3 * inner)
+        self.attn_proj, self.mlp_out = nn.Linear(inner, dim), nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = y.shape
+        inner = self.heads * self.head_dim
+        x_mlp, q, k, v = torch.split(self.in_proj(y.reshape(B, H * W, -1)), [self.hidden, inner, inner, inner], dim=-1)
+        q, k, v = (t.view(B, H * W, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, inner)
+        out = self.attn_proj(o) + self.mlp_out(F.gelu(x_mlp))
+        return (self.gamma * out).reshape(B, H, W, -1)
+
+
 class _PartialAttention(nn.Module):
     """SHViT's spelling: attention over the first ``dim // 2`` channels (the whole map when it has
     one channel), its output concatenated with the other channels before an activation and the
@@ -443,6 +476,8 @@ class HybridBlock(nn.Module):
             self.attn = _ConvBnAttention(dim, heads, head_dim)
         elif form == "channel":
             self.attn = _ChannelAttention(dim, heads, head_dim)
+        elif form == "parallel":
+            self.attn = _ParallelBlock(dim, heads, head_dim, hidden)
         elif form == "clipped":
             self.attn = _ClippedAttention(dim, heads, head_dim, tokens)
         elif form == "pooled":
@@ -472,6 +507,8 @@ class HybridBlock(nn.Module):
             shortcut = F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
             x = shortcut + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
+        if self.form == "parallel":  # the attention and the MLP read one norm, side by side
+            return x + self.attn(self.norm1(x))
         if self.form == "res_scale":
             x = x * self.res_scale1 + self.attn(self.norm1(x))
             return self.res_scale2 * x + self.mlp(self.norm2(x))

@@ -197,8 +197,9 @@ def test_forced_export_front_end_matches():
 
 
 class _SubLNBlock(nn.Module):
-    """Attention whose head outputs are normalised together before the projection (BEiT-3's
-    sub-LN): no head can be cut exactly, but the FFN can."""
+    """Attention whose head outputs are normalised together and then go through an activation
+    before the projection: no head can be cut exactly, but the FFN can. (A norm right before
+    the projection, BEiT-3's sub-LN, is cut exactly: tests/test_hybrid_attention.py.)"""
 
     def __init__(self, dim: int = 16, heads: int = 4) -> None:
         super().__init__()
@@ -210,7 +211,7 @@ class _SubLNBlock(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        x = x + self.proj(self.norm(a))
+        x = x + self.proj(torch.nn.functional.gelu(self.norm(a)))
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 

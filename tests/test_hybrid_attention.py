@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close_outputs
 from hybrid_zoo import CHANNEL_SPELLINGS, FORMS, HybridNet, example
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from independent_macs import randomise_gates
 
 import hiap_fx
 from hiap_fx.passes.conv_linears import overlap_add
+from hiap_fx.passes.subnorms import width_stats
 
 
 def _prepare(net: HybridNet) -> hiap_fx.PreparedModel:
@@ -300,3 +302,115 @@ def test_folded_mask_matches_a_loop_over_the_batch():
     want = torch.cat([x[3 * b:3 * b + 3] * mask for b in range(2)])
     assert torch.equal(folded_mask_mul(x, mask, -3), want)
     assert torch.equal(folded_mask_mul(x, mask, 0), want)
+
+
+class _OffStreamSubNorm(torch.nn.Module):
+    """A sub-LN attention whose output goes straight to the classifier (no residual branch), so
+    a closed attention leaves its output bias: ``W @ b_norm + c``."""
+
+    def __init__(self, rms: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.qkv, self.proj = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+        self.norm = torch.nn.RMSNorm(8) if rms else torch.nn.LayerNorm(8)
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.add_(torch.randn_like(p))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head(self.proj(self.norm(o)).mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("closed", ["some", "all"])
+def test_a_norm_over_the_merged_heads_before_the_projection(frontend, rms, closed):
+    """BEiT3's / EVA02-CLIP's sub-LN: heads are cut exactly (the statistics keep the nominal
+    width), and with every head closed the attention leaves only ``W @ b_norm + c``."""
+    torch.manual_seed(3)
+    net = _OffStreamSubNorm(rms).eval()
+    x = torch.randn(1, 5, 6)
+    prepared = hiap_fx.prepare(net, x, hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    site = prepared.plan.attention[0]
+    assert len(prepared.plan.attention) == 1 and site.residual is None, prepared.plan.unclaimed
+    bundle = prepared.site_gates()[site.name]
+    with torch.no_grad():
+        for gate in bundle.gates().values():
+            gate.logits.fill_(3.0)
+        bundle.gates()["head"].logits[0] = -3.0
+        if closed == "all":
+            bundle.gates()["head"].logits.fill_(-3.0)
+    compact = hiap_fx.finalize(prepared.eval())
+    xs = torch.randn(4, 5, 6)
+    with torch.no_grad():
+        assert_close_outputs(prepared(xs), compact(xs), rel=1e-4)
+        if closed == "all":  # the branch is constant: the norm of zeros through the projection
+            assert torch.allclose(compact(xs), compact(xs + 1.0), atol=1e-6)
+    assert "scaled_dot_product_attention" not in compact.code or closed == "some"
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(width=st.integers(1, 12), missing=st.integers(0, 6), centred=st.booleans(), seed=st.integers(0, 1000))
+def test_width_statistics_ignore_removed_zero_features(width, missing, centred, seed):
+    """Statistics over a nominal width are those of the full row with the removed features as
+    zeros, and they reproduce ``layer_norm`` / ``rms_norm`` on the full row."""
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(3, width + missing, generator=gen)
+    full[:, width:] = 0.0
+    short = full[:, :width]
+    stats_full = width_stats(full, width + missing, 1e-6, centred)
+    assert torch.allclose(width_stats(short, width + missing, 1e-6, centred), stats_full, atol=1e-6)
+    if centred:
+        rebuilt = full * stats_full[:, :1] - stats_full[:, 1:]
+        assert torch.allclose(rebuilt, F.layer_norm(full, (width + missing,), eps=1e-6), atol=1e-5)
+    else:
+        assert torch.allclose(full * stats_full, F.rms_norm(full, (width + missing,), eps=1e-6), atol=1e-5)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("closed", [("attention",), ("ffn",), ("attention", "ffn")])
+def test_parallel_branches_leave_the_sum_then_the_stream(frontend, closed):
+    """ViT-22B's parallel block: one linear split into the MLP's input and q/k/v becomes one
+    linear per part, so both are sites; a closed branch leaves ``attn + mlp``, and with both
+    closed the whole block leaves the stream (the second one finds the sum gone and leaves where
+    it joined the stream)."""
+    torch.manual_seed(1)
+    net = HybridNet("parallel", heads=2, head_dim=4, depth=1).eval()
+    prepared = hiap_fx.prepare(net, example(net, 1), hiap_fx.PruneConfig(target_macs=None, frontend=frontend))
+    plan = prepared.plan
+    assert len(plan.attention) == 1 and len(plan.ffn) == 1, plan.unclaimed
+    sites = {"attention": plan.attention[0], "ffn": plan.ffn[0]}
+    assert all(s.residual is not None and s.residual.outer is not None for s in sites.values())
+    with torch.no_grad():
+        for bundle in prepared.site_gates().values():
+            for gate in bundle.gates().values():
+                gate.logits.fill_(3.0)
+        for which in closed:
+            macro = "head" if which == "attention" else "ffn"
+            prepared.site_gates()[sites[which].name].gates()[macro].logits.fill_(-3.0)
+    compact = hiap_fx.finalize(prepared.eval())
+    x = example(net, batch=3, seed=2)
+    with torch.no_grad():
+        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
+    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
+    if len(closed) == 2:  # the stem and the classifier are all that is left
+        assert "scaled_dot_product_attention" not in compact.code and compact.code.count("linear(") == 1
+
+
+@pytest.mark.parametrize("form", ["sub_ln", "sub_rms", "upsampled", "parallel", "partial"])
+def test_compact_hybrids_load_without_trust(form, tmp_path):
+    """The functions normalisation brings in (``width_stats``, ``overlap_add``, ``no_features``)
+    are on the safe list: a saved compact model loads as data and computes the same."""
+    net = HybridNet(form, heads=2, head_dim=3)
+    prepared = _prepare(net)
+    compact = _finalizes_exactly(net, prepared, seed=4, p_off=0.5)
+    hiap_fx.save(compact, tmp_path / "compact.hiap", prepared.plan)
+    loaded = hiap_fx.load(tmp_path / "compact.hiap")
+    x = example(net, batch=2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(compact(x), loaded(x))

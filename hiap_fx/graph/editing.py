@@ -207,3 +207,30 @@ def restore_order(graph: fx.Graph) -> None:
     for before, node in zip(order, order[1:]):
         if node.prev is not before:
             before.append(node)
+
+
+def sole_parameter(gm: fx.GraphModule, node: object) -> tuple[nn.Module, str, nn.Parameter] | None:
+    """(holder module, attribute, parameter) read by the get_attr ``node``, when no other node
+    reads it (so a rewrite may replace it); ``None`` otherwise."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1 or \
+            sum(n.op == "get_attr" and n.target == node.target for n in node.graph.nodes) != 1:
+        return None
+    path, _, attr = str(node.target).rpartition(".")
+    holder = gm.get_submodule(path) if path else gm
+    value = getattr(holder, attr, None)
+    return (holder, attr, value) if isinstance(value, nn.Parameter) else None
+
+
+def add_parameter(gm: fx.GraphModule, holder: nn.Module, name: str, value: torch.Tensor,
+                  like: torch.Tensor) -> str:
+    """Register ``value`` (in ``like``'s dtype, trainable when it is) on ``holder`` under
+    ``name`` or the first free ``name_<i>``; returns its dotted path in ``gm`` for a get_attr."""
+    base, i = name, 1
+    while hasattr(holder, name):
+        name, i = f"{base}_{i}", i + 1
+    holder.register_parameter(name, nn.Parameter(value.detach().to(like.dtype).clone(),
+                                                 requires_grad=like.requires_grad))
+    for path, mod in gm.named_modules():
+        if mod is holder:
+            return f"{path}.{name}" if path else name
+    raise KeyError(f"{name}: its module is not part of the graph module")

@@ -218,7 +218,7 @@ class IndexFlow:
                 return stop_here()
             events.append(FlowEvent("channel_pool", node))
             return pooled
-        if in_family(name, "matmul_like"):
+        if in_family(name, "matmul_like") or in_family(name, "width_stat"):
             return stop_here()
         return self._opaque(node, on_path, index, stop_here)
 

@@ -69,10 +69,14 @@ MATMUL_LIKE: set[str] = {
 
 RESIDUAL_ADD: set[str] = {"add"}
 
+#: Per-position statistics over a nominal feature width (missing features count as zeros), so
+#: removing zero features leaves them unchanged (``hiap_fx.passes.subnorms.width_stats``).
+WIDTH_STAT: set[str] = {"width_stats"}
+
 _FAMILIES: dict[str, set[str]] = {
     "movement": MOVEMENT, "cast": CAST, "activation": ACTIVATION, "unary": ELEMENTWISE_UNARY,
     "binary": ELEMENTWISE_BINARY, "norm": NORM, "channel_norm": CHANNEL_NORM, "softmax": SOFTMAX,
-    "matmul_like": MATMUL_LIKE,
+    "matmul_like": MATMUL_LIKE, "width_stat": WIDTH_STAT,
 }
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 from torch import fx
 
 from hiap_fx.graph.ir import is_tensor_node, node_shape
-from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.ops import in_family, op_name
 
 
 def reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
@@ -99,3 +99,16 @@ def queried_axes(query: fx.Node) -> set[int] | None:
         else:
             return None
     return axes
+
+
+def width_stat_source(node: object) -> fx.Node | None:
+    """The width-statistics node (op family ``width_stat``) ``node`` is read from through data
+    movement (``stats[..., 0:1]``), or ``None``."""
+    while isinstance(node, fx.Node):
+        name = op_name(node)
+        if in_family(name, "width_stat"):
+            return node
+        if not in_family(name, "movement") or not node.args:
+            return None
+        node = node.args[0]
+    return None

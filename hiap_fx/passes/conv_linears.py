@@ -28,7 +28,7 @@ from hiap_fx.registry import SAFE_FUNCTIONS, attention_kernel
 _ATTENTION_OPS = ("scaled_dot_product_attention", "matmul", "bmm", "einsum")
 
 
-def _near(node: fx.Node, step: Callable[[fx.Node], list[fx.Node]], depth: int = 12) -> bool:
+def near_attention(node: fx.Node, step: Callable[[fx.Node], list[fx.Node]], depth: int = 12) -> bool:
     """Whether an attention op (sdpa, or a product of activations) is reached from ``node``
     through ``step`` within ``depth`` ops, not crossing another projection."""
     frontier, seen = [node], {node}
@@ -85,8 +85,8 @@ def pointwise_convs_as_linears(cg: CapturedGraph) -> None:
         if found is None:
             continue
         x = node.args[0]
-        if not isinstance(x, fx.Node) or not (_near(node, lambda n: list(n.users)) or
-                                             _near(x, lambda n: n.all_input_nodes)):
+        if not isinstance(x, fx.Node) or not (near_attention(node, lambda n: list(n.users)) or
+                                             near_attention(x, lambda n: n.all_input_nodes)):
             continue
         holder, attr, weight = found
         flat = nn.Parameter(weight.detach().reshape(weight.shape[0], weight.shape[1]).clone(),
@@ -198,7 +198,7 @@ def transposed_convs_as_linears(cg: CapturedGraph) -> None:
                 or node.op == "call_function" and op_name(node) == "conv_transpose2d"):
             continue
         x0 = node.args[0] if node.args else None
-        if not isinstance(x0, fx.Node) or not _near(x0, lambda n: n.all_input_nodes):
+        if not isinstance(x0, fx.Node) or not near_attention(x0, lambda n: n.all_input_nodes):
             continue
         found = _transposed_conv(node, gm)
         if found is None:

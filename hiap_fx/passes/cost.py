@@ -32,7 +32,7 @@ from hiap_fx.gated.cost_model import CostModel, NodeTerm, SymbolSource, Widest
 from hiap_fx.gated.decisions import gate_key
 from hiap_fx.graph.ir import CapturedGraph, arg_node, node_shape, recorded_macs, tensor_shape
 from hiap_fx.graph.node_macs import node_macs
-from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.ops import in_family, op_name
 from hiap_fx.graph.queries import region_between, scaling_chain
 from hiap_fx.plan import AttentionSite, FFNSite, Plan
 
@@ -287,6 +287,13 @@ def term_nodes(cg: CapturedGraph, nodes: Mapping[str, fx.Node], site: AttentionS
     return found
 
 
+def output_stats(nodes: Mapping[str, fx.Node], site: AttentionSite) -> set[fx.Node]:
+    """Width statistics between the kernel output and the output projection (a sub-norm's):
+    they go with the attention (finalize computes them from its compact output)."""
+    av, out = nodes[site.core_nodes[-1]], nodes[site.out.node]
+    return {n for n in region_between([av], out) if in_family(op_name(n), "width_stat")}
+
+
 def padded_width(live: list[sympy.Expr], kept: list[sympy.Expr], full: int) -> sympy.Expr:
     """The width every live head is padded to: the widest kept count among live heads (the full
     width when the count is not gated; with no live head the head count is 0 anyway)."""
@@ -350,7 +357,8 @@ def _dies_with(cg: CapturedGraph, plan: Plan) -> dict[str, list[str]]:
     for s in plan.attention:
         own[s.name] = {s.q.node, s.k.node, s.v.node, s.out.node, *s.core_nodes,
                        *([s.out_gate.node] if s.out_gate else []),
-                       *(n.name for n in term_nodes(cg, nodes, s))}
+                       *(n.name for n in term_nodes(cg, nodes, s)),
+                       *(n.name for n in output_stats(nodes, s))}
         if s.residual is not None:
             outs[s.name] = s.out.node
     for f in plan.ffn:

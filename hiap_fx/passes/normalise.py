@@ -3,7 +3,8 @@
 After this pass:
 * every linear layer is ``F.linear(x, <get_attr weight>, <get_attr bias or None>)``;
 * every convolution is ``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``;
-* every layer norm is ``F.layer_norm(x, shape, weight, bias, eps)``;
+* every layer norm is ``F.layer_norm(x, shape, weight, bias, eps)``, every RMS norm
+  ``F.rms_norm(x, shape, weight, eps)``;
 * every softmax is ``F.softmax(x, dim=d)``; every matmul/bmm is ``torch.matmul(a, b)``, and so
   is a two-operand einsum of the attention kind (shared batch letters, one contracted letter, at
   most one free letter per side: ``"bhid,bhjd->bhij"``), between permutes;
@@ -16,7 +17,13 @@ After this pass:
   its weight stored as the 2-D matrix, so heads and dims are found and cut as for any linear;
   a transposed convolution after attention (LowFormer's output projection that also upsamples)
   is a linear over its input channels and a parameter-free overlap-add
-  (:mod:`hiap_fx.passes.conv_linears`).
+  (:mod:`hiap_fx.passes.conv_linears`);
+* a layer or RMS norm over the merged head outputs right before the output projection (sub-LN)
+  is :func:`~hiap_fx.passes.subnorms.width_stats` and a product, the norm's gain folded into
+  the projection (:mod:`hiap_fx.passes.subnorms`);
+* a linear split along its features into parts of which some reach attention and some do not
+  (a parallel block's MLP and q/k/v in one linear) is one linear per part
+  (:mod:`hiap_fx.passes.fused_linears`).
 Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonical name.
 """
 
@@ -32,6 +39,8 @@ from torch import fx, nn
 from hiap_fx.graph.ir import CapturedGraph, node_shape
 from hiap_fx.graph.ops import einsum_letters, op_kind, op_name
 from hiap_fx.passes.conv_linears import pointwise_convs_as_linears, transposed_convs_as_linears
+from hiap_fx.passes.fused_linears import split_fused_linears
+from hiap_fx.passes.subnorms import subnorms_as_width_stats
 from hiap_fx.registry import attention_kernel
 
 
@@ -78,6 +87,9 @@ def _module_node(node: fx.Node, mod: nn.Module) -> Optional[fx.Node]:
             return g.call_function(F.layer_norm, (
                 x, tuple(mod.normalized_shape), _param_node(g, path, mod, "weight"),
                 _param_node(g, path, mod, "bias"), mod.eps))
+        if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
+            return g.call_function(F.rms_norm, (
+                x, tuple(mod.normalized_shape), _param_node(g, path, mod, "weight"), mod.eps))
         if isinstance(mod, nn.Softmax):
             return g.call_function(F.softmax, (x,), {"dim": mod.dim})
         if isinstance(mod, nn.Identity):
@@ -105,6 +117,9 @@ def _aten_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
             return g.call_function(F.layer_norm, (a[0], tuple(a[1]), a[2] if len(a) > 2 else None,
                                                   a[3] if len(a) > 3 else None,
                                                   a[4] if len(a) > 4 else 1e-5))
+        if name == "rms_norm":
+            return g.call_function(F.rms_norm, (a[0], tuple(a[1]), a[2] if len(a) > 2 else None,
+                                                a[3] if len(a) > 3 else None))
         if name in ("softmax", "_softmax", "_safe_softmax"):
             return g.call_function(F.softmax, (a[0],), {"dim": a[1]})
         if name in ("matmul", "bmm", "mm"):
@@ -278,6 +293,8 @@ def normalise(cg: CapturedGraph) -> CapturedGraph:
             _replace(node, new, cg)
     pointwise_convs_as_linears(cg)
     transposed_convs_as_linears(cg)
+    split_fused_linears(cg)
+    subnorms_as_width_stats(cg)
     values_on_the_right(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

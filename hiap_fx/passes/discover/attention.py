@@ -10,7 +10,8 @@ from torch import fx
 
 from hiap_fx.graph.flow import FlowResult, feature_index
 from hiap_fx.graph.ir import is_tensor_node, node_rank, node_shape, tensor_shape
-from hiap_fx.graph.queries import ancestors, region_between, scaling_chain
+from hiap_fx.graph.ops import in_family
+from hiap_fx.graph.queries import ancestors, region_between, scaling_chain, width_stat_source
 from hiap_fx.passes.discover.operands import TokenDependent, operand_projection, path_events, source_linears
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
 from hiap_fx.plan import AttentionSite, CoreLayout, Projection, SideTensor
@@ -43,8 +44,11 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
         code = code + feature_index(out_shape, h_axis) * v_dim
     flow = g.flow.run({core.out: code}, data_binary=("add", "mul"))
     lins = [(n, pos, t) for n, pos, t in flow.reached if g.name(n) == "linear" and pos == 0]
-    others = [n for n, pos, t in flow.reached if (n, pos) not in {(l, p) for l, p, _ in lins}]
-    if len(lins) != 1 or others:
+    stats = [(n, t) for n, pos, t in flow.reached if in_family(g.name(n), "width_stat")]
+    others = [n for n, pos, t in flow.reached if (n, pos) not in {(l, p) for l, p, _ in lins}
+              and not in_family(g.name(n), "width_stat")]
+    if len(lins) != 1 or others or not all(torch.equal(t, lins[0][2]) and n.args[1] == t.shape[-1]
+                                           for n, t in stats):
         stops = ", ".join(sorted({f"{g.name(n)} ({n.name})" for n, _, _ in flow.reached}))
         raise Reject(f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection")
     lin, _, at = lins[0]
@@ -82,7 +86,8 @@ def output_gate(g: GraphView, flow: FlowResult, lin: fx.Node, heads: int,
     output feature by feature on its way to ``lin`` (IFormer's ``proj(attn_out * gate)``), as
     [head][dim] -> row, and that product; ``(None, None)`` when the output meets no product."""
     on_path = ancestors(lin) | {lin}
-    muls = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path and g.name(e.node) == "mul"]
+    muls = [e for e in flow.events if e.kind == "data_binary" and e.node in on_path and g.name(e.node) == "mul"
+            and not all(width_stat_source(o) is not None for o in e.detail["other"])]  # a sub-norm
     if not muls:
         return None, None
     mul, others = muls[0].node, muls[0].detail["other"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import fx
 
 from hiap_fx.graph.ir import node_shape
-from hiap_fx.graph.queries import ancestors
+from hiap_fx.graph.queries import ancestors, width_stat_source
 from hiap_fx.passes.discover.view import GraphView
 from hiap_fx.plan import Residual
 
@@ -25,6 +25,20 @@ def preserves_zero(g: GraphView, node: fx.Node, data: fx.Node) -> bool:
     except Exception:
         return False
     return isinstance(out, torch.Tensor) and out.numel() > 0 and not out.any()
+
+
+def norm_correction(g: GraphView, term: fx.Node, branch_end: fx.Node) -> bool:
+    """Whether ``term`` is a constant times width statistics of a tensor inside the branch
+    ending at ``branch_end`` (a sub-norm's ``(mu / sigma) * (W @ g)``; see
+    :mod:`hiap_fx.passes.subnorms`), which vanishes with the features it is computed from."""
+    if g.name(term) != "mul":
+        return False
+    stats = [width_stat_source(a) for a in term.all_input_nodes]
+    data = [a for a, s in zip(term.all_input_nodes, stats) if s is not None]
+    rest = [a for a, s in zip(term.all_input_nodes, stats) if s is None]
+    inside = ancestors(branch_end)
+    return len(data) == 1 and not any(g.dependent(a) for a in rest) \
+        and any(x in inside for x in cast(fx.Node, width_stat_source(data[0])).all_input_nodes)
 
 
 def stream_of(g: GraphView, other: fx.Node, branch_input: fx.Node, depth: int = 8) -> bool:
@@ -56,12 +70,19 @@ def residual_of(g: GraphView, branch_end: fx.Node, branch_input: fx.Node,
             return None
         u = users[0]
         tensors = [a for a in u.all_input_nodes if node_shape(a) is not None]
+        if g.name(u) in ("add", "sub") and len(tensors) == 2 and u.args[:1] == (cur,) \
+                and norm_correction(g, tensors[1], branch_end):
+            cur = u  # a sub-norm's mean term: zero when the branch's heads are all closed
+            continue
         if g.name(u) == "add" and len(tensors) == 2 and cur in tensors:
             other = tensors[0] if tensors[1] is cur else tensors[1]
             pos = next(i for i, a in enumerate(u.args) if a is cur)
             if stream_of(g, other, branch_input):
                 return Residual(add_node=u.name, branch_arg=pos)
-            return None
+            outer = residual_of(g, u, branch_input, zero_preserving) if branch_input in ancestors(other) else None
+            # a parallel branch of the same input (``attn(y) + mlp(y)``, then into the stream):
+            # this one leaves the sum; with its sibling gone too, the sum leaves the stream
+            return Residual(add_node=u.name, branch_arg=pos, outer=outer) if outer is not None else None
         if g.data_inputs(u) != [cur] or (zero_preserving and not preserves_zero(g, u, cur)):
             return None
         cur = u

@@ -10,8 +10,8 @@ from torch import fx
 
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
-from hiap_fx.graph.ops import op_name
-from hiap_fx.graph.queries import descendants
+from hiap_fx.graph.ops import in_family, op_name
+from hiap_fx.graph.queries import ancestors, descendants
 from hiap_fx.passes.slice.context import SizeFix, SliceContext, detach_sizes, kernel_operand, operand_layout
 from hiap_fx.passes.slice.ffn import remove_branch
 from hiap_fx.passes.slice.kernel import kernel_call, manual_logits, operand_terms
@@ -229,7 +229,25 @@ def bias_only(ctx: SliceContext, site: AttentionSite) -> None:
                                 "and output layouts differ; keep at least one head open")
             empty = ctx.graph.call_method("narrow", (x, -1, 0, 0))
         new = ctx.graph.call_function(F.linear, (empty, *out_lin.args[1:]))
+        restat_empty(ctx, site, empty)
     out_lin.replace_all_uses_with(new)
+
+
+def restat_empty(ctx: SliceContext, site: AttentionSite, empty: fx.Node) -> None:
+    """Width statistics on the way to the closed attention's projection (a sub-norm) read the
+    zero-width ``empty`` instead: over a nominal width, no features are all features zero, as
+    in the gated model."""
+    av, out_lin = ctx.nodes[site.core_nodes[-1]], ctx.nodes[site.out.node]
+    lead = tensor_shape(out_lin.args[0])[:-1]
+    before = ancestors(out_lin)
+    for stat in [n for n in descendants(av) & before if in_family(op_name(n), "width_stat")]:
+        x = stat.args[0]
+        if not isinstance(x, fx.Node) or tensor_shape(x)[:-1] != lead:
+            raise HiapError(f"{site.name}: every head is closed, and the norm before the output "
+                            f"projection ({stat.name}) reads another layout than the projection; "
+                            "keep at least one head open")
+        new = ctx.graph.node_copy(stat, lambda a: empty if a is x else a)
+        stat.replace_all_uses_with(new, delete_user_cb=lambda u: u not in before)
 
 
 def out_head_axis(site: AttentionSite, kernel_out: tuple[int, ...], proj_in: tuple[int, ...]) -> Optional[int]:

@@ -20,6 +20,10 @@ def remove_branch(graph: fx.Graph, nodes: dict[str, fx.Node], residual: Optional
         raise HiapError(f"{site}: every unit is closed but the site is not on a residual branch, "
                         "so it cannot be removed; keep at least one unit open (e.g. raise its logit)")
     add = nodes[residual.add_node]
+    if add.graph is not graph or getattr(add, "_erased", False):  # a parallel sibling left the sum
+        # first, which now is this branch alone: it leaves where the sum joined the stream
+        remove_branch(graph, nodes, residual.outer, site)
+        return
     other = arg_node(add, 1 - residual.branch_arg)
     add.replace_all_uses_with(other)
     graph.erase_node(add)

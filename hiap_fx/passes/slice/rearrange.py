@@ -27,7 +27,7 @@ from hiap_fx.errors import HiapError
 from hiap_fx.graph.flow import SENTINEL, IndexFlow, feature_index
 from hiap_fx.graph.ir import is_tensor_node, node_shape, tensor_shape
 from hiap_fx.graph.ops import SIZE_KWARGS, in_family, op_kind, op_name
-from hiap_fx.graph.queries import data_ancestors, descendants
+from hiap_fx.graph.queries import data_ancestors, descendants, width_stat_source
 
 #: At most this many size occurrences are tried in combination (2**n replays at worst).
 MAX_CHOICES = 6
@@ -74,7 +74,9 @@ def output_chain(av: fx.Node, proj_input: fx.Node, modules: dict[str, Any],
             continue
         name = op_name(n, modules)
         if not (moves_only(name) or in_family(name, "unary") or in_family(name, "activation")
-                or name in ("add", "mul") and any(a in carried for a in n.all_input_nodes)):
+                or in_family(name, "width_stat")
+                or name in ("add", "mul") and any(a in carried for a in n.all_input_nodes)
+                or name == "mul" and any(a in path and width_stat_source(a) is not None for a in n.all_input_nodes)):
             raise HiapError(f"{n.name} ({name}) between the kernel output {av.name} and the output "
                             f"projection input {proj_input.name} neither moves data nor acts "
                             "element-wise")
@@ -220,9 +222,13 @@ def _execute(flow: IndexFlow, chain: list[fx.Node], start: fx.Node, value: Optio
     inside = set(chain) | {start}
     for n in chain:
         name = op_name(n, flow.modules)
+        if in_family(name, "width_stat"):  # per-position statistics: no features of their own
+            env[n] = None if any(env.get(a, 0) is None for a in n.all_input_nodes) else \
+                torch.full(tensor_shape(n), SENTINEL, dtype=torch.float64)
+            continue
         if is_tensor_node(n) and not moves_only(name):  # element-wise: indices pass through (a
             # dropped input stays dropped)
-            on_path = [a for a in n.args if isinstance(a, fx.Node) and a in env]
+            on_path = [a for a in n.args if isinstance(a, fx.Node) and a in env and width_stat_source(a) is None]
             env[n] = env[on_path[0]] if on_path else value
             continue
         def arg(a: Any) -> Any:
@@ -390,6 +396,9 @@ def replay_output(flow: IndexFlow, graph: fx.Graph, replay: OutputReplay, av: fx
         new = graph.create_node(n.op, n.target, new_args, cast(dict, map_aggregate(kwargs, remap)))
         new.meta = dict(n.meta)
         mapping[n] = new
+    for n in replay.chain:  # statistics read after the projection too (a sub-norm's correction)
+        if in_family(op_name(n, flow.modules), "width_stat") and mapping.get(n) is not None:
+            n.replace_all_uses_with(cast(fx.Node, mapping[n]), delete_user_cb=lambda u: u not in inside)
     out = mapping[replay.chain[-1]] if replay.chain else new_out
     if out is None:
         raise HiapError(f"nothing of the output of {av.name} reaches the projection when no head is live")
