@@ -143,6 +143,8 @@ class Plan(_Base):
     ffn: list[FFNSite] = []
     unclaimed: list[Unclaimed] = []
     notes: list[str] = []
+    macs_not_spent: int = Field(0, description="MACs of the model as written that its normal form "
+                                "does not spend (products with one-hot constants computed as gathers)")
 
     def summary(self) -> str:
         """A human-readable table of the sites with their share of MACs."""

@@ -23,6 +23,8 @@ class CapturedGraph:
         values: node name -> value the node produced on ``example_inputs`` (filled by the
             propagate pass; tensors that depend on the input are kept only as shapes).
         notes: human-readable remarks gathered on the way (shown by ``inspect``).
+        macs_not_spent: MACs of the model as written that normalisation removed (a product
+            with a one-hot constant computed as a gather).
         model_name: the captured model's class name (named in the plan and in errors).
         plan: what discovery found (set by the discover stage; later stages read it).
         facts_fresh: the recorded facts (``values``, node shapes) are those of ``gm`` as it is
@@ -35,6 +37,7 @@ class CapturedGraph:
     values: dict[str, Any] = field(default_factory=dict)
     input_dependent: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    macs_not_spent: int = 0
     model_name: str = "model"
     plan: Optional[Plan] = None
     facts_fresh: bool = False

@@ -23,7 +23,9 @@ After this pass:
   the projection (:mod:`hiap_fx.passes.subnorms`);
 * a linear split along its features into parts of which some reach attention and some do not
   (a parallel block's MLP and q/k/v in one linear) is one linear per part
-  (:mod:`hiap_fx.passes.fused_linears`).
+  (:mod:`hiap_fx.passes.fused_linears`);
+* an einsum with a constant one-hot operand (MaxViT-TF's relative position lookups) is the
+  gather it is (:mod:`hiap_fx.passes.selections`).
 Other ops keep their spelling; ``hiap_fx.graph.ops.op_name`` gives their canonical name.
 """
 
@@ -40,6 +42,7 @@ from hiap_fx.graph.ir import CapturedGraph, node_shape
 from hiap_fx.graph.ops import einsum_letters, op_kind, op_name
 from hiap_fx.passes.conv_linears import pointwise_convs_as_linears, transposed_convs_as_linears
 from hiap_fx.passes.fused_linears import split_fused_linears
+from hiap_fx.passes.selections import selection_as_gather
 from hiap_fx.passes.subnorms import subnorms_as_width_stats
 from hiap_fx.registry import attention_kernel
 
@@ -180,7 +183,7 @@ def _functional_node(node: fx.Node, cg: CapturedGraph) -> Optional[fx.Node]:
         if name == "unflatten":
             return _unflatten(node)
         if name == "einsum":
-            return einsum_as_matmul(node)
+            return selection_as_gather(node, cg) or einsum_as_matmul(node)
         if name == "dropout" and node.op == "call_function":
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             return _dropout_module(cg, node, args[0], float(cast(Any, p)))

@@ -80,7 +80,7 @@ def discover(cg: CapturedGraph, model_name: str = "model") -> Plan:
     return Plan(model=model_name, frontend=cg.frontend,
                 example_shapes=[list(t.shape) for t in cg.example_inputs],
                 total_macs=sum(macs.values()), attention=attention, ffn=ffn,
-                unclaimed=unclaimed, notes=list(cg.notes) + notes)
+                unclaimed=unclaimed, notes=list(cg.notes) + notes, macs_not_spent=cg.macs_not_spent)
 
 
 def _opaque_modules(g: GraphView) -> list[Unclaimed]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hiap_fx.graph.ir import CapturedGraph
+from hiap_fx.graph.ir import CapturedGraph, node_shape
 
 
 def opaque_calls(cg: CapturedGraph) -> list[str]:
@@ -21,6 +21,8 @@ def opaque_calls(cg: CapturedGraph) -> list[str]:
             continue
         if isinstance(fn, type):
             continue  # a class built in the graph (HF's ImageClassifierOutput): a container, no kernel
+        if node_shape(node) is None or not any(a.name in cg.input_dependent for a in node.all_input_nodes):
+            continue  # a kernel reads activations and returns one (not HF's check_fixed_argument)
         module = getattr(fn, "__module__", None) or ""
         root = module.split(".")[0]
         if fn is not None and root not in ("torch", "_operator", "operator", "builtins", "math"):
