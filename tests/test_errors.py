@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pydantic
 import pytest
@@ -227,3 +228,61 @@ def test_unprunable_attention_is_reported_and_the_ffn_still_pruned():
     randomise_gates(prepared, 0, 0.5)
     compact = hiap_fx.finalize(prepared.eval())
     assert hiap_fx.count_macs(compact, x) == prepared.hard_macs() < prepared.dense_macs
+
+
+class _TwoMaps(nn.Module):
+    """Differential attention: two softmax maps over the same values, subtracted."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 5 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q1, k1, q2, k2, v = self.qkv(x).reshape(b, n, 5, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        F_ = torch.nn.functional
+        a = F_.scaled_dot_product_attention(q1, k1, v) - 0.5 * F_.scaled_dot_product_attention(q2, k2, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Cascaded(nn.Module):
+    """EfficientViT-MSRA's cascaded heads: each head's output is added to the next one's input."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkvs = nn.ModuleList(nn.Linear(dim // heads, 3 * (dim // heads)) for _ in range(heads))
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        outs, feat = [], None
+        for chunk, qkv in zip(x.chunk(len(self.qkvs), dim=-1), self.qkvs):
+            feat = chunk if feat is None else feat + chunk
+            q, k, v = qkv(feat).chunk(3, dim=-1)
+            feat = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            outs.append(feat)
+        x = x + self.proj(torch.cat(outs, -1))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("net, form", [(_TwoMaps, "differential attention"), (_Cascaded, "cascaded heads")])
+def test_refusals_name_the_attention_form(net, form):
+    """Attention that cannot be cut exactly is reported with the form that stops it; what is
+    sited (the FFN, the last cascaded head, whose output only reaches the projection) is still
+    pruned exactly."""
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hiap_fx.HiapWarning)
+        prepared = hiap_fx.prepare(model, x)
+    reasons = [u.reason for u in prepared.plan.unclaimed if u.what.startswith("attention")]
+    assert reasons and all(form in r and "stay dense" in r for r in reasons), reasons
+    assert len(prepared.plan.ffn) == 1 and len(prepared.plan.attention) == (1 if net is _Cascaded else 0)
+    from independent_macs import randomise_gates
+    randomise_gates(prepared, 0, 0.5)
+    compact = hiap_fx.finalize(prepared.eval())
+    with torch.no_grad():
+        assert torch.allclose(compact(x), prepared(x), atol=1e-5)

@@ -49,8 +49,7 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
               and not in_family(g.name(n), "width_stat")]
     if len(lins) != 1 or others or not all(torch.equal(t, lins[0][2]) and n.args[1] == t.shape[-1]
                                            for n, t in stats):
-        stops = ", ".join(sorted({f"{g.name(n)} ({n.name})" for n, _, _ in flow.reached}))
-        raise Reject(f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection")
+        raise Reject(not_one_projection(g, core, flow))
     lin, _, at = lins[0]
     residual = query_residual(g, core, flow, lin)
     gate, gate_mul = output_gate(g, flow, lin, heads, v_dim)
@@ -78,6 +77,27 @@ def out_projection(g: GraphView, core: Core, head_axis: int, heads: int, v_dim: 
     weight, bias = g.linear_params(lin)
     out = Projection(node=lin.name, weight=weight, bias=bias, index=table.reshape(heads, v_dim).tolist())
     return OutputPath(out, residual, passthrough, gate, gate_mul)
+
+
+def not_one_projection(g: GraphView, core: Core, flow: FlowResult) -> str:
+    """Why the kernel output does not reach exactly one output projection, naming the two forms
+    that cause it most: a second attention map combined with this one (differential attention)
+    and an output read by more than the projection (cascaded heads)."""
+    stops = ", ".join(sorted({f"{g.name(n)} ({n.name})" for n, _, _ in flow.reached}))
+    for n, _, _ in flow.reached:
+        others = [a for a in n.all_input_nodes if a not in flow.index and g.dependent(a)]
+        kernels = [m for a in others for m in ancestors(a) | {a}
+                   if g.name(m) in ("scaled_dot_product_attention", "softmax") and m not in core.nodes]
+        if in_family(g.name(n), "binary") and kernels:
+            return (f"two attention maps combined (differential attention?): the output of "
+                    f"{core.out.name} meets that of {kernels[0].name} at {n.name}; heads would have to "
+                    "be cut in both together, which hiap_fx does not do, so they stay dense")
+    lins = sorted({n.name for n, _, _ in flow.reached if g.name(n) == "linear"})
+    if len(lins) > 1:
+        return (f"output read by more than its projection (cascaded heads?): the output of "
+                f"{core.out.name} reaches {stops}; cutting a head or dim would change what the "
+                "other layers read, so its heads stay dense")
+    return f"output of {core.out.name} reaches {stops or 'nothing'}, not one output projection"
 
 
 def output_gate(g: GraphView, flow: FlowResult, lin: fx.Node, heads: int,
