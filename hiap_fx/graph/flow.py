@@ -190,7 +190,10 @@ class IndexFlow:
             return index[x] if isinstance(x, fx.Node) and x in index else stop_here()
         if in_family(name, "movement"):
             try:
-                return self.execute(node, index, movement=True)
+                out = self.execute(node, index, movement=True)
+                if name == "pad":  # padded positions hold no feature (not feature 0)
+                    out = self._padded(node, index, out)
+                return out
             except Exception:
                 return stop_here()
         if in_family(name, "unary"):
@@ -221,6 +224,17 @@ class IndexFlow:
         if in_family(name, "matmul_like") or in_family(name, "width_stat"):
             return stop_here()
         return self._opaque(node, on_path, index, stop_here)
+
+    def _padded(self, node: fx.Node, index: dict[fx.Node, Any], out: Any) -> Any:
+        """``pad``'s index output with the padding marked SENTINEL: the same pad of a tensor of
+        ones tells which positions came from the input."""
+        x = node.args[0]
+        if not isinstance(out, torch.Tensor) or not isinstance(x, fx.Node) or x not in index:
+            return out
+        ones = dict(index)
+        ones[x] = torch.ones_like(index[x])
+        came = self.execute(node, ones, movement=True)
+        return torch.where(came == 1, out, torch.full_like(out, SENTINEL))
 
     def _binary(self, node, name, on_path, index, data_binary, events, stop_here) -> Any:
         out_shape = node.meta.get(SHAPE_KEY)

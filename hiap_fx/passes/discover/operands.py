@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from hiap_fx.graph.flow import FlowResult, feature_index, varies_along
+from hiap_fx.graph.flow import SENTINEL, FlowResult, feature_index
 from hiap_fx.graph.ir import is_tensor_node, tensor_shape
 from hiap_fx.graph.queries import ancestors
 from hiap_fx.passes.discover.view import Core, GraphView, Reject
@@ -80,12 +80,19 @@ def operand_projection(g: GraphView, core: Core, operand: fx.Node, role: str, di
     return proj, head_axis, table
 
 
+def varies_where_valid(idx: torch.Tensor, axis: int) -> bool:
+    """Whether ``idx`` holds different features along ``axis``, positions without a feature
+    (SENTINEL: padding) left out."""
+    top = idx.amax(axis, keepdim=True).expand_as(idx)
+    return bool(((idx != top) & (idx != SENTINEL)).any())
+
+
 def head_axis_of(idx: torch.Tensor, dim_axis: int, token_axis: int, role: str, core: Core) -> int:
     varying = []
     for a in range(idx.dim()):
         if a in (dim_axis, token_axis):
             continue
-        if idx.shape[a] > 1 and varies_along(idx, a):
+        if idx.shape[a] > 1 and varies_where_valid(idx, a):
             varying.append(a)
     if len(varying) > 1:
         raise Reject(f"{role} of {core.nodes[0].name}: projection features spread over axes {varying}")
@@ -101,8 +108,10 @@ def head_table(idx: torch.Tensor, head_axis: int, dim_axis: int, role: str, core
     else:
         t = t.unsqueeze(-2)
     flat = t.reshape(-1, t.shape[-2], t.shape[-1])
-    table = flat[0]
-    if not torch.equal(flat, table.expand_as(flat)):
+    padding = (flat == SENTINEL).flatten(1).all(1)  # positions a pad added (halo blocks): no features
+    kept = flat[~padding] if bool(padding.any()) and not bool(padding.all()) else flat
+    table = kept[0]
+    if not torch.equal(kept, table.expand_as(kept)):
         raise TokenDependent(f"{role} of {core.nodes[0].name}: projection features depend on the token")
     if (table < 0).any():
         raise Reject(f"{role} of {core.nodes[0].name}: mixes projection features with other data")
