@@ -86,7 +86,7 @@ def test_multi_query_attention(repeat):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(repeat=st.sampled_from(REPEATS), kv_heads=st.integers(1, 3), group=st.integers(1, 3),
+@given(repeat=st.sampled_from([*REPEATS, "interleave_rope"]), kv_heads=st.integers(1, 3), group=st.integers(1, 3),
        head_dim=st.integers(1, 5), manual=st.booleans(), qk_dims=st.booleans(),
        seed=st.integers(0, 10_000), p_off=st.floats(0.0, 1.0))
 def test_gqa_random_decisions(repeat, kv_heads, group, head_dim, manual, qk_dims, seed, p_off):
@@ -101,3 +101,26 @@ def test_gqa_random_decisions(repeat, kv_heads, group, head_dim, manual, qk_dims
     x3 = torch.randn(3, 9, 5)
     with torch.no_grad():
         assert_close_outputs(prepared(x3), compact(x3), rel=1e-4)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_keys_rotated_per_kv_head_before_the_repeat(frontend):
+    """Sapiens2's (and LLM-style) grouped-query spelling: q and k normalised and rotated per kv
+    head, then ``repeat_interleave``: k and v are rebuilt for the live kv heads, normalised and
+    rotated there, and the repeat becomes a selection of each live query head's kv head."""
+    torch.manual_seed(0)
+    model = GQANet(heads=6, kv_heads=2, head_dim=8, repeat="interleave_rope").eval()
+    x = torch.randn(2, 7, 5)
+    prepared = hiap_fx.prepare(model, x, hiap_fx.PruneConfig(target_macs=None, frontend=frontend)).eval()
+    site = prepared.plan.attention[0]
+    assert site.num_kv_heads == 2 and site.q.dims_mixed  # rotary: whole q/k dims stay
+    _set(prepared.gate_modules()["attn.head"], [0, 1, 2, 4])  # kv 0 closed, query heads 3 and 5 of kv 1
+    compact = hiap_fx.finalize(prepared)
+    rows = sum(p.shape[0] for n, p in compact.named_parameters()
+               if n.startswith("attn.") and p.dim() == 2 and not n.startswith("attn.o"))
+    assert rows == 2 * 8 + 8 + 8  # q for 2 heads, k and v once for the one live kv head
+    assert "repeat_interleave" not in compact.code and "index_select" in compact.code
+    x3 = torch.randn(3, 7 if frontend == "export" else 9, 5)  # export fixes the token count
+    with torch.no_grad():
+        assert_close_outputs(prepared(x3), compact(x3), rel=1e-4)
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()

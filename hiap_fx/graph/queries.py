@@ -42,6 +42,18 @@ def data_ancestors(node: fx.Node) -> set[fx.Node]:
     return reach(node, inputs)
 
 
+def data_descendants(node: fx.Node) -> set[fx.Node]:
+    """Descendants through data arguments: not through shape, dtype or device reads (a tensor
+    built from ``x.shape`` alone does not carry ``x``'s values)."""
+
+    def users(n: fx.Node) -> list[fx.Node]:
+        return [u for u in n.users if not (shape_query(u) or op_name(u) in ("dim", "numel") or (
+            u.op == "call_function" and u.target is getattr and len(u.args) == 2
+            and u.args[1] in ("dtype", "device", "shape", "ndim")))]
+
+    return reach(node, users)
+
+
 def region_between(sources: Iterable[fx.Node], target: fx.Node) -> set[fx.Node]:
     """The nodes on paths from any of ``sources`` to ``target`` (``target`` included, the sources
     not); empty when no source reaches it."""

@@ -77,8 +77,9 @@ class _MetaRecorder(_Recorder):
 
 
 def _is_size(n: fx.Node, out: Any) -> bool:
-    """Shape queries (x.shape, x.size(), sizes derived from them) depend on shapes, not values."""
-    if isinstance(out, torch.Size) or isinstance(out, int) and not isinstance(out, bool):
+    """Shape queries (x.shape, x.size(), sizes derived from them) and dtype or device reads
+    (``cos.to(x.dtype)`` of rotary tables) depend on shapes and types, not values."""
+    if isinstance(out, (torch.Size, torch.dtype, torch.device)) or isinstance(out, int) and not isinstance(out, bool):
         return True
     return isinstance(out, (tuple, list)) and all(isinstance(v, int) for v in out)
 

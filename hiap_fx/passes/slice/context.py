@@ -40,6 +40,9 @@ class OperandLayout:
     pointwise: list[fx.Node] = field(default_factory=list)  # element-wise ops with scalar
     # operands between the prefix and the boundary (IFormer's sigmoid after a movedim): applied
     # to the rebuilt operand at the boundary (they commute with moving and selecting rows)
+    kv_repeat: Optional[fx.Node] = None  # grouped-query k/v whose boundary holds one slot per kv
+    # head (normalised and rotated per kv head before this ``repeat_interleave`` to the query
+    # heads): rebuilt for the live kv heads, the repeat replaced by a selection of the live ones
 
 
 class SliceContext:
@@ -146,8 +149,12 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
     # a boundary before the first late element-wise op replays it (and anything reading the
     # operand there, like a relative-position term) as it is; only past it when none fits
     first_late = candidates.index(late[0]) if late and late[0] in candidates else len(candidates)
+    repeat = kv_repeat(ctx, site, role, full_path)
     for B in [*reversed(candidates[:first_late]), *reversed(candidates[first_late:])]:
         perm = boundary_perm(ctx, start, p_shape, B, table)
+        kv_slots = perm is None and repeat is not None and B in ancestors(repeat)
+        if kv_slots:  # one slot per kv head: the table's rows of the first query head of each
+            perm = boundary_perm(ctx, start, p_shape, B, kv_table(site, table))
         if perm is None:
             continue
         after = descendants(B) & full_path
@@ -158,11 +165,36 @@ def operand_layout(ctx: SliceContext, site: AttentionSite, role: str) -> Operand
             after = after - set(prefix)
         return OperandLayout(B, perm[0], perm[1], perm[2], perm[3], perm[4],
                              sorted(after, key=order.__getitem__), O, prefix, perm[5],
-                             [n for n in late if n in before or n is B])
+                             [n for n in late if n in before or n is B], repeat if kv_slots else None)
     raise HiapError(f"{site.name}: cannot rebuild the {role} operand of {site.core_nodes[0]}: no "
                     f"point between {P.name} and the kernel holds its heads and dims as separate "
                     "axes. Prepare with PruneConfig(heads=False, head_dims=False) to keep this "
                     "attention whole, or report the model")
+
+
+def kv_table(site: AttentionSite, table: torch.Tensor) -> torch.Tensor:
+    """A per-query-head k/v row table reduced to one row per kv head (its first query head)."""
+    if table.shape[0] != site.num_heads:
+        return table
+    first = {kv: h for h, kv in reversed(list(enumerate(site.kv_of_head)))}
+    return table[[first[kv] for kv in range(site.num_kv_heads)]]
+
+
+def kv_repeat(ctx: SliceContext, site: AttentionSite, role: str, path: set[fx.Node]) -> Optional[fx.Node]:
+    """The ``repeat_interleave`` on ``role``'s path that turns the kv heads of grouped-query
+    attention into the query heads (recorded shapes: kv heads along its ``dim`` in, query heads
+    out), if there is one."""
+    if role not in ("k", "v") or site.num_kv_heads >= site.num_heads:
+        return None
+    for n in path:
+        if op_name(n) != "repeat_interleave" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None)
+        s_in, s_out = node_shape(n.args[0]), node_shape(n)
+        if isinstance(dim, int) and s_in is not None and s_out is not None and len(s_in) == len(s_out) \
+                and s_in[dim] == site.num_kv_heads and s_out[dim] == site.num_heads:
+            return n
+    return None
 
 
 def _split_order(at: torch.Tensor, axes: list[int], size: int) -> Optional[list[int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,9 @@ from torch import fx
 from hiap_fx.errors import HiapError
 from hiap_fx.graph.editing import rewrite_axis_size, rewrite_sizes
 from hiap_fx.graph.flow import axes_of_size
-from hiap_fx.graph.ir import node_dtype, node_shape, tensor_shape
+from hiap_fx.graph.ir import is_tensor_node, node_dtype, node_shape, tensor_shape
 from hiap_fx.graph.ops import op_name
+from hiap_fx.graph.queries import data_descendants
 from hiap_fx.passes.slice.context import OperandLayout, SliceContext, row_op
 from hiap_fx.plan import AttentionSite
 
@@ -128,6 +129,9 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
     heads = len(live)
     proj = getattr(site, role)
     g = ctx.graph
+    kv_live = list(dict.fromkeys(site.kv_of_head[h] for h in live))
+    if lay.kv_repeat is not None:  # one slot per live kv head up to the repeat (see OperandLayout)
+        repeat, heads = None, len(kv_live)
     if repeat is not None:  # shared kv rows are computed once and repeated (no MACs)
         if not lay.has_head_axis:
             raise HiapError(f"{site.name}: the {role} operand shared by query heads has no head "
@@ -149,6 +153,8 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
     for n in lay.pointwise:  # element-wise ops before the boundary (a sigmoid after a movedim)
         t = g.node_copy(n, _feeding(n, ctx.cg.input_dependent, t))
     full_heads, full_dims = len(proj.index), len(proj.index[0])
+    if lay.kv_repeat is not None:
+        full_heads = site.num_kv_heads
     ints = {full_heads: heads}
     if width != full_dims:
         ints[full_dims] = width
@@ -158,7 +164,7 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
     # per-head tensors joining the operand after the boundary (e.g. rotary tables with one
     # frequency set per head) are cut to the kept heads, like logits-side biases
     head_axis = site.layout.k_head_axis if role == "k" else site.layout.q_head_axis
-    units = [head_unit(site, role)(h) for h in live]
+    units = kv_live if lay.kv_repeat is not None else [head_unit(site, role)(h) for h in live]
     selected: dict[fx.Node, Any] = {}
 
     def arg(a: Any) -> Any:
@@ -170,12 +176,31 @@ def shape_operand(ctx: SliceContext, site: AttentionSite, role: str, lay: Operan
             return selected[a]
         return a
 
+    # tensors after the boundary made from its sizes or dtype alone (rotary tables built from
+    # the sequence length) hold no heads: their literals are not head counts
+    from_data = {lay.boundary} | {n for n in data_descendants(lay.boundary) if n in set(lay.replay)}
     for n in lay.replay:
         shape = node_shape(n)
         rank = len(shape) if shape is not None else None
+        if is_tensor_node(n) and n not in from_data:
+            mapping[n] = g.node_copy(n, arg)
+            continue
+        if n is lay.kv_repeat:  # kv heads -> query heads: each live query head's kv slot
+            dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None)
+            slots = ctx.params.constant(g, "hiap_kv_heads", torch.tensor(
+                [kv_live.index(site.kv_of_head[h]) for h in live], dtype=torch.long))
+            mapping[n] = g.call_method("index_select", (mapping[cast(fx.Node, n.args[0])], dim, slots))
+            # from here on the sizes and per-head tensors are the query heads'
+            full_heads = site.num_heads
+            ints = {k: v for k, v in ints.items() if k != site.num_kv_heads}
+            ints[full_heads] = len(live)
+            units, selected = [head_unit(site, role)(h) for h in live], {}
+            continue
         new = g.node_copy(n, arg)
         if op_name(new) == "type_as" and isinstance(n.args[1], fx.Node) and n.args[1] not in mapping:
-            new.target, new.args = "to", (new.args[0], node_dtype(n.args[1]))
+            to = g.call_method("to", (new.args[0], node_dtype(n.args[1])))  # the dtype, not the tensor
+            g.erase_node(new)
+            new = to
         if n in head_axes and op_name(n) in ("reshape", "view", "_unsafe_view", "expand"):
             # the heads' entry found by index flow (a literal head count equal to the width)
             rewrite_axis_size(new, head_axes[n], full_heads, heads)
