@@ -162,10 +162,35 @@ def test_verification_catches_a_wrong_result(monkeypatch):
         return None
 
     monkeypatch.setattr(slice_pass, "slice_ffn", broken)
-    with pytest.raises(hiap_fx.HiapError, match="finalize check failed"):
+    with pytest.raises(hiap_fx.HiapError, match="finalize check failed.*in float64"):
         hiap_fx.finalize(prepared)
     monkeypatch.setattr(slice_pass, "slice_ffn", original)
     hiap_fx.finalize(prepared)
+
+
+def test_rounding_above_the_tolerance_is_told_apart_from_a_wrong_cut():
+    """A float32 difference over the tolerance is checked again on float64 copies, where an exact
+    cut agrees to ~1e-15: verification warns instead of refusing. (Rounding is simulated by a
+    compact model that rounds its float32 output to bfloat16.)"""
+    from hiap_fx.passes.verify import verify_compact
+
+    class Rounded(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y.bfloat16().float() if y.dtype == torch.float32 else y
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    prepared = hiap_fx.prepare(model, x).eval()
+    randomise_gates(prepared, 3)
+    compact = hiap_fx.finalize(prepared)
+    with pytest.warns(hiap_fx.HiapWarning, match="in float64 the two agree"):
+        verify_compact(Rounded(compact), prepared, (x,), rtol=1e-6)
+    assert next(compact.parameters()).dtype == torch.float32  # the float64 run used copies
 
 
 @pytest.mark.parametrize("name,kwargs,size", [
