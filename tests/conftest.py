@@ -15,6 +15,21 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+def finalizes_exactly(prepared, x, xs, seed: int, p_off: float) -> torch.nn.Module:
+    """Random decisions (``p_off`` of the units closed) finalize into a compact model equal to
+    the hard-gated one on ``xs``, counting on ``x`` the MACs the cost model predicts."""
+    from independent_macs import randomise_gates
+
+    import hiap_fx
+
+    randomise_gates(prepared, seed, p_off)
+    compact = hiap_fx.finalize(prepared.eval())
+    with torch.no_grad():
+        assert_close_outputs(prepared(xs), compact(xs), rel=1e-4)
+    assert hiap_fx.count_macs(compact, x) == prepared.hard_macs()
+    return compact
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

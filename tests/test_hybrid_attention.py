@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_outputs
+from conftest import assert_close_outputs, finalizes_exactly
 from hybrid_zoo import CHANNEL_SPELLINGS, FORMS, HybridNet, example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import example as pinned
@@ -26,13 +26,7 @@ def _prepare(net: HybridNet) -> hiap_fx.PreparedModel:
 def _finalizes_exactly(net: HybridNet, prepared: hiap_fx.PreparedModel, seed: int, p_off: float) -> torch.nn.Module:
     """Random decisions (``p_off`` of the units closed) finalize into a compact model equal to
     the hard-gated one on a batch of three, counting the MACs the cost model predicts."""
-    randomise_gates(prepared, seed, p_off)
-    compact = hiap_fx.finalize(prepared.eval())
-    x = example(net, batch=3, seed=seed)
-    with torch.no_grad():
-        assert_close_outputs(prepared(x), compact(x), rel=1e-4)
-    assert hiap_fx.count_macs(compact, example(net, 1)) == prepared.hard_macs()
-    return compact
+    return finalizes_exactly(prepared, example(net, 1), example(net, batch=3, seed=seed), seed, p_off)
 
 
 @pytest.mark.parametrize("form", FORMS)

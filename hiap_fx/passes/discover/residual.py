@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, cast
+from typing import Optional
 
 import torch
 from torch import fx
@@ -33,12 +33,12 @@ def norm_correction(g: GraphView, term: fx.Node, branch_end: fx.Node) -> bool:
     :mod:`hiap_fx.passes.subnorms`), which vanishes with the features it is computed from."""
     if g.name(term) != "mul":
         return False
-    stats = [width_stat_source(a) for a in term.all_input_nodes]
-    data = [a for a, s in zip(term.all_input_nodes, stats) if s is not None]
-    rest = [a for a, s in zip(term.all_input_nodes, stats) if s is None]
+    sources = {a: width_stat_source(a) for a in term.all_input_nodes}
+    stats = [s for s in sources.values() if s is not None]
+    rest = [a for a, s in sources.items() if s is None]
     inside = ancestors(branch_end)
-    return len(data) == 1 and not any(g.dependent(a) for a in rest) \
-        and any(x in inside for x in cast(fx.Node, width_stat_source(data[0])).all_input_nodes)
+    return len(stats) == 1 and not any(g.dependent(a) for a in rest) \
+        and any(x in inside for x in stats[0].all_input_nodes)
 
 
 def stream_of(g: GraphView, other: fx.Node, branch_input: fx.Node, depth: int = 8) -> bool:
